@@ -1,0 +1,1 @@
+"""The ``kdcache`` command line: a thin Typer layer over the library in ``kdcache``."""

@@ -1,0 +1,160 @@
+"""MixUp and CutMix with a stored partner, lambda and (for CutMix) box.
+
+A mixed view blends the sample's own rendered view with its partner's rendered view (the partner
+gets its own stored geometric/colour/erase params). Lambda is the weight of the sample's own label
+and its own pixels; unmixed views store partner -1 and lambda 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from kdcache.augment.op import MIX, Fields, Op, box_row, check_range, format_number
+from kdcache.augment.rng import Draws
+from kdcache.errors import InvalidSpec, MissingDependency
+
+
+def _beta(alpha: float, u: np.ndarray) -> np.ndarray:
+    """Beta(alpha, alpha) by inverting its CDF at uniforms ``u`` (one draw per value, no rejection)."""
+    if alpha == 1.0:
+        return u
+    try:
+        from scipy.special import betaincinv
+    except ImportError:
+        raise MissingDependency("mixing with alpha != 1 needs scipy — pip install scipy") from None
+    return betaincinv(alpha, alpha, u)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixOp(Op):
+    """Shared sampling of the mixing decision, partner index and raw lambda."""
+
+    stage = MIX
+    alpha: float = 1.0
+    p: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_range(self.name, "alpha", self.alpha, 0.0, math.inf, self.usage, open_low=True)
+        check_range(self.name, "p", self.p, 0.0, 1.0, self.usage, open_low=True)
+
+    @property
+    def partner_field(self) -> str:
+        return f"{self.name}_partner"
+
+    @property
+    def lam_field(self) -> str:
+        return f"{self.name}_lam"
+
+    def fields(self) -> Fields:
+        return {self.partner_field: ((), "int64"), self.lam_field: ((), "float32")}
+
+    def _draw(self, draws: Draws, indices: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mixed flag, partner or -1, lambda ~ Beta(alpha, alpha)) per element."""
+        u = draws.uniform(2)
+        mixed = u[:, 0] < self.p
+        other = draws.below(num_samples - 1).astype(np.int64)
+        other += other >= indices  # uniform over [0, num_samples) without the sample itself
+        return mixed, np.where(mixed, other, -1), _beta(self.alpha, u[:, 1])
+
+    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
+        """Params of the mixing step for a batch: partner index, lambda and any op-specific field."""
+        raise NotImplementedError
+
+    def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """Blend two float32 [C,S,S] views by one view's stored params."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class MixUp(MixOp):
+    """MixUp: lam * own + (1 - lam) * partner, lam ~ Beta(alpha, alpha), on a fraction p of views."""
+
+    name = "mixup"
+    usage = "mixup[:alpha[:p]], e.g. mixup:0.2 or mixup:0.2:0.5"
+    args = ("alpha", "p")
+    alpha: float = 0.2
+    p: float = 1.0
+
+    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
+        mixed, partner, lam = self._draw(draws, indices, num_samples)
+        return {self.partner_field: partner, self.lam_field: np.where(mixed, lam, 1.0).astype(np.float32)}
+
+    def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
+        lam = float(np.asarray(row[self.lam_field], dtype=np.float32))
+        return (own * lam + other * (1.0 - lam)).clamp_(0.0, 1.0)
+
+
+def coverage(start: float, length: float, n: int) -> np.ndarray:
+    """Fraction of each of n pixels covered by the normalised interval [start, start+length)."""
+    edges = np.arange(n, dtype=np.float64)
+    return np.clip(np.minimum(edges + 1, (start + length) * n) - np.maximum(edges, start * n), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CutMix(MixOp):
+    """CutMix: paste the partner's box (area 1 - lam) into the view, on a fraction p of views.
+
+    The box is centred uniformly and clipped to the image like torchvision's CutMix, then its
+    edges snap to a ``grid`` x ``grid`` lattice so that at any size that is a multiple of ``grid``
+    it covers whole pixels. Stored lambda is 1 - (box area): the exact fraction of own pixels.
+    At other sizes the pixels a box edge cuts are blended by their covered fraction, so the
+    pasted area still equals 1 - lambda.
+    """
+
+    name = "cutmix"
+    usage = "cutmix[:p] or cutmix:alpha:p, e.g. cutmix:0.5 (half of the views mixed)"
+    args = ("alpha", "p")
+    alpha: float = 1.0
+    p: float = 1.0
+    grid: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("cutmix", "grid", self.grid, 1, 4096, self.usage)
+
+    @classmethod
+    def parse(cls, args: list[str]) -> Op:
+        return super().parse(["1", *args] if len(args) == 1 else args)  # "cutmix:p" is the short form
+
+    def spec(self) -> str:
+        if self.alpha != 1.0:  # both, since a single argument means p
+            return f"cutmix:{format_number(self.alpha)}:{format_number(self.p)}"
+        return super().spec() if self.p == 1.0 else f"cutmix:{format_number(self.p)}"
+
+    def fields(self) -> Fields:
+        return {**super().fields(), "cutmix_box": ((4,), "float32")}
+
+    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
+        mixed, partner, lam = self._draw(draws, indices, num_samples)
+        centre = draws.uniform(2)
+        half = 0.5 * np.sqrt(1.0 - lam)[:, None]
+        lo = np.floor(np.clip(centre - half, 0.0, 1.0) * self.grid + 0.5) / self.grid
+        hi = np.floor(np.clip(centre + half, 0.0, 1.0) * self.grid + 0.5) / self.grid
+        box = np.concatenate([lo, hi - lo], axis=1) * mixed[:, None]
+        lam = 1.0 - box[:, 2] * box[:, 3]
+        return {
+            self.partner_field: partner,
+            self.lam_field: lam.astype(np.float32),
+            "cutmix_box": box.astype(np.float32),
+        }
+
+    def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
+        x0, y0, w, h = box_row(row, "cutmix_box")
+        if w == 0.0 or h == 0.0:
+            return own
+        mask = np.outer(coverage(y0, h, own.shape[-2]), coverage(x0, w, own.shape[-1]))
+        mask_t = torch.from_numpy(mask.astype(np.float32))
+        return own * (1.0 - mask_t) + other * mask_t
+
+
+def check_mixable(num_samples: int) -> None:
+    """Mixing needs a partner other than the sample itself."""
+    if num_samples < 2:
+        raise InvalidSpec(
+            f"mixing needs at least 2 samples, the dataset has {num_samples} — drop mixup/cutmix from the recipe"
+        )

@@ -1,0 +1,139 @@
+"""What every recorded augmentation op provides, and the small helpers the ops share."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from kdcache.augment.rng import Draws
+from kdcache.errors import InvalidSpec
+
+Fields = dict[str, tuple[tuple[int, ...], str]]
+
+# Stages: ops must appear in non-decreasing stage order in a spec.
+PIXEL = 0  # geometric and colour ops, on the uint8 image
+ERASE = 1  # random erasing, after every geometric/colour op
+MIX = 2  # MixUp / CutMix, last
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One step of a recipe: samples its params from a Draws stream, replays them on an image.
+
+    Subclasses are frozen dataclasses whose fields are the op's hyper-parameters; ``args`` names
+    the ones a spec may set positionally (``rrc:0.35`` sets ``min_scale``).
+    """
+
+    name: ClassVar[str]
+    usage: ClassVar[str]
+    version: ClassVar[int] = 1
+    stage: ClassVar[int] = PIXEL
+    args: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def parse(cls, args: list[str]) -> Op:
+        """Build the op from the ``:``-separated arguments that followed its name in a spec."""
+        if len(args) > len(cls.args):
+            got = ":".join(args)
+            raise InvalidSpec(f"{cls.name} takes at most {len(cls.args)} argument(s), got {got!r} — use {cls.usage}")
+        return cls(**{key: _number(cls, key, text) for key, text in zip(cls.args, args)})
+
+    @classmethod
+    def from_hyper(cls, hyper: Mapping[str, Any]) -> Op:
+        """Build the op from the hyper-parameter dict that ``hyper()`` wrote into a manifest."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(hyper) != names:
+            raise InvalidSpec(
+                f"manifest entry for {cls.name} has keys {sorted(hyper)}, expected {sorted(names)} — "
+                "rewrite the recipe from its spec"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in hyper.items():
+            kind = type(defaults[key])
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not numeric or (kind is int and not float(value).is_integer()):
+                raise InvalidSpec(
+                    f"manifest value {cls.name}.{key}={value!r} is not a valid {kind.__name__} — "
+                    "rewrite the recipe from its spec"
+                )
+            values[key] = kind(value)
+        return cls(**values)
+
+    def hyper(self) -> dict[str, Any]:
+        """Every hyper-parameter, JSON-able."""
+        return dataclasses.asdict(self)
+
+    def spec(self) -> str:
+        """Canonical spec text: the name plus positional args, trailing defaults dropped."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        values = [getattr(self, key) for key in self.args]
+        while values and values[-1] == defaults[self.args[len(values) - 1]]:
+            values.pop()
+        return ":".join([self.name, *map(format_number, values)])
+
+    def fields(self) -> Fields:
+        """Stored param arrays: field name -> (tail shape, numpy dtype name)."""
+        raise NotImplementedError
+
+    def sample(self, draws: Draws) -> dict[str, np.ndarray]:
+        """Params of a batch of views, field -> [B, *tail] in the stored dtype."""
+        raise NotImplementedError
+
+    def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
+        """Replay this op's stored params (one view's row) on a uint8 [C,H,W] image."""
+        raise NotImplementedError
+
+
+def _number(cls: type[Op], key: str, text: str) -> int | float:
+    kind = type(next(f.default for f in dataclasses.fields(cls) if f.name == key))
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidSpec(f"{cls.name} argument {key}={text!r} is not a number — use {cls.usage}") from None
+    if kind is int:
+        if not value.is_integer():
+            raise InvalidSpec(f"{cls.name} argument {key}={text!r} must be a whole number — use {cls.usage}")
+        return int(value)
+    return value
+
+
+def format_number(value: int | float) -> str:
+    """Shortest text that parses back to ``value`` exactly (``1.0`` -> ``1``)."""
+    text = repr(value)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def check_range(
+    op: str, key: str, value: float, low: float, high: float, usage: str, *, open_low: bool = False
+) -> None:
+    """Raise InvalidSpec unless low <= value <= high (low < value when ``open_low``)."""
+    ok = (value > low if open_low else value >= low) and value <= high and math.isfinite(value)
+    if not ok:
+        bracket = "(" if open_low else "["
+        allowed = f"{bracket}{format_number(low)}, {format_number(high)}{')' if math.isinf(high) else ']'}"
+        raise InvalidSpec(f"{op} {key} must be in {allowed}, got {format_number(value)} — use {usage}")
+
+
+def box_row(row: Mapping[str, np.ndarray], field: str) -> tuple[float, float, float, float]:
+    """A stored normalised box (x0, y0, w, h) as exact Python floats of its float32 values."""
+    x0, y0, w, h = (float(v) for v in np.asarray(row[field], dtype=np.float32).reshape(4))
+    return x0, y0, w, h
+
+
+def pixel_span(start: float, length: float, n: int, min_len: int) -> tuple[int, int]:
+    """Integer (offset, length) of the normalised interval [start, start+length) on an n-pixel axis.
+
+    Both edges round to the nearest pixel edge (half up) in float64, then are clamped into
+    [0, n] with at least ``min_len`` pixels. Pure arithmetic, so it replays identically anywhere.
+    """
+    a = math.floor(start * n + 0.5)
+    b = math.floor((start + length) * n + 0.5)
+    a = min(max(a, 0), n - min_len)
+    b = min(max(b, a + min_len), n)
+    return a, b - a

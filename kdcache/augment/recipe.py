@@ -1,0 +1,233 @@
+"""A recipe: the ordered ops of a spec like ``rrc+flip+trivial+erase+cutmix:0.5``.
+
+Replay of one view at output size S (see docs/recipes.md):
+1. If the recipe has no ``rrc``, the uint8 image is first resized to S x S (antialiased).
+2. Geometric/colour ops (rrc, flip, trivial, randaugment), then erase, run in spec order on the
+   uint8 image; ``rrc`` crops and resizes to S x S wherever it stands.
+3. The result becomes float32 in [0, 1] (x / 255).
+4. A mixing op (always last) renders the partner the same way from the ``partner_*`` params and
+   blends the two float views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from kdcache.augment.autoaugment import RandAugment, TrivialAugment
+from kdcache.augment.geometry import HorizontalFlip, RandomErasing, RandomResizedCrop
+from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
+from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op
+from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
+from kdcache.errors import InvalidSpec, UnsupportedFormat
+
+OPS: dict[str, type[Op]] = {
+    cls.name: cls
+    for cls in (RandomResizedCrop, HorizontalFlip, TrivialAugment, RandAugment, RandomErasing, MixUp, CutMix)
+}
+NONE = "none"
+PARTNER = "partner_"
+_VALID = f"valid ops: {', '.join(OPS)} (or '{NONE}'), joined with '+', e.g. rrc+flip"
+
+
+def resize_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Deterministic evaluation view: uint8 [C,H,W] -> float32 [C,size,size] in [0,1] (antialiased resize)."""
+    _check_image(image)
+    return F.to_dtype(F.resize(image, [size, size], antialias=True), torch.float32, scale=True)
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
+        got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"augmentations take a uint8 [C,H,W] tensor, got {got}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Ordered recorded-augmentation ops; samples params purely from (seed, index, view) and replays them."""
+
+    ops: tuple[Op, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        names = [op.name for op in self.ops]
+        for i, op in enumerate(self.ops):
+            if op.name in names[:i]:
+                raise InvalidSpec(f"op {op.name!r} appears twice in {self.spec!r} — use each op at most once")
+            if op.stage == MIX and i != len(self.ops) - 1:
+                raise InvalidSpec(
+                    f"mixing op {op.name!r} must be the last op in {self.spec!r} — e.g. rrc+flip+{op.name}"
+                )
+            if i and op.stage < self.ops[i - 1].stage:
+                raise InvalidSpec(
+                    f"{op.name!r} comes after {self.ops[i - 1].name!r} in {self.spec!r} — "
+                    "order ops geometric/colour, then erase, then mixup/cutmix, e.g. rrc+flip+trivial+erase"
+                )
+
+    @classmethod
+    def parse(cls, spec: str) -> Recipe:
+        """Recipe from a spec such as ``rrc:0.35+flip+cutmix:0.5``; InvalidSpec on anything else."""
+        text = "".join(str(spec).split()).lower()
+        if text == NONE:
+            return cls(())
+        if not text:
+            raise InvalidSpec(f"empty augmentation spec — {_VALID}, or '{NONE}' for plain resized views")
+        ops = []
+        for token in text.split("+"):
+            name, *args = token.split(":")
+            if name not in OPS:
+                shown = f"empty op in {spec!r}" if not token else f"unknown augmentation op {name!r} in {spec!r}"
+                raise InvalidSpec(f"{shown} — {_VALID}")
+            ops.append(OPS[name].parse(args))
+        return cls(tuple(ops))
+
+    @property
+    def spec(self) -> str:
+        """Normalised spec, e.g. ``rrc+flip`` or ``rrc:0.35+cutmix:0.5``."""
+        return "+".join(op.spec() for op in self.ops) or NONE
+
+    def __str__(self) -> str:
+        return self.spec
+
+    @property
+    def mixes(self) -> bool:
+        """Whether views blend with a partner sample (labels become soft; see ``mixing``)."""
+        return self._mix is not None
+
+    @property
+    def _mix(self) -> MixOp | None:
+        last = self.ops[-1] if self.ops else None
+        return last if isinstance(last, MixOp) else None
+
+    @property
+    def _view_ops(self) -> tuple[Op, ...]:
+        return tuple(op for op in self.ops if op.stage in (PIXEL, ERASE))
+
+    def fields(self) -> Fields:
+        """Every stored param array: field name -> (tail shape, numpy dtype name)."""
+        out: Fields = {}
+        for op in self._view_ops:
+            out.update(op.fields())
+        if self._mix is not None:
+            out.update(self._mix.fields())
+            out.update({PARTNER + k: v for op in self._view_ops for k, v in op.fields().items()})
+        return out
+
+    def sample(self, seed: int, indices: np.ndarray, views: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
+        """Params of a batch of (index, view) pairs, field -> [B, *tail].
+
+        Element-wise pure: op k of view (i, v) draws from the Philox stream keyed by ``seed`` at
+        counter (i, v, k, ·); a mixing partner j's params come from stream (j, v, PARTNER_STREAM + k).
+        """
+        seed = check_seed(seed)
+        idx, views = np.asarray(indices), np.asarray(views)
+        if idx.ndim != 1 or idx.shape != views.shape or idx.dtype.kind not in "iu" or views.dtype.kind not in "iu":
+            raise ValueError(
+                f"indices and views must be 1-D integer arrays of equal length, got {idx.shape} and {views.shape}"
+            )
+        if idx.size and (idx.min() < 0 or idx.max() >= num_samples or views.min() < 0 or views.max() >= 2**32):
+            raise ValueError(f"indices must lie in [0, {num_samples}) and views in [0, 2**32)")
+        idx, views = idx.astype(np.int64), views.astype(np.int64)
+        out: dict[str, np.ndarray] = {}
+        for stream, op in enumerate(self._view_ops):
+            out.update(op.sample(Draws(seed, idx, views, stream)))
+        mix = self._mix
+        if mix is not None:
+            check_mixable(num_samples)
+            out.update(mix.sample_mix(Draws(seed, idx, views, len(self.ops) - 1), idx, num_samples))
+            partner = out[mix.partner_field]
+            mixed = partner >= 0
+            for stream, op in enumerate(self._view_ops):
+                draws = Draws(seed, np.where(mixed, partner, 0), views, PARTNER_STREAM + stream)
+                for key, values in op.sample(draws).items():
+                    values[~mixed] = 0
+                    out[PARTNER + key] = values
+        return out
+
+    def apply(
+        self,
+        image: torch.Tensor,
+        params: Mapping[str, np.ndarray],
+        size: int,
+        partner: Callable[[int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Replay one view: uint8 [C,H,W] + that view's params -> float32 [C,size,size] in [0,1].
+
+        ``partner(j)`` returns the uint8 image of sample j; only mixed views call it.
+        """
+        view = self._render(image, params, size, "")
+        mix = self._mix
+        if mix is None:
+            return view
+        j = int(np.asarray(params[mix.partner_field]))
+        if j < 0:
+            return view
+        if partner is None:
+            raise ValueError(f"this view mixes with sample {j}: pass partner=<callable returning its uint8 image>")
+        return mix.mix(view, self._render(partner(j), params, size, PARTNER), params)
+
+    def _render(self, image: torch.Tensor, params: Mapping[str, np.ndarray], size: int, prefix: str) -> torch.Tensor:
+        _check_image(image)
+        row = {key[len(prefix) :]: value for key, value in params.items() if key.startswith(prefix)}
+        if not any(isinstance(op, RandomResizedCrop) for op in self.ops):
+            image = F.resize(image, [size, size], antialias=True)
+        for op in self._view_ops:
+            image = op.apply(image, row, size)
+        return F.to_dtype(image, torch.float32, scale=True)
+
+    def mixing(self, params: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(partner int64 [B], -1 where unmixed; lam float32 [B], weight of the sample's own label).
+
+        Soft labels are lam * onehot(y_i) + (1 - lam) * onehot(y_partner).
+        """
+        mix = self._mix
+        if mix is not None:
+            partner = np.asarray(params[mix.partner_field], dtype=np.int64)
+            return partner, np.asarray(params[mix.lam_field], dtype=np.float32)
+        if not params:
+            raise ValueError(f"recipe {self.spec!r} stores no params, so mixing() cannot tell the batch size")
+        batch = len(next(iter(params.values())))
+        return np.full(batch, -1, dtype=np.int64), np.ones(batch, dtype=np.float32)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON-able, complete description: spec, random generator, and every op's version and hyper-params."""
+        return {
+            "spec": self.spec,
+            "rng": {"name": RNG_NAME, "version": RNG_VERSION},
+            "ops": [{"op": op.name, "version": op.version, **op.hyper()} for op in self.ops],
+        }
+
+    @classmethod
+    def from_manifest(cls, d: Mapping[str, Any]) -> Recipe:
+        """Inverse of ``to_manifest``; refuses op or generator versions this kdcache does not replay."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("ops"), list) or not isinstance(d.get("rng"), Mapping):
+            raise InvalidSpec("augmentation manifest lacks 'ops' or 'rng' — it was not written by Recipe.to_manifest")
+        rng = (d["rng"].get("name"), d["rng"].get("version"))
+        if rng != (RNG_NAME, RNG_VERSION):
+            raise UnsupportedFormat(
+                f"augmentation params were drawn with generator {rng}, this kdcache has {(RNG_NAME, RNG_VERSION)} — "
+                "use the kdcache version that wrote the cache"
+            )
+        ops = []
+        for entry in d["ops"]:
+            hyper = dict(entry)
+            name, version = hyper.pop("op", None), hyper.pop("version", None)
+            if name not in OPS:
+                raise InvalidSpec(f"unknown augmentation op {name!r} in manifest — {_VALID}")
+            if version != OPS[name].version:
+                raise UnsupportedFormat(
+                    f"augmentation op {name!r} is version {version}, this kdcache replays version "
+                    f"{OPS[name].version} — use the kdcache version that wrote the cache"
+                )
+            ops.append(OPS[name].from_hyper(hyper))
+        recipe = cls(tuple(ops))
+        if d.get("spec") != recipe.spec:
+            raise InvalidSpec(
+                f"manifest spec {d.get('spec')!r} disagrees with its ops ({recipe.spec!r}) — restore the manifest"
+            )
+        return recipe

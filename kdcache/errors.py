@@ -1,0 +1,43 @@
+"""The one place kdcache's exceptions live.
+
+Library code raises these; the CLI turns each into a single ``Error: ...`` line and exit code 2.
+Every message says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class KdcacheError(Exception):
+    """Base class of every error kdcache raises for bad input or a bad cache."""
+
+
+class InvalidSpec(KdcacheError):
+    """A dataset, model, loss, augmentation or option value that kdcache cannot interpret."""
+
+
+class MissingDependency(KdcacheError):
+    """An optional package is needed for the requested feature and is not installed."""
+
+
+class MissingData(KdcacheError):
+    """A file or folder the user named does not exist or holds nothing usable."""
+
+
+class WeightsMismatch(KdcacheError):
+    """A weights file does not fit the model it is loaded into."""
+
+
+class CacheMismatch(KdcacheError):
+    """A cache was made from different inputs than the ones it is used with."""
+
+
+class CacheCorrupt(KdcacheError):
+    """A cache is incomplete, unreadable, or fails its integrity checks."""
+
+
+class CacheLocked(KdcacheError):
+    """Another writer holds the cache."""
+
+
+class UnsupportedFormat(KdcacheError):
+    """A cache written by a newer kdcache format than this version understands."""

@@ -1,0 +1,46 @@
+"""Plackett-Luce distillation: a ranking loss over the teacher's order, target class first."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.losses.base import (
+    Batch,
+    Loss,
+    StudentOutput,
+    TeacherBatch,
+    teacher_logits,
+)
+from kdcache.losses.registry import register
+
+
+@register
+class PLD(Loss):
+    """``L = mean_i Σ_k qt(π_k)·[logsumexp_{l≥k} zs_{π_l} - zs_{π_k}]``, no CE.
+
+    ``π`` = [label, then the other classes by descending teacher logit], ``qt = softmax(zt/T)``.
+    """
+
+    name = "pld"
+    needs = frozenset({"logits"})
+    scope = "sample"
+    source = "PLD (Plackett-Luce distillation), arXiv 2506.12542"
+    defaults = {"T": 1.0}
+    T: float
+
+    def __init__(self, **hparams: float) -> None:
+        super().__init__(**hparams)
+        self.require_positive("T")
+
+    def forward(
+        self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
+        label_first = zt.scatter(1, batch.labels.unsqueeze(1), float("inf"))
+        order = torch.sort(label_first, dim=1, descending=True, stable=True).indices
+        zs_ranked = zs.gather(1, order)
+        q_ranked = F.softmax(zt / self.T, dim=1).gather(1, order)
+        suffix_lse = torch.logcumsumexp(zs_ranked.flip(1), dim=1).flip(1)
+        kd = (q_ranked * (suffix_lse - zs_ranked)).sum(1).mean()
+        return kd, {"kd": kd.detach()}

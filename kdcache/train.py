@@ -1,0 +1,357 @@
+"""Stage 2: train a student, from a cache (the teacher is never loaded) or alone with cross-entropy.
+
+Read top to bottom: data, model, loss, optimizer, loop, evaluation, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from kdcache import data, losses, models
+from kdcache.augment import Recipe
+from kdcache.errors import CacheMismatch, InvalidSpec
+from kdcache.precompute import pick_device
+from kdcache.store import Cache, decode_logits, open_cache
+from kdcache.views import EvalViews, Renderer, TrainViews
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; the CLI fills it from flags."""
+
+    dataset: str
+    model: str
+    out: str
+    cache: str | None = None
+    loss: str | None = None  # default: kd with a cache, ce without
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    seed: int = 0
+    size: int | None = None  # student input side; default: the cache's teacher size or the data's
+    augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = True  # only on CUDA
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: str
+    metrics: list[dict[str, Any]]
+    model: torch.nn.Module = dataclasses.field(repr=False)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.epochs <= 0:
+        raise InvalidSpec(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.batch_size <= 0:
+        raise InvalidSpec(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        raise InvalidSpec(f"--lr must be positive, got {cfg.lr}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise InvalidSpec(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise InvalidSpec(f"--schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.size is not None and cfg.size <= 0:
+        raise InvalidSpec(f"--size must be positive, got {cfg.size}")
+
+
+def check_cache_matches(cache: Cache, source: data.Source) -> None:
+    """Refuse a cache made from other data than ``source``: its teacher outputs would be lies."""
+    made = cache.manifest["dataset"]
+    if made["fingerprint"] != source.fingerprint:
+        raise CacheMismatch(
+            f"cache {cache.path} was made from dataset {made['spec']} ({made['fingerprint'][:19]}…), "
+            f"not from {source.spec} ({source.fingerprint[:19]}…) — pass the dataset the cache was made "
+            "from, or precompute a cache for this one"
+        )
+    if made["num_classes"] != source.num_classes or made["num_samples"] != len(source.train):
+        raise CacheMismatch(
+            f"cache {cache.path} has {made['num_classes']} classes and {made['num_samples']} samples, "
+            f"dataset {source.spec} has {source.num_classes} and {len(source.train)} — use the matching dataset"
+        )
+
+
+def teacher_inputs(cache: Cache) -> set[str]:
+    """What teacher outputs ``cache`` offers, in the vocabulary of ``Loss.check``."""
+    names = set(cache.array_names)
+    available = set()
+    if "logits" in names:
+        available |= {"logits", "probs"}
+    if "energy" in names:
+        available.add("energy")
+    return available
+
+
+def energy_temperature(cache: Cache) -> float:
+    """The energy temperature losses see: 4 when stored (the energy-KD default), else the first."""
+    temps = [float(t) for t in cache.manifest["outputs"]["energy"]["temperatures"]]
+    return 4.0 if 4.0 in temps else temps[0]
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins (Guo et al., 2017)."""
+    confidence, predicted = probs.max(dim=1)
+    correct = predicted.eq(labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+    return float(ece)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Top-1, top-5 (in %), ECE and mean CE of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    all_probs, all_labels = [], []
+    for inputs, labels in loader:
+        logits = model(inputs.to(device)).float()
+        all_probs.append(logits.softmax(dim=1).cpu())
+        all_labels.append(labels)
+    model.train(was_training)
+    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
+    k = min(5, probs.shape[1])
+    top = probs.topk(k, dim=1).indices
+    return {
+        "top1": 100.0 * float(top[:, 0].eq(labels).float().mean()),
+        "top5": 100.0 * float(top.eq(labels[:, None]).any(dim=1).float().mean()),
+        "ece": expected_calibration_error(probs, labels),
+        "loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),
+    }
+
+
+def eval_loader(source: data.Source, split: str, size: int, batch_size: int, workers: int = 0) -> DataLoader:
+    """Un-augmented views of ``split`` (train or test) at ``size``."""
+    if split not in ("train", "test"):
+        raise InvalidSpec(f"--split {split!r} is not train or test")
+    images = source.train if split == "train" else source.test
+    renderer = Renderer(images, Recipe.parse("rrc"), size, source.mean, source.std)
+    return DataLoader(EvalViews(renderer), batch_size=batch_size, num_workers=workers)
+
+
+def evaluate_weights(model_spec: str, weights: str, dataset: str, split: str = "test",
+                     size: int | None = None, batch_size: int = 256, device: str = "auto") -> dict[str, float]:
+    """``kdcache eval``: load a weights file into ``model_spec`` and evaluate it on ``dataset``."""
+    source = data.open_source(dataset)
+    model = models.create_model(model_spec, source.num_classes, source.channels)
+    models.load_weights(model, weights, spec=model_spec)
+    dev = pick_device(device)
+    loader = eval_loader(source, split, size or source.image_size, batch_size)
+    return evaluate(model.to(dev), loader, dev)
+
+
+# ---- training --------------------------------------------------------------------------------
+def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if cfg.schedule == "step":
+            return 0.1 ** ((step * 10) // (3 * max(total, 1)))  # x0.1 at 30%, 60%, 90% of training
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def _teacher_batch(batch: dict[str, torch.Tensor], cache: Cache | None, energy_col: int | None,
+                   device: torch.device) -> losses.TeacherBatch:
+    if cache is None:
+        return losses.TeacherBatch()
+    logits = batch["teacher/logits"].numpy()
+    teacher = losses.TeacherBatch(
+        logits=torch.from_numpy(decode_logits(logits, cache.logit_dtype)).to(device)
+    )
+    if energy_col is not None:
+        teacher.energy = batch["teacher/energy"][:, energy_col].float().to(device)
+    return teacher
+
+
+def _soft_labels(batch: dict[str, torch.Tensor], num_classes: int, device: torch.device) -> torch.Tensor | None:
+    lam = batch["lam"].float()
+    if bool((lam >= 1).all()):
+        return None
+    own = F.one_hot(batch["label"], num_classes).float()
+    partner = F.one_hot(batch["partner_label"], num_classes).float()
+    return (lam[:, None] * own + (1 - lam[:, None]) * partner).to(device)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run stage 2 as ``cfg`` says; writes model.pt, checkpoint.pt, metrics.jsonl, run.json to ``cfg.out``."""
+    _validate(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    # data
+    source = data.open_source(cfg.dataset)
+    cache = open_cache(cfg.cache) if cfg.cache else None
+    if cache is not None:
+        check_cache_matches(cache, source)
+        recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
+        seed, views = int(cache.manifest["recipe"]["seed"]), cache.views
+        size = cfg.size or int(cache.manifest["recipe"]["input_size"])
+        block = cache.chunk_samples
+    else:
+        recipe, seed, views = Recipe.parse(cfg.augment), cfg.seed, None
+        size = cfg.size or source.image_size
+        block = 256
+
+    # loss
+    loss_name = cfg.loss or ("kd" if cache is not None else "ce")
+    criterion = losses.get(loss_name, **cfg.loss_params)
+    if cache is None and criterion.needs:
+        raise InvalidSpec(f"loss {loss_name} needs teacher outputs — pass --cache PATH (or use --loss ce)")
+    teacher_arrays: list[str] = []
+    energy_col = None
+    if cache is not None:
+        criterion.check(teacher_inputs(cache))
+        teacher_arrays = ["logits"]
+        if "energy" in criterion.needs:
+            teacher_arrays.append("energy")
+            energy_col = cache.energy_column(energy_temperature(cache))
+            criterion.prepare(torch.from_numpy(cache.all_energy(energy_temperature(cache)).reshape(-1)))
+
+    renderer = Renderer(source.train, recipe, size, source.mean, source.std)
+    stream = TrainViews(renderer, source.train.labels, block, seed, cfg.cache, teacher_arrays, views)
+    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                        persistent_workers=False)
+    test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))
+
+    # model, optimizer
+    device = pick_device(cfg.device)
+    model = models.create_model(cfg.model, source.num_classes, source.channels).to(device)
+    criterion.to(device)
+    optimizer = _optimizer([*model.parameters(), *criterion.parameters()], cfg)
+    steps_per_epoch = math.ceil(len(stream) / cfg.batch_size)
+    scheduler = _schedule(optimizer, cfg, steps_per_epoch)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: list[dict[str, Any]] = []
+    start_epoch = 0
+    checkpoint_path = out / "checkpoint.pt"
+    if cfg.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        metrics = _read_metrics(out / "metrics.jsonl")[:start_epoch]
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"loss": loss_name, "size": size}, indent=2))
+
+    for epoch in range(start_epoch, cfg.epochs):
+        stream.set_epoch(epoch)
+        model.train()
+        began = time.perf_counter()
+        sums: dict[str, float] = {}
+        seen = correct = agree = 0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not cfg.progress, dynamic_ncols=True, leave=False)
+        for batch in bar:
+            inputs = batch["input"].to(device, non_blocking=True)
+            labels = batch["label"].to(device)
+            teacher = _teacher_batch(batch, cache, energy_col, device)
+            info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
+                                epoch=epoch, mixed=(batch["lam"] < 1).to(device))
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(inputs)
+            total, terms = criterion(losses.StudentOutput(logits=logits.float()), teacher, info)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+
+            n = len(labels)
+            seen += n
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * n
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            predicted = logits.argmax(dim=1)
+            correct += int(predicted.eq(labels).sum())
+            if teacher.logits is not None:
+                agree += int(predicted.eq(teacher.logits.argmax(dim=1)).sum())
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+        seconds = time.perf_counter() - began
+        test = evaluate(model, test_loader, device)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            **{name: value / seen for name, value in sums.items()},
+            "train_top1": 100.0 * correct / seen,
+            **({"teacher_agreement": 100.0 * agree / seen} if cache is not None else {}),
+            "test_top1": test["top1"],
+            "test_top5": test["top5"],
+            "test_ece": test["ece"],
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": seen / seconds,
+            "seconds": seconds,
+        }
+        metrics.append(record)
+        _write_metrics(out / "metrics.jsonl", metrics)
+        torch.save({"model": model.state_dict(), "loss": criterion.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "epoch": epoch}, checkpoint_path)
+        torch.save(model.state_dict(), out / "model.pt")
+    return TrainResult(str(out), metrics, model)
+
+
+def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

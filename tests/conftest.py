@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny real things (a fake dataset, a 2-layer CNN teacher, a small cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdcache import models
+from kdcache.precompute import PrecomputeConfig, precompute
+
+DATASET = "fake:64"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny forward passes on a shared 2-core machine are faster that way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(tmp_path_factory) -> str:
+    """Weights of a fixed random `cnn` teacher for `fake:64` (10 classes, 3 channels).
+
+    Its classifier is scaled up so its outputs are confident and differ from any student's.
+    """
+    torch.manual_seed(1234)
+    net = models.create_model("cnn", 10, 3)
+    with torch.no_grad():
+        net.fc.weight.mul_(20)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cache_path(tmp_path_factory, teacher_weights) -> str:
+    """A complete 3-view cache of `fake:64` made by the `cnn` teacher (read-only: do not modify)."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    precompute(PrecomputeConfig(dataset=DATASET, teacher="cnn", weights=teacher_weights, out=str(out),
+                                views=3, batch_size=50, chunk_samples=16, progress=False))
+    return str(out)
