@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test test-fast bench clean
+.PHONY: quickstart test test-fast bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+docs: $(STAMP)
+	$(BIN)/typer kdcache_cli.main utils docs --name kdcache --title "kdcache command reference" \
+		--output docs/cli-reference.md
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --quick

@@ -2,7 +2,13 @@
 
 Work is planned in whole shards; a shard's arrays are written together and only then is the shard
 marked done, so an interrupted run resumes by skipping done shards without running the teacher on
-them.
+them. The cache goes to ``ROOT/<cache id>``: a second run with the same inputs finds it and runs no
+teacher forward at all.
+
+What is stored per view (docs/format.md): the teacher target in one of three logit modes (dense
+logits, top-k log-probabilities, or N classes sampled from the teacher distribution as ids and
+counts), energies from the full float32 logits, feature maps of named layers captured by forward
+hooks, and the augmentation params.
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from tqdm import tqdm
 
 from kdcache import data, models
 from kdcache.augment import Recipe
-from kdcache.errors import CacheMismatch, InvalidSpec, MissingData
+from kdcache.augment.rng import Draws
+from kdcache.errors import CacheCorrupt, InvalidSpec, MissingData
+from kdcache.roots import alias_name, join, write_alias
 from kdcache.store import (
-    ArraySpec, Cache, cache_exists, cache_id, create_cache, open_cache, provenance, storage_dtype,
+    MAP_CODEC, MAP_LEVEL, ArraySpec, Cache, cache_exists, cache_id, create_cache, open_cache, provenance, storage_dtype,
 )
 from kdcache.views import Renderer, row
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
+FEATURE_MODES = ("full", "pooled", "attention")
+SAMPLE_STREAM = 0xFFFF  # Philox stream of the class draws of ``sampled`` logits (ops use 0.. and 2**15 + k)
+MAX_DRAWS = 65535  # counts are stored as uint8 (N <= 255) or uint16
 
 
 @dataclass
@@ -42,22 +53,26 @@ class PrecomputeConfig:
     augment: str = "rrc+flip"
     teacher_size: int | None = None
     energy_t: tuple[float, ...] = (1.0, 4.0)
+    logits: str = "dense"  # dense | topk:K | sampled:N
     logit_dtype: str = "float16"
+    features: tuple[str, ...] = ()  # LAYER[:full|pooled|attention], mode attention by default
     batch_size: int = 256
     workers: int = 0
     device: str = "auto"
     chunk_samples: int | None = None
+    sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files
     progress: bool = True
 
 
 @dataclass
 class PrecomputeResult:
-    path: str
+    path: str  # the cache itself, ROOT/<cache id>: what `train --cache` takes
     cache_id: str
     reused: bool
     views_computed: int
     seconds: float
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+    alias: str | None = None  # ROOT/<alias>, a readable name that opens the same cache
 
     @property
     def views_per_second(self) -> float:
@@ -89,6 +104,152 @@ def state_sha256(model: torch.nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def parse_logits(text: str, num_classes: int, dtype: str) -> dict[str, Any]:
+    """The manifest entry of ``--logits dense|topk:K|sampled:N`` for ``num_classes`` classes."""
+    mode, _, size = text.partition(":")
+    usage = f"--logits {text!r} is not dense, topk:K or sampled:N — e.g. --logits topk:10 or --logits sampled:50"
+    if mode == "dense" and not size:
+        return {"mode": "dense", "dtype": dtype}
+    if mode not in ("topk", "sampled") or not size.isdigit() or int(size) < 1:
+        raise InvalidSpec(usage)
+    n = int(size)
+    index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+    if mode == "topk":
+        if n > num_classes:
+            raise InvalidSpec(f"--logits topk:{n} keeps more classes than the dataset's {num_classes} — "
+                              f"use K <= {num_classes} (or --logits dense)")
+        return {"mode": "topk", "k": n, "dtype": dtype, "values": "log_softmax", "index_dtype": index_dtype}
+    if n > MAX_DRAWS:
+        raise InvalidSpec(f"--logits sampled:{n} draws more than {MAX_DRAWS} classes per view — use N <= {MAX_DRAWS}")
+    return {"mode": "sampled", "draws": n, "width": min(n, num_classes), "temperature": 1.0,
+            "index_dtype": index_dtype, "count_dtype": "uint8" if n <= 255 else "uint16",
+            "rng": {"stream": SAMPLE_STREAM}}
+
+
+def target_specs(entry: dict[str, Any], num_classes: int) -> list[ArraySpec]:
+    """The arrays that store the teacher target of logit mode ``entry``."""
+    if entry["mode"] == "dense":
+        return [ArraySpec("logits", (num_classes,), storage_dtype(entry["dtype"]), entry["dtype"])]
+    if entry["mode"] == "topk":
+        k = (entry["k"],)
+        return [ArraySpec("topk/values", k, storage_dtype(entry["dtype"]), entry["dtype"]),
+                ArraySpec("topk/indices", k, entry["index_dtype"])]
+    width = (entry["width"],)
+    return [ArraySpec("sampled/ids", width, entry["index_dtype"]),
+            ArraySpec("sampled/counts", width, entry["count_dtype"])]
+
+
+def topk_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest log-probabilities ``log_softmax(z)`` per row, descending, and their class ids."""
+    values, indices = torch.log_softmax(logits.float(), dim=1).topk(k, dim=1)
+    return values, indices
+
+
+def sample_counts(logits: torch.Tensor, uniforms: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``N = uniforms.shape[1]`` classes per row from ``softmax(z)`` by inverting its CDF.
+
+    Returns the distinct drawn ids and their counts, ``[B, width]`` each, by descending count (ties:
+    lower id first), padded with id -1 and count 0. ``counts / N`` is an unbiased estimate of the
+    teacher distribution (arXiv 2503.16870).
+    """
+    cdf = torch.softmax(logits.double(), dim=1).cumsum(dim=1)
+    cdf = cdf / cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, uniforms.to(cdf), right=True).clamp_max_(cdf.shape[1] - 1)
+    counts = torch.zeros(cdf.shape, dtype=torch.int32, device=cdf.device)
+    counts.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.int32))
+    top, ids = counts.sort(dim=1, descending=True, stable=True)
+    top, ids = top[:, :width], ids[:, :width]
+    return torch.where(top > 0, ids, -1), top
+
+
+def class_uniforms(seed: int, indices: np.ndarray, views: np.ndarray, draws: int) -> np.ndarray:
+    """The uniforms behind the class draws of views (i, v), float64 [B, draws]: Philox stream SAMPLE_STREAM."""
+    return Draws(seed, indices, views, SAMPLE_STREAM).uniform(draws)
+
+
+def parse_features(specs: tuple[str, ...]) -> dict[str, str]:
+    """``LAYER[:full|pooled|attention]`` entries as layer -> mode (attention when no mode is given)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        layer, _, mode = spec.partition(":")
+        mode = mode or "attention"
+        if not layer or mode not in FEATURE_MODES:
+            raise InvalidSpec(f"--features {spec!r} is not LAYER[:full|pooled|attention] — "
+                              "e.g. --features layer3:attention")
+        if layer in out:
+            raise InvalidSpec(f"--features names layer {layer} twice — store one mode per layer")
+        out[layer] = mode
+    return out
+
+
+def feature_shape(layer: str, shape: tuple[int, ...], mode: str) -> tuple[int, ...]:
+    """Per-view shape stored for a layer whose output is ``shape`` (without the batch axis)."""
+    if mode == "full":
+        return shape
+    if mode == "pooled":
+        return shape[:1]
+    if len(shape) != 3:
+        raise InvalidSpec(f"layer {layer} outputs shape {list(shape)}, attention needs a [C,H,W] map — "
+                          f"use --features {layer}:full or {layer}:pooled")
+    return shape[1:]
+
+
+def reduce_feature(output: torch.Tensor, mode: str) -> torch.Tensor:
+    """What is kept of a layer's batch output, float16: the map, its spatial mean, or its attention map.
+
+    attention is ``q = a / (||a||₂ + 1e-6)`` with ``a = Σ_c F_c²`` (computed in float32), the
+    normalised map angular-margin distillation compares; normalised, it cannot overflow float16.
+    """
+    if mode == "full":
+        return output.detach().to(torch.float16, copy=True)
+    x = output.detach().float()
+    if mode == "pooled":
+        return (x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x).to(torch.float16)
+    a = x.pow(2).sum(dim=1)
+    return (a / (a.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-6)).to(torch.float16)
+
+
+class FeatureTap:
+    """Forward hooks that keep, per forward pass, only the reduced output of each requested layer."""
+
+    def __init__(self, model: torch.nn.Module, modes: dict[str, str]):
+        modules = dict(model.named_modules())
+        self.out: dict[str, torch.Tensor] = {}
+        self._handles = [modules[layer].register_forward_hook(self._hook(layer, mode)) for layer, mode in modes.items()]
+
+    def _hook(self, layer: str, mode: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+            if layer not in self.out:  # a module called twice in one pass: its first call, as `kdcache layers`
+                self.out[layer] = reduce_feature(output, mode)
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.out = self.out, {}
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def feature_entries(teacher: torch.nn.Module, spec: str, modes: dict[str, str],
+                    input_shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Manifest entries of the requested feature layers, checked against the teacher's named layers."""
+    if not modes:
+        return []
+    shapes = dict(models.list_layers(teacher, input_shape))
+    entries = []
+    for layer, mode in modes.items():
+        if layer not in shapes:
+            names = ", ".join(list(shapes)[:12])
+            raise InvalidSpec(f"teacher {spec} has no layer {layer!r} with a tensor output — e.g. {names} "
+                              f"(`kdcache layers {spec}` lists all)")
+        tail = feature_shape(layer, tuple(shapes[layer]), mode)
+        entries.append({"layer": layer, "mode": mode, "shape": list(tail), "dtype": "float16",
+                        "array": f"features/{layer}"})
+    return entries
+
+
 def _validate(cfg: PrecomputeConfig) -> None:
     if cfg.views <= 0:
         raise InvalidSpec(f"--views must be at least 1, got {cfg.views}")
@@ -100,10 +261,13 @@ def _validate(cfg: PrecomputeConfig) -> None:
         raise InvalidSpec(f"--energy-t needs positive temperatures, got {list(cfg.energy_t)}")
     if cfg.teacher_size is not None and cfg.teacher_size <= 0:
         raise InvalidSpec(f"--teacher-size must be positive, got {cfg.teacher_size}")
+    parse_logits(cfg.logits, 1 << 20, cfg.logit_dtype)  # syntax only; the class count is checked later
+    parse_features(tuple(cfg.features))
 
 
 def build_manifest(
-    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, weights_sha: str, size: int
+    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, weights_sha: str, size: int,
+    features: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The manifest of the cache ``cfg`` describes (id and layout are added by the store)."""
     return {
@@ -129,37 +293,38 @@ def build_manifest(
             "std": list(source.std),
         },
         "outputs": {
-            "logits": {"mode": "dense", "dtype": cfg.logit_dtype},
+            "logits": parse_logits(cfg.logits, source.num_classes, cfg.logit_dtype),
             "energy": {"temperatures": [float(t) for t in cfg.energy_t]},
-            "features": [],
+            "features": features or [],
         },
         "provenance": provenance(),
     }
 
 
 class _ShardBatches(Dataset):
-    """Batch ``k`` of the pending work: its shard, offset, params and rendered inputs.
+    """Batch ``k`` of the pending work: its shard, offset, params, class-draw uniforms and rendered inputs.
 
-    Params are sampled inside the worker: ``Recipe.sample`` is pure, so this equals sampling them in
-    the main process, and no per-shard state needs to travel to workers.
+    Params and uniforms are drawn inside the worker: both are pure functions of (seed, i, v), so this
+    equals drawing them in the main process, and no per-shard state needs to travel to workers.
     """
 
     def __init__(self, renderer: Renderer, recipe: Recipe, seed: int, views: int, num_samples: int,
-                 batches: list[tuple[int, int, int, int]]):
+                 batches: list[tuple[int, int, int, int]], draws: int = 0):
         self.renderer, self.recipe, self.seed = renderer, recipe, seed
-        self.views, self.num_samples, self.batches = views, num_samples, batches
+        self.views, self.num_samples, self.batches, self.draws = views, num_samples, batches, draws
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, k: int) -> tuple[int, int, dict[str, np.ndarray], torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[int, int, dict[str, np.ndarray], np.ndarray | None, torch.Tensor]:
         shard, shard_start, lo, hi = self.batches[k]
         pairs = np.arange(lo, hi, dtype=np.int64)
         indices = shard_start + pairs // self.views
         views = pairs % self.views
         params = self.recipe.sample(self.seed, indices, views, self.num_samples)
+        uniforms = class_uniforms(self.seed, indices, views, self.draws) if self.draws else None
         inputs = torch.stack([self.renderer(int(i), row(params, j)) for j, i in enumerate(indices)])
-        return shard, lo, params, inputs
+        return shard, lo, params, uniforms, inputs
 
 
 def _plan(cache: Cache, batch_size: int) -> list[tuple[int, int, int, int]]:
@@ -175,6 +340,20 @@ def _plan(cache: Cache, batch_size: int) -> list[tuple[int, int, int, int]]:
     return batches
 
 
+def teacher_targets(logits: torch.Tensor, entry: dict[str, Any],
+                    uniforms: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """The target arrays of one batch in logit mode ``entry``, computed on the logits' device."""
+    if entry["mode"] == "dense":
+        return {"logits": _numpy(logits.to(getattr(torch, entry["dtype"])))}
+    if entry["mode"] == "topk":
+        values, indices = topk_log_probs(logits, entry["k"])
+        return {"topk/values": _numpy(values.to(getattr(torch, entry["dtype"]))),
+                "topk/indices": indices.cpu().numpy().astype(entry["index_dtype"])}
+    ids, counts = sample_counts(logits, uniforms, entry["width"])
+    return {"sampled/ids": ids.cpu().numpy().astype(entry["index_dtype"]),
+            "sampled/counts": counts.cpu().numpy().astype(entry["count_dtype"])}
+
+
 def precompute(
     cfg: PrecomputeConfig,
     teacher: torch.nn.Module | None = None,
@@ -182,10 +361,11 @@ def precompute(
 ) -> PrecomputeResult:
     """Run stage 1 as ``cfg`` says and return where the cache is.
 
-    ``teacher`` may be given as a module instead of ``cfg.teacher``/``cfg.weights`` (its parameters
-    are hashed for the cache id). A complete cache with the same id at ``cfg.out`` is reused; an
-    incomplete one is resumed; a different cache there is an error, never overwritten.
-    ``on_batch(inputs, logits)`` sees every teacher batch (for tests and custom logging).
+    The cache goes to ``cfg.out/<cache id>`` with a readable alias beside it. ``teacher`` may be
+    given as a module instead of ``cfg.teacher``/``cfg.weights`` (its parameters are hashed for the
+    cache id). A complete cache with the same id is reused without running the teacher; an
+    incomplete one is resumed. ``on_batch(inputs, logits)`` sees every teacher batch (for tests and
+    custom logging).
     """
     _validate(cfg)
     began = time.perf_counter()
@@ -202,50 +382,66 @@ def precompute(
         models.load_weights(teacher, cfg.weights, spec=cfg.teacher)
     else:
         weights_sha = state_sha256(teacher)
-    manifest = build_manifest(cfg, source, recipe, weights_sha, size)
+    modes = parse_features(tuple(cfg.features))
+    features = feature_entries(teacher, cfg.teacher, modes, (source.channels, size, size))
+    manifest = build_manifest(cfg, source, recipe, weights_sha, size, features)
+    entry = manifest["outputs"]["logits"]
     specs = [
-        ArraySpec("logits", (source.num_classes,), storage_dtype(cfg.logit_dtype)),
+        *target_specs(entry, source.num_classes),
         ArraySpec("energy", (len(cfg.energy_t),), "float32"),
+        *[ArraySpec(f["array"], tuple(f["shape"]), "float16", **_map_codec(f["mode"])) for f in features],
         *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in recipe.fields().items()],
     ]
 
-    cache = _open_or_create(cfg, manifest, source, specs)
+    cache, alias = _open_or_create(cfg, manifest, source, specs)
     if cache.complete:
-        return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest)
+        return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
 
     device = pick_device(cfg.device)
     teacher = teacher.to(device).eval()
     renderer = Renderer(source.train, recipe, size, source.mean, source.std)
     batches = _plan(cache, cfg.batch_size)
+    draws = entry["draws"] if entry["mode"] == "sampled" else 0
     loader = DataLoader(
-        _ShardBatches(renderer, recipe, cfg.seed, cfg.views, len(source.train), batches),
+        _ShardBatches(renderer, recipe, cfg.seed, cfg.views, len(source.train), batches, draws),
         batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
     )
     total = sum(hi - lo for _, _, lo, hi in batches)
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
-    logit_dtype = getattr(torch, cfg.logit_dtype)
-    with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute", disable=not cfg.progress,
-                                      dynamic_ncols=True) as bar:
-        for shard, lo, params, inputs in loader:
-            logits = teacher(inputs.to(device, non_blocking=True)).float()
-            if on_batch is not None:
-                on_batch(inputs, logits)
-            out = {
-                "logits": _numpy(logits.to(logit_dtype)),
-                "energy": energy(logits, cfg.energy_t).cpu().numpy(),
-                **{f"aug/{name}": values for name, values in params.items()},
-            }
-            buf = buffers.setdefault(shard, _shard_buffers(cache, shard, specs))
-            for name, values in out.items():
-                flat = buf[name].reshape(-1, *buf[name].shape[2:])
-                flat[lo : lo + len(values)] = values
-            filled[shard] = filled.get(shard, 0) + len(inputs)
-            if filled[shard] == buf["logits"].shape[0] * cache.views:
-                cache.write_shard(shard, buffers.pop(shard))
-            bar.update(len(inputs))
+    tap = FeatureTap(teacher, modes)
+    try:
+        with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute", disable=not cfg.progress,
+                                          dynamic_ncols=True) as bar:
+            for shard, lo, params, uniforms, inputs in loader:
+                logits = teacher(inputs.to(device, non_blocking=True)).float()
+                if on_batch is not None:
+                    on_batch(inputs, logits)
+                if uniforms is not None:
+                    uniforms = torch.as_tensor(uniforms).to(device)
+                out = {
+                    **teacher_targets(logits, entry, uniforms),
+                    "energy": energy(logits, cfg.energy_t).cpu().numpy(),
+                    **{f"features/{layer}": _numpy(fmap) for layer, fmap in tap.take().items()},
+                    **{f"aug/{name}": values for name, values in params.items()},
+                }
+                buf = buffers.setdefault(shard, _shard_buffers(cache, shard, specs))
+                for name, values in out.items():
+                    flat = buf[name].reshape(-1, *buf[name].shape[2:])
+                    flat[lo : lo + len(values)] = values
+                filled[shard] = filled.get(shard, 0) + len(inputs)
+                if filled[shard] == buf["energy"].shape[0] * cache.views:
+                    cache.write_shard(shard, buffers.pop(shard))
+                bar.update(len(inputs))
+    finally:
+        tap.close()
     cache.finish()
-    return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, cache.manifest)
+    return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, cache.manifest, alias)
+
+
+def _map_codec(mode: str) -> dict[str, Any]:
+    """Full feature maps take the codec measured best for them (docs/format.md); the rest the default."""
+    return {"codec": MAP_CODEC, "level": MAP_LEVEL} if mode == "full" else {}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -257,22 +453,22 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 def _shard_buffers(cache: Cache, shard: int, specs: list[ArraySpec]) -> dict[str, np.ndarray]:
     start, stop = cache.shard_range(shard)
-    out = {}
-    for spec in specs:
-        dtype = cache.group[spec.name].dtype
-        out[spec.name] = np.zeros((stop - start, cache.views, *spec.tail), dtype=dtype)
-    return out
+    return {spec.name: np.zeros((stop - start, cache.views, *spec.tail), dtype=spec.dtype) for spec in specs}
 
 
 def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
-                    specs: list[ArraySpec]) -> Cache:
-    wanted = cache_id(manifest)
+                    specs: list[ArraySpec]) -> tuple[Cache, str]:
+    """The cache at ``cfg.out/<id>``: found (to reuse or resume) or created, and its alias path."""
     if cache_exists(cfg.out):
-        cache = open_cache(cfg.out, mode="r+", allow_incomplete=True)
-        if cache.id != wanted:
-            raise CacheMismatch(
-                f"{cfg.out} holds cache {cache.id} made from other inputs (this run would make {wanted}) — "
-                "choose another --out or delete it"
-            )
-        return cache
-    return create_cache(cfg.out, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples)
+        raise InvalidSpec(f"--out {cfg.out} is itself a cache; --out is the root folder caches are kept under "
+                          "— pass its parent folder")
+    wanted = cache_id(manifest)
+    path = join(cfg.out, wanted)
+    try:
+        cache = open_cache(path, mode="r+", allow_incomplete=True)
+    except (MissingData, CacheCorrupt):  # nothing there yet, or a layout whose creation was interrupted
+        cache = create_cache(path, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples,
+                             sharded=cfg.sharded)
+    if cache.id != wanted:
+        raise CacheCorrupt(f"{path} holds cache {cache.id}, not {wanted} as its name says — delete that folder")
+    return cache, write_alias(cfg.out, alias_name(manifest, wanted), wanted)

@@ -1,21 +1,26 @@
 """The cache: a Zarr v3 group holding teacher outputs per (sample, view), and its manifest.
 
-Nothing outside this module touches Zarr. Layout (see docs/format.md):
+Nothing outside this module touches Zarr or the storage behind it. Layout (docs/format.md is the
+complete specification):
 
 - ``labels [N]`` and, per stored output, an array ``[N, K, ...]`` chunked ``[S, 1, ...]`` along the
   sample and view axes, so that an epoch that reads one view per block of S samples decodes each
-  stored byte once.
+  stored byte once. With more than ``MAX_CHUNK_FILES`` chunks per array, chunks are packed into
+  Zarr shards of exactly one writer shard (``[shard_samples, K, ...]``).
 - ``status/shards [num_shards]``: one uint8 per shard, set to 1 only after every array of that
   shard is written. Each element is its own chunk, so writers of different shards never touch the
   same object.
 - group attribute ``kdcache``: the JSON manifest. ``status`` becomes ``complete`` only after the
   last shard is marked done.
+
+A cache lives at ``ROOT/<cache id>`` with an alias beside it (kdcache/roots.py).
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import itertools
 import json
 import platform
 import time
@@ -25,25 +30,48 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from kdcache.errors import CacheCorrupt, CacheMismatch, MissingData, UnsupportedFormat
+from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, MissingData, UnsupportedFormat
+from kdcache.roots import resolve, where_caches_are
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
+MAX_CHUNK_FILES = 10_000  # per array; above it the layout switches to Zarr sharding
 
 #: Manifest sections whose canonical JSON defines a cache's identity.
 IDENTITY_KEYS = ("teacher", "dataset", "recipe", "outputs")
 
+#: The arrays holding the teacher target, per logit mode.
+TARGET_ARRAYS = {
+    "dense": ("logits",),
+    "topk": ("topk/values", "topk/indices"),
+    "sampled": ("sampled/ids", "sampled/counts"),
+}
+
+#: Compressors measured by benchmarks/storage.py; the defaults are chosen from those numbers
+#: (docs/format.md): blosc-zstd 5 with shuffle is the smallest codec that still encodes at tens of
+#: MB/s; for full feature maps plain zstd 3 is both smaller and three times faster to encode.
+CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
+DEFAULT_CODEC, DEFAULT_LEVEL = "blosc-zstd", 5
+MAP_CODEC, MAP_LEVEL = "zstd", 3
+
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One per-view array of the cache: ``name`` with shape ``[N, K, *tail]``."""
+    """One per-view array of the cache: ``name`` with shape ``[N, K, *tail]``.
+
+    ``dtype`` is the Zarr data type; ``logical`` what the values mean when it differs
+    (``bfloat16`` values are stored as their uint16 bit patterns); ``codec``/``level`` its compressor.
+    """
 
     name: str
     tail: tuple[int, ...]
     dtype: str
+    logical: str | None = None
+    codec: str = DEFAULT_CODEC
+    level: int = DEFAULT_LEVEL
 
 
 def storage_dtype(dtype: str) -> str:
@@ -54,10 +82,49 @@ def storage_dtype(dtype: str) -> str:
 def decode_logits(values: np.ndarray, dtype: str) -> np.ndarray:
     """Stored logits (any logical dtype) as float32."""
     if dtype == "bfloat16":
-        import torch
-
-        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float().numpy()
+        bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32)
     return values.astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def densify(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, np.ndarray],
+            temperature: float = 1.0) -> np.ndarray:
+    """Dense teacher probabilities ``[..., C]`` float32 from the target arrays of one logit mode.
+
+    - dense: ``softmax(z / T)``;
+    - topk: the stored values are log-probabilities, so ``exp(v)`` are the exact top-k
+      probabilities; the missing mass ``1 - Σ exp(v)`` is spread uniformly over the other classes;
+    - sampled: ``counts / N``, the unbiased sparse estimate of the teacher distribution.
+
+    For sparse modes ``T != 1`` tempers the densified distribution, ``p^(1/T)`` renormalised: exact
+    on the stored classes' ratios, approximate on the tail (and no longer unbiased for sampled).
+    """
+    mode = spec["mode"]
+    if mode == "dense":
+        z = decode_logits(block["logits"], spec["dtype"]).astype(np.float64)
+        return _softmax(z / temperature).astype(np.float32)
+    if mode == "topk":
+        p = np.exp(decode_logits(block["topk/values"], spec["dtype"]).astype(np.float64))
+        k = p.shape[-1]
+        rest = np.clip(1.0 - p.sum(axis=-1, keepdims=True), 0.0, None) / max(num_classes - k, 1)
+        probs = np.repeat(rest, num_classes, axis=-1)
+        np.put_along_axis(probs, block["topk/indices"].astype(np.int64), p, axis=-1)
+    elif mode == "sampled":
+        ids = block["sampled/ids"].astype(np.int64)
+        probs = np.zeros((*ids.shape[:-1], num_classes + 1))  # the last column absorbs the -1 padding
+        np.put_along_axis(probs, np.where(ids >= 0, ids, num_classes), block["sampled/counts"].astype(np.float64),
+                          axis=-1)
+        probs = probs[..., :num_classes]
+    else:
+        raise UnsupportedFormat(f"logit mode {mode!r} is unknown to this kdcache — upgrade kdcache")
+    if temperature != 1.0:
+        probs = probs ** (1.0 / temperature)
+    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def canonical_json(obj: Any) -> str:
@@ -96,6 +163,7 @@ def provenance() -> dict[str, str]:
     }
 
 
+# ---- opening storage: local paths and fsspec URLs alike --------------------------------------
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -111,14 +179,40 @@ def _exists(path: str) -> bool:
     try:
         zarr.open_group(_open_store(path, read_only=True), mode="r")
         return True
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
         return False
 
 
-def _compressors(dtype: str) -> list:
-    # Byte shuffle groups the high bytes of floats together, which is where their redundancy lies.
+def _manifest_at(path: str) -> dict[str, Any] | None:
+    try:
+        group = zarr.open_group(_open_store(path, read_only=True), mode="r")
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        return None
+    manifest = group.attrs.get(MANIFEST_KEY)
+    return manifest if isinstance(manifest, dict) else None
+
+
+def cache_exists(path: str) -> bool:
+    """Whether ``path`` holds any Zarr group (complete or not)."""
+    return _exists(str(path))
+
+
+# ---- codecs and layout ---------------------------------------------------------------------
+def compressors(dtype: str, codec: str = DEFAULT_CODEC, level: int = DEFAULT_LEVEL) -> list:
+    """The bytes-to-bytes codecs of an array: a compressor, then the crc32c checksum of each chunk."""
+    # Byte shuffle groups the high bytes of numbers together, which is where their redundancy lies.
     shuffle = "shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle"
-    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+    if codec == "blosc-zstd":
+        first = [BloscCodec(cname="zstd", clevel=level, shuffle=shuffle)]
+    elif codec == "blosc-lz4":
+        first = [BloscCodec(cname="lz4", clevel=level, shuffle=shuffle)]
+    elif codec == "zstd":
+        first = [ZstdCodec(level=level)]
+    elif codec == "none":
+        first = []
+    else:
+        raise InvalidSpec(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+    return [*first, Crc32cCodec()]
 
 
 def default_chunk_samples(specs: Iterable[ArraySpec]) -> int:
@@ -176,6 +270,29 @@ class Cache:
     def array_names(self) -> list[str]:
         return [spec["name"] for spec in self.manifest["layout"]["arrays"]]
 
+    @property
+    def logit_mode(self) -> str:
+        """``dense``, ``topk`` or ``sampled``."""
+        return self.manifest["outputs"]["logits"]["mode"]
+
+    @property
+    def dense_logits(self) -> bool:
+        return self.logit_mode == "dense"
+
+    @property
+    def logit_dtype(self) -> str | None:
+        """Logical dtype of stored logits (dense values or top-k log-probabilities); None for sampled."""
+        return self.manifest["outputs"]["logits"].get("dtype")
+
+    def target_arrays(self) -> list[str]:
+        """Names of the arrays that hold the teacher target in this cache's logit mode."""
+        return list(TARGET_ARRAYS[self.logit_mode])
+
+    def feature_layers(self) -> dict[str, dict[str, Any]]:
+        """Cached feature layers: layer -> {"array": "features/<layer>", "mode": ..., "shape": [...]}."""
+        return {f["layer"]: {"array": f["array"], "mode": f["mode"], "shape": list(f["shape"])}
+                for f in self.manifest["outputs"].get("features", [])}
+
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_samples
         return start, min(start + self.shard_samples, self.num_samples)
@@ -192,6 +309,10 @@ class Cache:
         """Arrays ``name[start:stop, view]``: one decode per chunk, the access pattern of training."""
         return {name: self.group[name][start:stop, view] for name in names}
 
+    def read_samples(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Array ``name[start:stop]`` with every view."""
+        return np.asarray(self.group[name][start:stop])
+
     def read_views(self, name: str, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Array ``name`` at arbitrary (sample, view) pairs; slower than :meth:`read_block`."""
         samples, at_sample = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
@@ -201,13 +322,27 @@ class Cache:
 
     def logits(self, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Dense teacher logits [B, C] as float32 for the given (sample, view) pairs."""
-        if "logits" not in self.array_names:
-            raise CacheMismatch(f"cache {self.path} stores no dense logits — re-run precompute with --logits dense")
+        if not self.dense_logits:
+            raise CacheMismatch(f"cache {self.path} stores {self.logit_mode} logits, not dense ones — "
+                                "use targets() for probabilities, or re-run precompute with --logits dense")
         return decode_logits(self.read_views("logits", indices, views), self.logit_dtype)
 
-    @property
-    def logit_dtype(self) -> str:
-        return self.manifest["outputs"]["logits"]["dtype"]
+    def teacher_probs(self, block: Mapping[str, np.ndarray], temperature: float = 1.0) -> np.ndarray:
+        """Dense teacher probabilities [..., C] float32 from a block of :meth:`target_arrays` (see :func:`densify`)."""
+        return densify(self.manifest["outputs"]["logits"], self.num_classes, block, temperature)
+
+    def targets(self, indices: np.ndarray, views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Dense teacher probabilities [B, C] float32 at (sample, view) pairs, for any logit mode."""
+        block = {name: self.read_views(name, indices, views) for name in self.target_arrays()}
+        return self.teacher_probs(block, temperature)
+
+    def features(self, layer: str, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Cached feature output of ``layer`` [B, *shape] as float32."""
+        layers = self.feature_layers()
+        if layer not in layers:
+            raise CacheMismatch(f"cache {self.path} has no features of layer {layer!r} (it has: "
+                                f"{', '.join(layers) or 'none'}) — re-run precompute with --features {layer}")
+        return self.read_views(layers[layer]["array"], indices, views).astype(np.float32)
 
     def energy(self, indices: np.ndarray, views: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Teacher energy ``-T·logsumexp(z/T)``: [B] at ``temperature``, or [B, nT] for all stored T."""
@@ -236,6 +371,55 @@ class Cache:
             for name in self.array_names
             if name.startswith("aug/")
         }
+
+    # ---- what lies in storage (for inspection and verification) --------------------------
+    def stored_layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and Zarr dtype of array ``name`` as stored; CacheCorrupt when it is missing."""
+        try:
+            arr = self.group[name]
+        except KeyError as exc:
+            raise CacheCorrupt(f"cache {self.path} lacks array {name} — it is damaged; re-run precompute") from exc
+        return tuple(arr.shape), str(arr.dtype)
+
+    def array_bytes(self, name: str) -> tuple[int, int]:
+        """(stored bytes of its chunks, uncompressed bytes) of array ``name``; metadata not counted."""
+        from zarr.core.sync import sync
+
+        arr = self.group[name]
+        return int(sync(self.group.store.getsize_prefix(f"{name}/c/"))), int(arr.nbytes)
+
+    def chunk_key(self, name: str, sample: int, view: int = 0) -> str:
+        """Storage key (relative to the cache) of the chunk holding ``name[sample, view]``."""
+        arr = self.group[name]
+        point = (sample, view)[: arr.ndim] + (0,) * max(arr.ndim - 2, 0)
+        outer = arr.shards or arr.chunks
+        key = f"{name}/c/" + "/".join(str(p // s) for p, s in zip(point, outer))
+        if arr.shards:
+            inner = ",".join(str(p // s) for p, s in zip(point, arr.chunks))
+            key += f" (inner chunk {inner})"
+        return key
+
+    def missing_chunks(self, name: str) -> list[str]:
+        """Keys of chunk (or shard) objects of ``name`` that done shards should have but storage lacks."""
+        from zarr.core.sync import sync
+
+        arr = self.group[name]
+        outer = arr.shards or arr.chunks
+        prefix = f"{name}/c/"
+
+        async def listing() -> set[str]:
+            return {key async for key in self.group.store.list_prefix(prefix)}
+
+        present = sync(listing())
+        done = self.shards_done()
+        missing = []
+        for coords in itertools.product(*(range(-(-n // s)) for n, s in zip(arr.shape, outer))):
+            if name != "labels" and not done[coords[0] * outer[0] // self.shard_samples]:
+                continue
+            key = prefix + "/".join(map(str, coords))
+            if key not in present:
+                missing.append(key)
+        return missing
 
     # ---- writing ------------------------------------------------------------------------
     def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
@@ -267,9 +451,16 @@ def create_cache(
     specs: list[ArraySpec],
     chunk_samples: int | None = None,
     shard_chunks: int = 4,
+    sharded: bool | None = None,
 ) -> Cache:
-    """Lay out a new cache at ``path`` with status ``writing``; refuses to overwrite anything."""
-    if _exists(path):
+    """Lay out a new cache at ``path`` with status ``writing``; refuses to overwrite a cache.
+
+    The manifest is written last, so a Zarr group at ``path`` without one is a layout whose creation
+    was interrupted: it is rebuilt array by array (the folder itself is kept, and with it a writer's
+    lock file). ``sharded=None`` packs chunks into Zarr shards when an array would otherwise have
+    more than ``MAX_CHUNK_FILES`` chunk files.
+    """
+    if _manifest_at(path) is not None:
         raise CacheMismatch(f"{path} already holds a cache — choose another --out or delete it")
     num_samples = int(manifest["dataset"]["num_samples"])
     views = int(manifest["recipe"]["views"])
@@ -277,6 +468,8 @@ def create_cache(
     chunk = min(chunk, max(num_samples, 1))
     shard_samples = chunk * shard_chunks
     num_shards = -(-num_samples // shard_samples)
+    if sharded is None:
+        sharded = -(-num_samples // chunk) * views > MAX_CHUNK_FILES
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["status"] = "writing"
@@ -284,40 +477,50 @@ def create_cache(
         "chunk_samples": chunk,
         "shard_samples": shard_samples,
         "num_shards": num_shards,
-        "arrays": [{"name": s.name, "tail": list(s.tail), "dtype": s.dtype} for s in specs],
+        "sharded": bool(sharded),
+        "arrays": [{"name": s.name, "tail": list(s.tail), "dtype": s.dtype, "logical_dtype": s.logical or s.dtype,
+                    "codec": f"{s.codec}:{s.level}"} for s in specs],
     }
     manifest["cache_id"] = cache_id(manifest)
 
-    group = zarr.open_group(_open_store(path, read_only=False), mode="w-", zarr_format=3)
-    group.create_array(
-        "labels", data=np.asarray(labels, dtype=np.int64), chunks=(chunk,),
-        compressors=_compressors("int64"),
+    group = zarr.open_group(_open_store(path, read_only=False), mode="a", zarr_format=3)
+    every_chunk = {"write_empty_chunks": True}  # so a missing chunk file is always damage, never zeros
+    labels_array = group.create_array(
+        "labels", shape=(num_samples,), dtype="int64", chunks=(chunk,),
+        shards=(shard_samples,) if sharded else None, compressors=compressors("int64"), fill_value=0,
+        config=every_chunk, overwrite=True,
     )
+    labels_array[:] = np.asarray(labels, dtype=np.int64)
     for spec in specs:
         group.create_array(
             spec.name,
             shape=(num_samples, views, *spec.tail),
             dtype=spec.dtype,
             chunks=(chunk, 1, *spec.tail),
-            compressors=_compressors(spec.dtype),
+            shards=(shard_samples, views, *spec.tail) if sharded else None,
+            compressors=compressors(spec.dtype, spec.codec, spec.level),
             fill_value=0,
+            config=every_chunk,
+            overwrite=True,
         )
-    group.create_array(STATUS_ARRAY, shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+    group.create_array(STATUS_ARRAY, shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
+                       compressors=compressors("uint8"), overwrite=True)
     group.attrs[MANIFEST_KEY] = manifest
     return Cache(path, group, manifest)
 
 
 def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Cache:
-    """Open a cache for reading (``"r"``) or for resuming a write (``"r+"``).
+    """Open the cache at a path or URL — ``ROOT/<id>`` or an alias ``ROOT/<alias>`` — for reading
+    (``"r"``) or for resuming a write (``"r+"``).
 
     Refuses a cache of a newer format, a folder that is not a kdcache cache and, unless
     ``allow_incomplete``, a cache whose writer has not finished.
     """
-    path = str(path)
+    path = resolve(str(path))
     try:
         group = zarr.open_group(_open_store(path, read_only=mode == "r"), mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as exc:
-        raise MissingData(f"no cache at {path} — run `kdcache precompute --out {path}` first") from exc
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as exc:
+        raise MissingData(f"no cache at {path} — {where_caches_are(path)}") from exc
     manifest = group.attrs.get(MANIFEST_KEY)
     if not isinstance(manifest, dict):
         raise CacheCorrupt(f"{path} is a Zarr group but not a kdcache cache (no '{MANIFEST_KEY}' manifest)")
@@ -335,8 +538,3 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
             "rerun the same precompute command to finish it"
         )
     return cache
-
-
-def cache_exists(path: str) -> bool:
-    """Whether ``path`` holds any Zarr group (complete or not)."""
-    return _exists(str(path))

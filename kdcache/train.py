@@ -1,6 +1,8 @@
-"""Stage 2: train a student, from a cache (the teacher is never loaded) or alone with cross-entropy.
+"""Stage 2: train a student from a cache (the teacher is never loaded), from an online teacher, or
+alone with cross-entropy.
 
-Read top to bottom: data, model, loss, optimizer, loop, evaluation, checkpoint.
+Read top to bottom: settings, evaluation, the pieces of a run (data, loss, optimizer, checkpoint),
+then the loop in :func:`train`.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache import data, losses, models
+from kdcache import data, losses, models, robust
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec
+from kdcache.online import OnlineTeacher, check_online
 from kdcache.precompute import pick_device
-from kdcache.store import Cache, decode_logits, open_cache
+from kdcache.store import Cache, open_cache
+from kdcache.targets import CacheTargets, FeatureTap, energy_temperature, layer_pairs, teacher_inputs
 from kdcache.views import EvalViews, Renderer, TrainViews
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+# Settings that may differ between a run and its --resume without changing what it computes.
+_RESUMABLE = {"resume", "progress", "workers", "device"}
 
 
 @dataclass
@@ -39,8 +45,11 @@ class TrainConfig:
     model: str
     out: str
     cache: str | None = None
-    loss: str | None = None  # default: kd with a cache, ce without
+    loss: str | None = None  # default: kd with a teacher (cache or online), ce without
     loss_params: dict[str, Any] = field(default_factory=dict)
+    student_layers: tuple[str, ...] = ()  # feature losses: student layers paired with the teacher's, in order
+    online_teacher: str | None = None  # model spec of a teacher run on every batch (classic online KD)
+    teacher_weights: str | None = None  # its weights file
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
@@ -50,6 +59,8 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 0
     grad_clip: float | None = None
+    label_noise: float = 0.0  # fraction of training labels replaced by another class (seeded)
+    imbalance: float = 1.0  # long-tail imbalance factor n_max/n_min of the kept training split; 1 = all
     seed: int = 0
     size: int | None = None  # student input side; default: the cache's teacher size or the data's
     augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
@@ -82,8 +93,14 @@ def _validate(cfg: TrainConfig) -> None:
         raise InvalidSpec(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise InvalidSpec(f"--schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.warmup_epochs < 0:
+        raise InvalidSpec(f"--warmup-epochs must be at least 0, got {cfg.warmup_epochs}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise InvalidSpec(f"--grad-clip must be positive, got {cfg.grad_clip}")
     if cfg.size is not None and cfg.size <= 0:
         raise InvalidSpec(f"--size must be positive, got {cfg.size}")
+    if cfg.teacher_weights and not cfg.online_teacher:
+        raise InvalidSpec("--weights is the online teacher's weights file — add --online-teacher MODEL")
 
 
 def check_cache_matches(cache: Cache, source: data.Source) -> None:
@@ -100,23 +117,6 @@ def check_cache_matches(cache: Cache, source: data.Source) -> None:
             f"cache {cache.path} has {made['num_classes']} classes and {made['num_samples']} samples, "
             f"dataset {source.spec} has {source.num_classes} and {len(source.train)} — use the matching dataset"
         )
-
-
-def teacher_inputs(cache: Cache) -> set[str]:
-    """What teacher outputs ``cache`` offers, in the vocabulary of ``Loss.check``."""
-    names = set(cache.array_names)
-    available = set()
-    if "logits" in names:
-        available |= {"logits", "probs"}
-    if "energy" in names:
-        available.add("energy")
-    return available
-
-
-def energy_temperature(cache: Cache) -> float:
-    """The energy temperature losses see: 4 when stored (the energy-KD default), else the first."""
-    temps = [float(t) for t in cache.manifest["outputs"]["energy"]["temperatures"]]
-    return 4.0 if 4.0 in temps else temps[0]
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -175,7 +175,41 @@ def evaluate_weights(model_spec: str, weights: str, dataset: str, split: str = "
     return evaluate(model.to(dev), loader, dev)
 
 
-# ---- training --------------------------------------------------------------------------------
+# ---- the pieces of a run ---------------------------------------------------------------------
+def _criterion(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
+    """The loss, its ``layers`` filled for feature losses, checked against what the teacher offers."""
+    online = cfg.online_teacher is not None
+    name = cfg.loss or ("kd" if cache is not None or online else "ce")
+    cls = {c.name: c for c in losses.available()}.get(name)
+    if cls is None:
+        return losses.get(name)  # raises the registry's one-line error
+    if online:
+        check_online(name, cls.needs)
+    elif cache is None and cls.needs:
+        raise InvalidSpec(f"loss {name} needs teacher outputs — pass --cache PATH or --online-teacher MODEL "
+                          "--weights FILE (or use --loss ce)")
+    params = dict(cfg.loss_params)
+    if "layers" in cls.defaults:
+        params["layers"] = layer_pairs(cls, params, cfg.student_layers, cache)
+    elif cfg.student_layers:
+        raise InvalidSpec(f"--student-layer is for feature losses (amd, fitnet); loss {name} uses no layers "
+                          "— drop --student-layer")
+    criterion = losses.get(name, **params)
+    if cache is not None and not online:
+        criterion.check(teacher_inputs(cache))
+    return criterion
+
+
+def _training_labels(cfg: TrainConfig, source: data.Source) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels the student's CE sees for all N samples, sorted kept sample indices or None for all)."""
+    labels, kept = source.train.labels, None
+    if cfg.imbalance != 1:
+        kept = robust.long_tail_indices(labels, cfg.imbalance, source.num_classes, cfg.seed)
+    if cfg.label_noise:
+        labels = robust.noisy_labels(labels, cfg.label_noise, source.num_classes, cfg.seed, among=kept)
+    return labels, kept
+
+
 def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
@@ -195,20 +229,8 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoc
 def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-
-
-def _teacher_batch(batch: dict[str, torch.Tensor], cache: Cache | None, energy_col: int | None,
-                   device: torch.device) -> losses.TeacherBatch:
-    if cache is None:
-        return losses.TeacherBatch()
-    logits = batch["teacher/logits"].numpy()
-    teacher = losses.TeacherBatch(
-        logits=torch.from_numpy(decode_logits(logits, cache.logit_dtype)).to(device)
-    )
-    if energy_col is not None:
-        teacher.energy = batch["teacher/energy"][:, energy_col].float().to(device)
-    return teacher
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.momentum > 0)
 
 
 def _soft_labels(batch: dict[str, torch.Tensor], num_classes: int, device: torch.device) -> torch.Tensor | None:
@@ -220,11 +242,35 @@ def _soft_labels(batch: dict[str, torch.Tensor], num_classes: int, device: torch
     return (lam[:, None] * own + (1 - lam[:, None]) * partner).to(device)
 
 
+def _teacher_batch(batch: dict[str, torch.Tensor], inputs: torch.Tensor, online: OnlineTeacher | None,
+                   targets: CacheTargets | None, device: torch.device) -> losses.TeacherBatch:
+    """The teacher's outputs for this batch: run online, read from the cache, or none (plain CE)."""
+    if online is not None:
+        return losses.TeacherBatch(logits=online(inputs))
+    if targets is not None:
+        return targets(batch, device)
+    return losses.TeacherBatch()
+
+
+def _check_resumable(out: Path, run: dict[str, Any]) -> None:
+    """Refuse to continue a run with other settings: the result would match neither run."""
+    saved_path = out / "run.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = sorted(k for k, v in run.items() if k not in _RESUMABLE and saved.get(k, v) != v)
+    if changed:
+        raise InvalidSpec(f"--resume with other settings than {out} was started with ({', '.join(changed)}) "
+                          "— repeat the original options, or train into a new --out")
+
+
+# ---- training --------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> TrainResult:
     """Run stage 2 as ``cfg`` says; writes model.pt, checkpoint.pt, metrics.jsonl, run.json to ``cfg.out``."""
     _validate(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    device = pick_device(cfg.device)
 
     # data
     source = data.open_source(cfg.dataset)
@@ -239,52 +285,58 @@ def train(cfg: TrainConfig) -> TrainResult:
         recipe, seed, views = Recipe.parse(cfg.augment), cfg.seed, None
         size = cfg.size or source.image_size
         block = 256
+    labels, kept = _training_labels(cfg, source)
 
-    # loss
-    loss_name = cfg.loss or ("kd" if cache is not None else "ce")
-    criterion = losses.get(loss_name, **cfg.loss_params)
-    if cache is None and criterion.needs:
-        raise InvalidSpec(f"loss {loss_name} needs teacher outputs — pass --cache PATH (or use --loss ce)")
-    teacher_arrays: list[str] = []
-    energy_col = None
-    if cache is not None:
-        criterion.check(teacher_inputs(cache))
-        teacher_arrays = ["logits"]
-        if "energy" in criterion.needs:
-            teacher_arrays.append("energy")
-            energy_col = cache.energy_column(energy_temperature(cache))
-            criterion.prepare(torch.from_numpy(cache.all_energy(energy_temperature(cache)).reshape(-1)))
+    # teacher side and loss
+    criterion = _criterion(cfg, cache)
+    online = (OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source.num_classes, source.channels, device)
+              if cfg.online_teacher else None)
+    targets = CacheTargets(cache, criterion) if cache is not None and online is None else None
+    if targets is not None and "energy" in criterion.needs:
+        criterion.prepare(torch.from_numpy(cache.all_energy(energy_temperature(cache)).reshape(-1)))
 
     renderer = Renderer(source.train, recipe, size, source.mean, source.std)
-    stream = TrainViews(renderer, source.train.labels, block, seed, cfg.cache, teacher_arrays, views)
-    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                        persistent_workers=False)
+    keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
+    stream = TrainViews(renderer, labels, block, seed, cfg.cache, targets.arrays() if targets else [], views,
+                        batch_size=cfg.batch_size, keep=keep)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))
 
-    # model, optimizer
-    device = pick_device(cfg.device)
+    # model, feature hooks, adaptors, optimizer
     model = models.create_model(cfg.model, source.num_classes, source.channels).to(device)
+    tap = FeatureTap(model, criterion.layer_pairs()) if criterion.layer_pairs() else None
+    if tap is not None:
+        criterion.build(tap.shapes(model, (source.channels, size, size), device), targets.teacher_shapes())
     criterion.to(device)
-    optimizer = _optimizer([*model.parameters(), *criterion.parameters()], cfg)
+    params = [*model.parameters(), *criterion.parameters()]
+    optimizer = _optimizer(params, cfg)
     steps_per_epoch = math.ceil(len(stream) / cfg.batch_size)
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
+    # checkpoint
     out.mkdir(parents=True, exist_ok=True)
     metrics: list[dict[str, Any]] = []
     start_epoch = 0
     checkpoint_path = out / "checkpoint.pt"
+    run = json.loads(json.dumps(dataclasses.asdict(cfg))) | {
+        "loss": criterion.name, "hparams": dict(criterion.hparams), "size": size, "train_samples": len(stream),
+        "cache_id": cache.id if cache else None, "online_teacher_sha256": online.sha256 if online else None,
+    }
     if cfg.resume and checkpoint_path.exists():
+        _check_resumable(out, run)
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if use_amp and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
         metrics = _read_metrics(out / "metrics.jsonl")[:start_epoch]
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"loss": loss_name, "size": size}, indent=2))
+    (out / "run.json").write_text(json.dumps(run, indent=2))
 
     for epoch in range(start_epoch, cfg.epochs):
         stream.set_epoch(epoch)
@@ -297,17 +349,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         for batch in bar:
             inputs = batch["input"].to(device, non_blocking=True)
             labels = batch["label"].to(device)
-            teacher = _teacher_batch(batch, cache, energy_col, device)
             info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
                                 epoch=epoch, mixed=(batch["lam"] < 1).to(device))
             with torch.autocast(device.type, enabled=use_amp):
                 logits = model(inputs)
-            total, terms = criterion(losses.StudentOutput(logits=logits.float()), teacher, info)
+                teacher = _teacher_batch(batch, inputs, online, targets, device)
+            student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
+            total, terms = criterion(student, teacher, info)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -319,8 +372,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             predicted = logits.argmax(dim=1)
             correct += int(predicted.eq(labels).sum())
-            if teacher.logits is not None:
-                agree += int(predicted.eq(teacher.logits.argmax(dim=1)).sum())
+            reference = teacher.logits if teacher.logits is not None else teacher.probs
+            if reference is not None:
+                agree += int(predicted.eq(reference.argmax(dim=1)).sum())
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
         seconds = time.perf_counter() - began
         test = evaluate(model, test_loader, device)
@@ -328,10 +382,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             "epoch": epoch + 1,
             **{name: value / seen for name, value in sums.items()},
             "train_top1": 100.0 * correct / seen,
-            **({"teacher_agreement": 100.0 * agree / seen} if cache is not None else {}),
+            **({"teacher_agreement": 100.0 * agree / seen} if cache is not None or online else {}),
             "test_top1": test["top1"],
             "test_top5": test["top5"],
             "test_ece": test["ece"],
+            "test_loss": test["loss"],
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen / seconds,
             "seconds": seconds,
@@ -340,8 +395,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         _write_metrics(out / "metrics.jsonl", metrics)
         torch.save({"model": model.state_dict(), "loss": criterion.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch}, checkpoint_path)
-        torch.save(model.state_dict(), out / "model.pt")
+                    "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch}, checkpoint_path)
+        torch.save(model.state_dict(), out / "model.pt")  # the student alone: adaptors stay in checkpoint.pt
     return TrainResult(str(out), metrics, model)
 
 

@@ -3,10 +3,16 @@
 Precompute and training both call :class:`Renderer`, so the tensor a student trains on for
 (sample i, view v) is produced by the same code from the same stored numbers as the tensor the
 teacher saw: that is what makes the cache faithful.
+
+The training reader, :class:`TrainViews`, reads the cache in chunk-sized blocks (one Zarr call per
+array per block, never one per sample), shuffles within a window of blocks with whole-array
+permutations, and can hand out ready-made batches so that no per-sample Python runs outside the
+rendering of the images themselves.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -41,6 +47,23 @@ class Renderer:
     def __call__(self, index: int, params: Mapping[str, np.ndarray]) -> torch.Tensor:
         view = self.recipe.apply(self._image(index), params, self.size, partner=self._image)
         return self.normalise(view)
+
+    def batch(self, indices: Sequence[int] | np.ndarray, params: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """Inputs [B, C, size, size] of views ``(indices[j], row j of params)``, equal to stacking ``self(...)``.
+
+        Each view is replayed into one preallocated tensor and the batch is normalised in place at
+        once (the same element-wise IEEE operations as :meth:`normalise`, so the same bits).
+        """
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise ValueError("Renderer.batch needs at least one view")
+        out: torch.Tensor | None = None
+        for j, index in enumerate(indices):
+            view = self.recipe.apply(self._image(index), row(params, j), self.size, partner=self._image)
+            if out is None:
+                out = torch.empty((len(indices), *view.shape), dtype=view.dtype)
+            out[j] = view
+        return out.sub_(self._mean).div_(self._std)
 
     def plain(self, index: int) -> torch.Tensor:
         """The un-augmented evaluation view of a sample."""
@@ -98,12 +121,61 @@ def plan_epoch(
     return blocks[rank::world]
 
 
-class TrainViews(IterableDataset):
-    """Training items in chunk-aware order: whole blocks are read, then shuffled within a window.
+@dataclass(eq=False)
+class Window:
+    """Training views as parallel arrays, one row per view: what the reader decoded, before rendering.
 
-    Each item is a dict with ``input``, ``label``, ``index``, ``view``, mixing info (``partner_label``,
-    ``lam``) and, when training from a cache, ``teacher/<array>`` rows. The cache is opened lazily in
-    each DataLoader worker (fsspec clients must not cross a fork).
+    ``params`` and ``teacher`` map a field or cache array name to ``[M, *tail]``; ``partner`` is the
+    mixing partner (-1 when unmixed) and ``lam`` the weight of the sample's own label.
+    """
+
+    index: np.ndarray
+    view: np.ndarray
+    params: dict[str, np.ndarray]
+    teacher: dict[str, np.ndarray]
+    partner: np.ndarray
+    lam: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows: np.ndarray | slice) -> Window:
+        """The rows ``rows`` (a permutation, mask or slice) of every array."""
+        return Window(
+            self.index[rows], self.view[rows],
+            {name: values[rows] for name, values in self.params.items()},
+            {name: values[rows] for name, values in self.teacher.items()},
+            self.partner[rows], self.lam[rows],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Window]) -> Window:
+        """Rows of ``parts`` one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return Window(
+            np.concatenate([p.index for p in parts]), np.concatenate([p.view for p in parts]),
+            {name: np.concatenate([p.params[name] for p in parts]) for name in first.params},
+            {name: np.concatenate([p.teacher[name] for p in parts]) for name in first.teacher},
+            np.concatenate([p.partner for p in parts]), np.concatenate([p.lam for p in parts]),
+        )
+
+
+class TrainViews(IterableDataset):
+    """Training views in chunk-aware order: whole blocks are read, then shuffled within a window.
+
+    Items are dicts with ``input``, ``label``, ``index``, ``view``, mixing info (``partner_label``,
+    ``lam``) and, when training from a cache, ``teacher/<array>`` rows. With ``batch_size`` the
+    stream yields those dicts already collated, ``batch_size`` consecutive items at a time, exactly
+    as ``DataLoader(batch_size=...)`` would collate the item stream (use it with
+    ``DataLoader(batch_size=None)``); this skips per-item Python and per-item collation. With
+    ``render=False`` the ``input`` entry is left out (for loops that replay views themselves, e.g.
+    on the GPU). ``keep`` (boolean [N]) trains on a subset of samples while reading the cache exactly
+    as the whole split would. ``len()`` is the number of views per epoch for this rank.
+
+    The cache is opened lazily in each process (fsspec clients must not cross a fork). DataLoader
+    workers take interleaved blocks, so reading and rendering scale with the worker count.
     """
 
     def __init__(
@@ -118,7 +190,12 @@ class TrainViews(IterableDataset):
         window: int = 4,
         rank: int = 0,
         world: int = 1,
+        batch_size: int | None = None,
+        render: bool = True,
+        keep: np.ndarray | None = None,
     ):
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.renderer = renderer
         self.labels = np.asarray(labels, dtype=np.int64)
         self.block = block
@@ -129,56 +206,118 @@ class TrainViews(IterableDataset):
         self.window = window
         self.rank = rank
         self.world = world
+        self.batch_size = batch_size
+        self.render = render
+        self.keep = None if keep is None else np.asarray(keep, dtype=bool)
+        if self.keep is not None and self.keep.shape != self.labels.shape:
+            raise ValueError(f"keep must be a boolean mask of {len(self.labels)} samples, got shape {self.keep.shape}")
         self.epoch = 0
         self._cache = None
+        self._cache_pid = -1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         blocks = plan_epoch(len(self.labels), self.block, self.views, self.seed, 0, self.rank, self.world)
-        return sum(b.stop - b.start for b in blocks)
+        if self.keep is None:
+            return sum(b.stop - b.start for b in blocks)
+        return sum(int(self.keep[b.start : b.stop].sum()) for b in blocks)
 
-    def _read(self, block: Block) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        indices = np.arange(block.start, block.stop, dtype=np.int64)
-        if self.cache_path is None:
-            views = np.full_like(indices, block.view)
-            return self.renderer.recipe.sample(self.seed, indices, views, len(self.labels)), {}
-        if self._cache is None:
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_cache": None, "_cache_pid": -1}
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _open(self):
+        if self._cache is None or self._cache_pid != os.getpid():
             from kdcache.store import open_cache
 
-            self._cache = open_cache(self.cache_path)
-        aug = [f"aug/{name}" for name in self.renderer.recipe.fields()]
-        data = self._cache.read_block([*aug, *self.teacher_arrays], block.start, block.stop, block.view)
-        params = {name.removeprefix("aug/"): data[name] for name in aug}
-        return params, {name: data[name] for name in self.teacher_arrays}
+            self._cache, self._cache_pid = open_cache(self.cache_path), os.getpid()
+        return self._cache
 
-    def __iter__(self) -> Iterator[dict[str, object]]:
+    def _read(self, block: Block) -> Window:
+        indices = np.arange(block.start, block.stop, dtype=np.int64)
+        recipe = self.renderer.recipe
+        if self.cache_path is None:
+            params = recipe.sample(self.seed, indices, np.full_like(indices, block.view), len(self.labels))
+            teacher: dict[str, np.ndarray] = {}
+        else:
+            aug = [f"aug/{name}" for name in recipe.fields()]
+            data = self._open().read_block([*aug, *self.teacher_arrays], block.start, block.stop, block.view)
+            params = {name.removeprefix("aug/"): np.asarray(data[name]) for name in aug}
+            teacher = {name: np.asarray(data[name]) for name in self.teacher_arrays}
+        partner, lam = recipe.mixing(params) if params else (np.full(len(indices), -1), np.ones(len(indices)))
+        return Window(indices, np.full(len(indices), block.view, dtype=np.int64), params, teacher,
+                      np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32))
+
+    def windows(self) -> Iterator[Window]:
+        """This process's views of the epoch as shuffled windows: the reading path without rendering."""
         blocks = plan_epoch(len(self.labels), self.block, self.views, self.seed, self.epoch, self.rank, self.world)
         info = get_worker_info()
         if info is not None:
             blocks = blocks[info.id :: info.num_workers]
         for w in range(0, len(blocks), self.window):
-            window = blocks[w : w + self.window]
-            items: list[tuple[int, int, dict[str, np.ndarray], dict[str, np.ndarray], int, float]] = []
-            for block in window:
-                params, teacher = self._read(block)
-                partners, lams = self.renderer.recipe.mixing(params)
-                for j in range(block.stop - block.start):
-                    items.append((block.start + j, block.view, row(params, j), row(teacher, j),
-                                  int(partners[j]), float(lams[j])))
-            order = np.random.default_rng([self.seed, self.epoch, w, 0x77]).permutation(len(items))
-            for k in order:
-                index, view, params, teacher, partner, lam = items[k]
-                label = int(self.labels[index])
-                item: dict[str, object] = {
-                    "input": self.renderer(index, params),
-                    "label": label,
-                    "index": index,
-                    "view": view,
-                    "partner_label": int(self.labels[partner]) if partner >= 0 else label,
-                    "lam": lam,
-                }
-                for name, value in teacher.items():
-                    item[f"teacher/{name}"] = torch.from_numpy(np.ascontiguousarray(value))
+            window = Window.concat([self._read(block) for block in blocks[w : w + self.window]])
+            window = window.take(np.random.default_rng([self.seed, self.epoch, w, 0x77]).permutation(len(window)))
+            if self.keep is not None:
+                window = window.take(self.keep[window.index])
+            if len(window):
+                yield window
+
+    # ---- handing out ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        if self.batch_size is not None:
+            return (self.collate(part) for part in _rebatch(self.windows(), self.batch_size))
+        return self._items()
+
+    def _items(self) -> Iterator[dict[str, object]]:
+        for window in self.windows():
+            labels = self.labels[window.index]
+            partner_labels = np.where(window.partner >= 0, self.labels[np.maximum(window.partner, 0)], labels)
+            teacher = {f"teacher/{name}": torch.from_numpy(values) for name, values in window.teacher.items()}
+            columns = zip(window.index.tolist(), window.view.tolist(), labels.tolist(),
+                          partner_labels.tolist(), window.lam.tolist())
+            for k, (index, view, label, partner_label, lam) in enumerate(columns):
+                item: dict[str, object] = {}
+                if self.render:
+                    item["input"] = self.renderer(index, row(window.params, k))
+                item |= {"label": label, "index": index, "view": view, "partner_label": partner_label, "lam": lam}
+                for key, values in teacher.items():
+                    item[key] = values[k]
                 yield item
+
+    def collate(self, window: Window) -> dict[str, torch.Tensor]:
+        """One batch of the views of ``window``, as ``default_collate`` would make it from their items."""
+        labels = self.labels[window.index]
+        partner_labels = np.where(window.partner >= 0, self.labels[np.maximum(window.partner, 0)], labels)
+        batch: dict[str, torch.Tensor] = {}
+        if self.render:
+            batch["input"] = self.renderer.batch(window.index, window.params)
+        batch |= {
+            "label": torch.from_numpy(labels),
+            "index": torch.from_numpy(window.index.astype(np.int64)),
+            "view": torch.from_numpy(window.view.astype(np.int64)),
+            "partner_label": torch.from_numpy(partner_labels),
+            "lam": torch.from_numpy(window.lam.astype(np.float64)),  # default_collate makes Python floats float64
+        }
+        for name, values in window.teacher.items():
+            batch[f"teacher/{name}"] = torch.from_numpy(np.ascontiguousarray(values))
+        return batch
+
+
+def _rebatch(windows: Iterator[Window], size: int) -> Iterator[Window]:
+    """Consecutive rows of ``windows`` regrouped into windows of ``size`` rows (the last may be short)."""
+    pending: list[Window] = []
+    count = 0
+    for window in windows:
+        start = 0
+        while start < len(window):
+            part = window.take(slice(start, start + size - count))
+            pending.append(part)
+            count += len(part)
+            start += len(part)
+            if count == size:
+                yield Window.concat(pending)
+                pending, count = [], 0
+    if pending:
+        yield Window.concat(pending)

@@ -7,6 +7,7 @@ import torch
 
 from kdcache import models
 from kdcache.precompute import PrecomputeConfig, precompute
+from s3server import s3_root, s3_server  # noqa: F401  (a SeaweedFS S3 server on loopback, tests/s3server.py)
 
 DATASET = "fake:64"
 
@@ -38,7 +39,7 @@ def teacher_weights(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def cache_path(tmp_path_factory, teacher_weights) -> str:
     """A complete 3-view cache of `fake:64` made by the `cnn` teacher (read-only: do not modify)."""
-    out = tmp_path_factory.mktemp("cache") / "c"
-    precompute(PrecomputeConfig(dataset=DATASET, teacher="cnn", weights=teacher_weights, out=str(out),
-                                views=3, batch_size=50, chunk_samples=16, progress=False))
-    return str(out)
+    root = tmp_path_factory.mktemp("cache")
+    result = precompute(PrecomputeConfig(dataset=DATASET, teacher="cnn", weights=teacher_weights, out=str(root),
+                                         views=3, batch_size=50, chunk_samples=16, progress=False))
+    return result.path

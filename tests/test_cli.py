@@ -9,21 +9,11 @@ import sys
 import pytest
 
 from kdcache.store import open_cache
-from kdcache_cli.main import main
+from tests_support import run_cli
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["kdcache", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys)
 
 
 @pytest.mark.parametrize("command", ["datasets", "models", "losses"])
@@ -49,7 +39,10 @@ def test_full_pipeline_through_the_cli(tmp_path, capsys):
     code, out, _ = run(["precompute", *base, "--teacher", "cnn", "--weights", str(teacher / "model.pt"),
                         "--views", "2", "--out", str(cache)], capsys)
     assert code == 0 and "reusing complete cache" in out
-    code, out, _ = run(["train", *base, "--model", "cnn", "--cache", str(cache), "--loss", "kd",
+    # --out is a root: the cache is ROOT/<id>, with the alias file ROOT/<alias> beside it; both open it
+    alias = next(p for p in cache.iterdir() if p.is_file())
+    cache = next(p for p in cache.iterdir() if p.is_dir())
+    code, out, _ = run(["train", *base, "--model", "cnn", "--cache", str(alias), "--loss", "kd",
                         "-p", "T=2", "--epochs", "1", "--out", str(student)], capsys)
     assert code == 0 and "test top-1" in out
     assert json.loads((student / "run.json").read_text())["loss_params"] == {"T": "2"}

@@ -10,8 +10,8 @@ import zarr
 from kdcache import data, models
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, WeightsMismatch
-from kdcache.precompute import PrecomputeConfig, energy, precompute
-from kdcache.store import open_cache
+from kdcache.precompute import PrecomputeConfig, class_uniforms, energy, precompute, sample_counts
+from kdcache.store import densify, open_cache
 from kdcache.views import Renderer, TrainViews, row
 
 DATASET = "fake:64"
@@ -57,10 +57,10 @@ def test_energy_function_matches_formula():
 def test_replayed_student_input_is_bit_identical_to_teacher_input(tmp_path, teacher_weights):
     seen: list[torch.Tensor] = []
     cfg = config(tmp_path / "c", teacher_weights, batch_size=7)
-    precompute(cfg, on_batch=lambda inputs, logits: seen.append(inputs.clone()))
+    result = precompute(cfg, on_batch=lambda inputs, logits: seen.append(inputs.clone()))
     teacher_inputs = torch.cat(seen).reshape(64, 3, 3, 32, 32)  # sample-major: pair p = i*K + v
 
-    cache = open_cache(cfg.out)
+    cache = open_cache(result.path)
     source = data.open_source(DATASET)
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     renderer = Renderer(source.train, recipe, 32, source.mean, source.std)
@@ -68,7 +68,7 @@ def test_replayed_student_input_is_bit_identical_to_teacher_input(tmp_path, teac
         params = cache.aug_params(np.array([i]), np.array([v]))
         assert torch.equal(renderer(i, row(params, 0)), teacher_inputs[i, v])
     # and through the training stream itself, which reads params block-wise
-    stream = TrainViews(renderer, source.train.labels, cache.chunk_samples, 0, cfg.out, ["logits"], 3)
+    stream = TrainViews(renderer, source.train.labels, cache.chunk_samples, 0, result.path, ["logits"], 3)
     for item in list(stream)[:20]:
         assert torch.equal(item["input"], teacher_inputs[item["index"], item["view"]])
 
@@ -104,10 +104,11 @@ def test_interrupted_precompute_is_refused_for_training_and_resumes_only_missing
 
     with pytest.raises(KeyboardInterrupt):
         precompute(cfg, on_batch=crash_in_third_batch)
-    partial = open_cache(cfg.out, allow_incomplete=True)
+    (path,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+    partial = open_cache(str(path), allow_incomplete=True)
     assert partial.num_shards == 2 and not partial.complete and partial.shards_done().tolist() == [True, False]
     with pytest.raises(Exception, match="incomplete"):
-        open_cache(cfg.out)
+        open_cache(str(path))
     resumed = precompute(cfg)
     assert not resumed.reused and resumed.views_computed == 64 * 3 - partial.shard_samples * 3
     full = precompute(config(tmp_path / "fresh", teacher_weights, chunk_samples=8))
@@ -147,11 +148,18 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(tmp_path, teacher_weight
     assert not (tmp_path / "c").exists()
 
 
-def test_a_different_cache_at_out_is_never_overwritten(tmp_path, teacher_weights):
-    precompute(config(tmp_path / "c", teacher_weights))
-    with pytest.raises(CacheMismatch, match="other inputs"):
-        precompute(config(tmp_path / "c", teacher_weights, seed=1))
-    assert open_cache(str(tmp_path / "c")).manifest["recipe"]["seed"] == 0
+def test_other_inputs_under_the_same_root_make_a_second_cache_beside_the_first(tmp_path, teacher_weights):
+    first = precompute(config(tmp_path / "c", teacher_weights))
+    second = precompute(config(tmp_path / "c", teacher_weights, seed=1))
+    assert first.cache_id != second.cache_id and not second.reused
+    assert open_cache(first.path).manifest["recipe"]["seed"] == 0
+    assert open_cache(second.path).manifest["recipe"]["seed"] == 1
+
+
+def test_out_naming_a_cache_instead_of_a_root_is_refused(tmp_path, teacher_weights):
+    first = precompute(config(tmp_path / "c", teacher_weights))
+    with pytest.raises(InvalidSpec, match="is itself a cache"):
+        precompute(config(first.path, teacher_weights, seed=1))
 
 
 def test_teacher_given_as_module_is_identified_by_its_parameters(tmp_path):
@@ -162,3 +170,128 @@ def test_teacher_given_as_module_is_identified_by_its_parameters(tmp_path):
     other = models.create_model("cnn", 10, 3)
     b = precompute(config(tmp_path / "b", None), teacher=other)
     assert a.cache_id != b.cache_id
+
+
+# ---- logit modes ------------------------------------------------------------------------------
+def teacher_outputs(cfg: PrecomputeConfig) -> tuple[str, torch.Tensor]:
+    """Run precompute and return the cache path and the float32 teacher logits [N, K, C] it saw."""
+    seen: list[torch.Tensor] = []
+    result = precompute(cfg, on_batch=lambda inputs, logits: seen.append(logits.clone()))
+    return result.path, torch.cat(seen).reshape(64, cfg.views, -1)
+
+
+def test_dense_targets_equal_the_teacher_softmax_within_float16(tmp_path, teacher_weights):
+    path, logits = teacher_outputs(config(tmp_path / "r", teacher_weights))
+    cache = open_cache(path)
+    i, v = np.repeat(np.arange(64), 3), np.tile(np.arange(3), 64)
+    for t in (1.0, 4.0):
+        expected = torch.softmax(logits[i, v] / t, dim=1).numpy()
+        np.testing.assert_allclose(cache.targets(i, v, t), expected, atol=2e-3)
+    np.testing.assert_allclose(cache.logits(i, v), logits[i, v].numpy(), rtol=1e-3, atol=1e-2)
+
+
+def test_topk_targets_hold_exact_topk_probabilities_and_a_uniform_remainder(tmp_path, teacher_weights):
+    path, logits = teacher_outputs(config(tmp_path / "r", teacher_weights, logits="topk:3"))
+    cache = open_cache(path)
+    assert cache.target_arrays() == ["topk/values", "topk/indices"] and not cache.dense_logits
+    assert cache.group["topk/indices"].dtype == np.int16 and cache.group["topk/values"].dtype == np.float16
+    i, v = np.repeat(np.arange(64), 3), np.tile(np.arange(3), 64)
+    p = torch.softmax(logits[i, v], dim=1)
+    top, idx = p.topk(3, dim=1)
+    got = torch.from_numpy(cache.targets(i, v))
+    np.testing.assert_allclose(got.gather(1, idx), top, rtol=2e-3, atol=1e-4)
+    rest = torch.ones_like(p, dtype=torch.bool).scatter_(1, idx, False)
+    expected_rest = ((1 - top.sum(1)) / 7)[:, None].expand(-1, 10)[rest].reshape(-1, 7)
+    np.testing.assert_allclose(got[rest].reshape(-1, 7), expected_rest, atol=2e-3)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
+    # energy comes from the full float32 logits, not from the three stored classes
+    stored = cache.energy(i, v)
+    np.testing.assert_allclose(stored[:, 0], (-torch.logsumexp(logits[i, v], dim=1)).numpy(), rtol=1e-5)
+    with pytest.raises(CacheMismatch, match="topk logits, not dense"):
+        cache.logits(i, v)
+
+
+def test_sampled_counts_are_an_unbiased_estimate_of_the_teacher_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0]])
+    rows, draws = 4000, 50
+    u = torch.from_numpy(class_uniforms(7, np.arange(rows), np.zeros(rows, np.int64), draws))
+    ids, counts = sample_counts(logits.expand(rows, -1), u, width=draws)
+    assert (counts.sum(1) == draws).all() and ((ids >= 0) == (counts > 0)).all()
+    estimate = densify({"mode": "sampled", "draws": draws}, 7, {"sampled/ids": ids.numpy(),
+                                                                   "sampled/counts": counts.numpy()})
+    p = torch.softmax(logits, dim=1)[0].numpy()
+    sigma = np.sqrt(p * (1 - p) / (rows * draws))
+    assert np.all(np.abs(estimate.mean(0) - p) < 5 * sigma + 1e-9)
+    # each row is sparse: about as many distinct ids as the distribution's effective support
+    assert 3 < (ids >= 0).sum(1).float().mean() < 7
+
+
+def test_sampled_cache_is_ids_and_counts_that_do_not_depend_on_batch_size(tmp_path, teacher_weights):
+    a = open_cache(precompute(config(tmp_path / "a", teacher_weights, logits="sampled:50", batch_size=7)).path)
+    b = open_cache(precompute(config(tmp_path / "b", teacher_weights, logits="sampled:50", batch_size=64)).path)
+    assert a.target_arrays() == ["sampled/ids", "sampled/counts"]
+    ids, counts = a.read_samples("sampled/ids", 0, 64), a.read_samples("sampled/counts", 0, 64)
+    assert ids.shape == (64, 3, 10) and ids.dtype == np.int16 and counts.dtype == np.uint8
+    assert (counts.sum(-1) == 50).all() and ((ids >= 0) == (counts > 0)).all()
+    np.testing.assert_array_equal(ids, b.read_samples("sampled/ids", 0, 64))
+    np.testing.assert_array_equal(counts, b.read_samples("sampled/counts", 0, 64))
+    i, v = np.arange(64), np.arange(64) % 3
+    np.testing.assert_allclose(a.targets(i, v).sum(1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("logits", ["bogus", "topk", "topk:0", "topk:11", "sampled:x", "sampled:70000", "dense:3"])
+def test_bad_logit_mode_is_a_clear_error_that_writes_nothing(tmp_path, teacher_weights, logits):
+    with pytest.raises(InvalidSpec, match="--logits") as info:
+        precompute(config(tmp_path / "c", teacher_weights, logits=logits))
+    assert "\n" not in str(info.value) and not (tmp_path / "c").exists()
+
+
+# ---- feature maps -----------------------------------------------------------------------------
+def test_feature_modes_store_what_a_direct_forward_hook_sees(tmp_path, teacher_weights):
+    # layer1.0 is a conv whose output the next ReLU overwrites in place: the cache must keep a copy
+    features = ("layer1.0:full", "layer1:attention", "layer2:pooled")
+    result = precompute(config(tmp_path / "r", teacher_weights, features=features))
+    cache = open_cache(result.path)
+    layers = cache.feature_layers()
+    assert {k: (v["mode"], v["shape"]) for k, v in layers.items()} == {
+        "layer1.0": ("full", [16, 32, 32]), "layer1": ("attention", [16, 16]), "layer2": ("pooled", [32])}
+    assert cache.group["features/layer1"].shape == (64, 3, 16, 16)
+    # full maps take plain zstd, measured smaller and faster to encode for them; the rest blosc-zstd
+    codecs = {name: type(cache.group[name].compressors[0]).__name__ for name in cache.array_names}
+    assert codecs.pop("features/layer1.0") == "ZstdCodec" and set(codecs.values()) == {"BloscCodec"}
+
+    teacher = models.create_model("cnn", 10, 3)
+    models.load_weights(teacher, teacher_weights, spec="cnn")
+    teacher.eval()
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(teacher.named_modules())
+    for name in ("layer1.0", "layer1", "layer2"):
+        modules[name].register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.clone()))
+    source = data.open_source(DATASET)
+    renderer = Renderer(source.train, Recipe.from_manifest(cache.manifest["recipe"]["augment"]), 32,
+                        source.mean, source.std)
+    i, v = np.array([0, 17, 63]), np.array([0, 2, 1])
+    params = cache.aug_params(i, v)
+    with torch.inference_mode():
+        teacher(torch.stack([renderer(int(k), row(params, j)) for j, k in enumerate(i)]))
+    a = seen["layer1"].pow(2).sum(1)
+    expected = {
+        "layer1.0": seen["layer1.0"],
+        "layer1": a / (a.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-6),
+        "layer2": seen["layer2"].mean(dim=(2, 3)),
+    }
+    for layer, want in expected.items():
+        np.testing.assert_allclose(cache.features(layer, i, v), want.numpy(), rtol=2e-3, atol=2e-3)
+    assert not seen["layer1.0"].ge(0).all(), "the conv output must hold negatives (taken before the ReLU)"
+
+
+@pytest.mark.parametrize(("features", "match"), [
+    (("nosuchlayer",), "has no layer 'nosuchlayer'.*layer1"),
+    (("fc:attention",), "attention needs a \\[C,H,W\\] map"),
+    (("layer1:bogus",), "is not LAYER"),
+    (("layer1", "layer1:full"), "twice"),
+])
+def test_bad_feature_spec_is_a_clear_error_that_writes_nothing(tmp_path, teacher_weights, features, match):
+    with pytest.raises(InvalidSpec, match=match) as info:
+        precompute(config(tmp_path / "c", teacher_weights, features=features))
+    assert "\n" not in str(info.value) and not (tmp_path / "c").exists()

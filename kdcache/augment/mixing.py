@@ -16,18 +16,7 @@ import torch
 
 from kdcache.augment.op import MIX, Fields, Op, box_row, check_range, format_number
 from kdcache.augment.rng import Draws
-from kdcache.errors import InvalidSpec, MissingDependency
-
-
-def _beta(alpha: float, u: np.ndarray) -> np.ndarray:
-    """Beta(alpha, alpha) by inverting its CDF at uniforms ``u`` (one draw per value, no rejection)."""
-    if alpha == 1.0:
-        return u
-    try:
-        from scipy.special import betaincinv
-    except ImportError:
-        raise MissingDependency("mixing with alpha != 1 needs scipy — pip install scipy") from None
-    return betaincinv(alpha, alpha, u)
+from kdcache.errors import InvalidSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +24,7 @@ class MixOp(Op):
     """Shared sampling of the mixing decision, partner index and raw lambda."""
 
     stage = MIX
+    version = 2  # 2: lambda from the exact Philox-based Beta sampler (version 1 inverted scipy's Beta CDF)
     alpha: float = 1.0
     p: float = 1.0
 
@@ -55,11 +45,10 @@ class MixOp(Op):
 
     def _draw(self, draws: Draws, indices: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mixed flag, partner or -1, lambda ~ Beta(alpha, alpha)) per element."""
-        u = draws.uniform(2)
-        mixed = u[:, 0] < self.p
+        mixed = draws.uniform(1)[:, 0] < self.p
         other = draws.below(num_samples - 1).astype(np.int64)
         other += other >= indices  # uniform over [0, num_samples) without the sample itself
-        return mixed, np.where(mixed, other, -1), _beta(self.alpha, u[:, 1])
+        return mixed, np.where(mixed, other, -1), draws.beta(self.alpha)
 
     def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
         """Params of the mixing step for a batch: partner index, lambda and any op-specific field."""

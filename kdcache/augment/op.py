@@ -103,10 +103,9 @@ def _number(cls: type[Op], key: str, text: str) -> int | float:
     return value
 
 
-def format_number(value: int | float) -> str:
+def format_number(value: float) -> str:
     """Shortest text that parses back to ``value`` exactly (``1.0`` -> ``1``)."""
-    text = repr(value)
-    return text[:-2] if text.endswith(".0") else text
+    return repr(value).removesuffix(".0")
 
 
 def check_range(

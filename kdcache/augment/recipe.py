@@ -219,10 +219,16 @@ class Recipe:
             name, version = hyper.pop("op", None), hyper.pop("version", None)
             if name not in OPS:
                 raise InvalidSpec(f"unknown augmentation op {name!r} in manifest — {_VALID}")
-            if version != OPS[name].version:
+            current = OPS[name].version
+            if isinstance(version, int) and not isinstance(version, bool) and version < current:
+                raise UnsupportedFormat(
+                    f"augmentation op {name!r} was sampled by an older kdcache (op version {version}, this one "
+                    f"is {current}) — re-run precompute to rebuild the cache, or use the kdcache that wrote it"
+                )
+            if version != current:
                 raise UnsupportedFormat(
                     f"augmentation op {name!r} is version {version}, this kdcache replays version "
-                    f"{OPS[name].version} — use the kdcache version that wrote the cache"
+                    f"{current} — use the kdcache version that wrote the cache"
                 )
             ops.append(OPS[name].from_hyper(hyper))
         recipe = cls(tuple(ops))

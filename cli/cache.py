@@ -1,0 +1,127 @@
+"""Commands that look at caches: info, verify, ls."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from kdcache_cli.app import app
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@app.command()
+def info(
+    cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL (as `kdcache precompute` printed).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object.")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Skip teacher top-1 and energy quantiles (they read every view).")] = False,
+) -> None:
+    """Show a cache: manifest, per-array sizes and compression, teacher top-1, energy quantiles.
+
+    Sizes: stored and raw bytes per array, their ratio, stored bytes per view.
+    Teacher top-1: argmax of the cached targets against the labels, over every cached view.
+    Energy quantiles: the 0/20/50/80/100% points at each stored temperature.
+    """
+    from kdcache.inspect import describe, modes
+
+    d = describe(cache, scan=not quick)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    m = d["manifest"]
+    members = ", ".join(f"{t['spec']} ({t['sha256'][:19]}…)" for t in m["teacher"]["members"])
+    lay, ds, rec = m["layout"], m["dataset"], m["recipe"]
+    typer.echo(f"cache {d['cache_id']} at {d['path']}  format {m['format_version']}  status {m['status']} "
+               f"({d['shards_done']}/{d['num_shards']} shards)")
+    typer.echo(f"teacher   {members}")
+    typer.echo(f"dataset   {ds['spec']} train split: {ds['num_samples']} samples, {ds['num_classes']} classes, "
+               f"{ds['fingerprint'][:23]}…")
+    typer.echo(f"recipe    {rec['augment']['spec']}  views {rec['views']}  seed {rec['seed']}  "
+               f"input {rec['input_size']}px")
+    typer.echo(f"outputs   {modes(m)}  energy T={m['outputs']['energy']['temperatures']}")
+    typer.echo(f"layout    chunks of {lay['chunk_samples']} samples x 1 view, shards of {lay['shard_samples']} "
+               f"samples, Zarr sharding {'on' if lay.get('sharded') else 'off'}")
+    p = m["provenance"]
+    typer.echo(f"made by   kdcache {p['kdcache']}, torch {p['torch']}, zarr {p['zarr']}, "
+               f"{p.get('user', '?')}@{p['host']} at {p['created']}")
+    rows = [("array", "shape", "dtype", "stored", "raw", "ratio", "bytes/view")]
+    for name, a in d["arrays"].items():
+        ratio = f"{a['ratio']:.2f}" if a["ratio"] else "-"
+        rows.append((name, "x".join(map(str, a["shape"])), a["dtype"], _size(a["stored_bytes"]), _size(a["raw_bytes"]),
+                     ratio, f"{a['bytes_per_view']:.1f}"))
+    rows.append(("total (per view, without labels)", "", "", "", "", "", f"{d['bytes_per_view']:.1f}"))
+    typer.echo("")
+    _table(rows)
+    if quick:
+        return
+    typer.echo("")
+    if d["teacher_top1"] is not None:
+        typer.echo(f"teacher top-1 on the cached views: {d['teacher_top1']:.2f}% of {d['views_scanned']} views")
+    for t, q in d["energy_quantiles"].items():
+        typer.echo(f"energy T={t} quantiles 0/20/50/80/100%: " + " ".join(f"{v:.3f}" for v in q))
+
+
+@app.command()
+def verify(
+    cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Check a cache's integrity by reading every chunk; exit 1 naming each bad array and chunk.
+
+    Checks crc32c checksums, missing chunk files, shapes and dtypes, NaN/Inf, labels, shard status.
+    Exit code 0: intact; 1: problems found; 2: the cache could not be opened.
+    """
+    from kdcache.inspect import verify as run
+
+    report = run(cache)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            typer.echo(f"BAD  {problem}")
+        verdict = "intact" if report.ok else f"{len(report.problems)} problem(s)"
+        typer.echo(f"cache {report.cache_id} at {report.path}: {verdict} — {report.arrays} arrays, "
+                   f"{report.chunks_read} chunks read, {report.shards_done}/{report.num_shards} shards written")
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command("ls")
+def list_caches(
+    root: Annotated[str, typer.Argument(help="Root folder or URL given to `precompute --out`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """List the caches under ROOT: id, alias, teacher, dataset, views, outputs, size, status, creator."""
+    from kdcache.inspect import list_caches as scan
+
+    rows = scan(root)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no caches under {root}")
+        return
+    table = [("id", "alias", "teacher", "dataset", "views", "outputs", "size", "status", "created")]
+    for r in rows:
+        if "teacher" not in r:
+            table.append((r["id"], "", "", "", "", "", "", r["status"], ""))
+            continue
+        alias = ",".join(a.rstrip("/").rpartition("/")[2] for a in r["alias"]) or "-"
+        table.append((r["id"], alias, r["teacher"], r["dataset"], str(r["views"]), r["modes"], _size(r["size_bytes"]),
+                      r["status"], f"{r['created_by']} {r['created']}"))
+    _table(table)

@@ -1,0 +1,142 @@
+"""The pipeline's commands: precompute, train, eval, quickstart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdcache_cli.app import app, parse_params
+
+
+@app.command()
+def precompute(
+    dataset: Annotated[str, typer.Option(help="Dataset spec (see `kdcache datasets`).")],
+    teacher: Annotated[str, typer.Option(help="Teacher model spec (see `kdcache models`).")],
+    weights: Annotated[Path, typer.Option(help="Teacher weights file (a state dict; loaded weights_only).")],
+    out: Annotated[str, typer.Option(help="Root folder or fsspec URL; the cache goes to OUT/<cache id>, with a readable alias OUT/<alias>.")],
+    views: Annotated[int, typer.Option(help="Recorded augmented views per sample (K).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the view plan; params are a pure function of (seed, i, v).")] = 0,
+    augment: Annotated[str, typer.Option(help="Augmentation recipe, ops joined by '+'.")] = "rrc+flip",
+    teacher_size: Annotated[Optional[int], typer.Option(help="Teacher input side in pixels (default: the dataset's).")] = None,
+    energy_t: Annotated[Optional[list[float]], typer.Option(help="Energy temperature; repeat for several.")] = None,
+    logits: Annotated[str, typer.Option(help="Teacher target: dense, topk:K (top-K log-probabilities) or sampled:N (N classes drawn from the teacher, ids + counts).")] = "dense",
+    logit_dtype: Annotated[str, typer.Option(help="Stored logit dtype (dense and topk): float16, bfloat16 or float32.")] = "float16",
+    features: Annotated[Optional[list[str]], typer.Option(help="Teacher layer to store, LAYER[:full|pooled|attention] (default attention); repeatable. `kdcache layers MODEL` lists names.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = 256,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes rendering views (0: in-process).")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Stage 1: run the teacher over K recorded views per sample and write the Zarr v3 cache."""
+    from kdcache.precompute import PrecomputeConfig
+    from kdcache.precompute import precompute as run
+
+    result = run(PrecomputeConfig(
+        dataset=dataset, teacher=teacher, weights=str(weights), out=out, views=views, seed=seed, augment=augment,
+        teacher_size=teacher_size, energy_t=tuple(energy_t or (1.0, 4.0)), logits=logits, logit_dtype=logit_dtype,
+        features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet))
+    if result.reused:
+        typer.echo(f"reusing complete cache {result.cache_id} at {result.path} (no teacher forward run)")
+    else:
+        typer.echo(f"cache {result.cache_id} written to {result.path}: {result.views_computed} views in "
+                   f"{result.seconds:.1f} s ({result.views_per_second:.0f} views/s)")
+    typer.echo(f"alias {result.alias} — train with --cache {result.path}")
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="Dataset spec; must be the one the cache was made from.")],
+    model: Annotated[str, typer.Option(help="Student model spec (see `kdcache models`).")],
+    out: Annotated[Path, typer.Option(help="Run directory: model.pt, checkpoint.pt, metrics.jsonl, run.json.")],
+    cache: Annotated[Optional[str], typer.Option(help="Cache to distil from; without it, plain CE training.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Loss name (see `kdcache losses`); default kd with a teacher, ce without.")] = None,
+    loss_param: Annotated[Optional[list[str]], typer.Option("--loss-param", "-p", help="Loss hyper-parameter KEY=VALUE; repeatable.")] = None,
+    student_layer: Annotated[Optional[list[str]], typer.Option(help="Feature losses: student layer paired with the cached teacher layers, in order; repeatable.")] = None,
+    online_teacher: Annotated[Optional[str], typer.Option(help="Classic online KD: run this teacher model on every batch (the cache's views, or live ones).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Weights file of --online-teacher (a state dict).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs; with a cache each epoch uses one stored view per sample.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size (per process).")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
+    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.")] = "sgd",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    schedule: Annotated[str, typer.Option(help="cosine, step (x0.1 at 30/60/90%) or constant.")] = "cosine",
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = 0,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip gradient norm to this value.")] = None,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only; ignored on CPU).")] = True,
+    label_noise: Annotated[float, typer.Option(help="Fraction of training labels replaced by another class (seeded; 0: none).")] = 0.0,
+    imbalance: Annotated[float, typer.Option(help="Long-tailed training split with this n_max/n_min ratio (seeded; 1: all samples).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = 0,
+    size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size).")] = None,
+    augment: Annotated[str, typer.Option(help="Recipe without a cache (a cache replays its own).")] = "rrc+flip",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Stage 2: train a student from a cache (teacher never loaded), with an online teacher, or alone with CE."""
+    from kdcache.train import TrainConfig
+    from kdcache.train import train as run
+
+    result = run(TrainConfig(
+        dataset=dataset, model=model, out=str(out), cache=cache, loss=loss, loss_params=parse_params(loss_param),
+        student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
+        teacher_weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, label_noise=label_noise, imbalance=imbalance,
+        seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet))
+    for m in result.metrics:
+        typer.echo(f"epoch {m['epoch']:>3}  loss {m['loss']:.4f}  train top-1 {m['train_top1']:6.2f}  "
+                   f"test top-1 {m['test_top1']:6.2f}  {m['images_per_s']:7.0f} img/s", err=True)
+    final = result.final
+    typer.echo(f"{model} on {dataset}: test top-1 {final['test_top1']:.2f}%  top-5 {final['test_top5']:.2f}%  "
+               f"ECE {final['test_ece']:.4f}  → {out / 'model.pt'}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model spec.")],
+    weights: Annotated[Path, typer.Option(help="Weights file (state dict).")],
+    dataset: Annotated[str, typer.Option(help="Dataset spec.")],
+    split: Annotated[str, typer.Option(help="train or test.")] = "test",
+    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the dataset's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Evaluate weights on a split: top-1, top-5 (%) and ECE (15 bins)."""
+    from kdcache.train import evaluate_weights
+
+    result = evaluate_weights(model, str(weights), dataset, split, size, batch_size, device)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{model} on {dataset}/{split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                   f"ECE {result['ece']:.4f}")
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Directory for the teacher, cache and students.")] = Path("quickstart"),
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset spec. [default: mnist5k]")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher model spec. [default: resnet32x4]")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student model spec. [default: resnet8x4]")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Input side in pixels, teacher and student. [default: 12]")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="Teacher training epochs. [default: 4]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each student. [default: 3]")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Views per sample in the cache. [default: 8]")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Teacher → cache → student alone vs. from the cache, on built-in data; prints a table."""
+    from kdcache.quickstart import QuickstartConfig, run_quickstart, table
+
+    given = dict(dataset=dataset, teacher=teacher, student=student, size=size, teacher_epochs=teacher_epochs,
+                 student_epochs=epochs, views=views)
+    cfg = QuickstartConfig(out=str(out), seed=seed, progress=not quiet,
+                           **{key: value for key, value in given.items() if value is not None})
+    stages = run_quickstart(cfg, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(table(stages))

@@ -1,0 +1,109 @@
+"""A root of caches: where caches and their aliases lie, for local paths and fsspec URLs alike.
+
+``precompute --out ROOT`` writes a cache to ``ROOT/<cache id>`` and an alias file ``ROOT/<alias>``
+beside it: a small JSON object naming the id, so a readable name works the same on local disks and
+object stores (which have no symlinks). See docs/format.md, "Where caches live".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from kdcache.errors import MissingData
+
+ALIAS_KIND = "alias"
+ALIAS_VERSION = 1
+
+
+def alias_name(manifest: Mapping[str, Any], cid: str) -> str:
+    """Readable, filesystem-safe name of a cache: ``<dataset>-<teacher>-k<views>-<id[:8]>``."""
+    def safe(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("._")[:40]
+
+    teacher = "+".join(safe(m["spec"]) for m in manifest["teacher"]["members"])
+    return f"{safe(manifest['dataset']['spec'])}-{teacher}-k{manifest['recipe']['views']}-{cid[:8]}"
+
+
+def _fs(path: str):
+    import fsspec  # a dependency of torch
+
+    return fsspec.core.url_to_fs(path)
+
+
+def join(root: str, name: str) -> str:
+    """``root/name`` for a local path or a URL."""
+    if not root:
+        return name
+    return root + name if root.endswith("/") else f"{root}/{name}"
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rpartition("/")[0]
+
+
+def read_alias(path: str) -> str | None:
+    """The cache id an alias file at ``path`` names, or None when ``path`` is not an alias."""
+    try:
+        fs, fpath = _fs(path)
+        if not fs.isfile(fpath) or fs.size(fpath) > 65536:
+            return None
+        ref = json.loads(fs.cat_file(fpath))
+    except (OSError, ValueError):
+        return None
+    if isinstance(ref, dict) and ref.get("kdcache") == ALIAS_KIND and isinstance(ref.get("cache_id"), str):
+        return ref["cache_id"]
+    return None
+
+
+def resolve(path: str) -> str:
+    """Where the cache ``path`` names lies: ``path`` itself, or ``ROOT/<id>`` for an alias ``ROOT/<alias>``."""
+    target = read_alias(path)
+    return path if target is None else join(_parent(path), target)
+
+
+def write_alias(root: str, alias: str, cid: str) -> str:
+    """Record ``ROOT/<alias>`` -> ``ROOT/<cid>`` unless that alias already exists; return its path."""
+    path = join(root, alias)
+    fs, fpath = _fs(path)
+    if not fs.exists(fpath):
+        body = json.dumps({"kdcache": ALIAS_KIND, "format_version": ALIAS_VERSION, "cache_id": cid}, indent=1)
+        fs.pipe_file(fpath, body.encode())
+    return path
+
+
+def scan_root(root: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Every sub-folder of ``root`` (candidate caches) and, per cache id, the alias paths naming it."""
+    fs, froot = _fs(root)
+    try:
+        entries = fs.ls(froot, detail=True)
+    except FileNotFoundError as exc:
+        raise MissingData(f"no folder {root} — pass the --out ROOT given to precompute") from exc
+    folders, aliases = [], {}
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        path = join(root, entry["name"].rstrip("/").rpartition("/")[2])
+        if entry["type"] == "directory":
+            folders.append(path)
+        elif (cid := read_alias(path)) is not None:
+            aliases.setdefault(cid, []).append(path)
+    return folders, aliases
+
+
+def disk_usage(path: str) -> int:
+    """Bytes of every object under ``path``."""
+    fs, fpath = _fs(path)
+    return int(fs.du(fpath, total=True))
+
+
+def where_caches_are(path: str) -> str:
+    """How to fix opening ``path``: name a cache of it when it is a root of caches."""
+    try:
+        _, aliases = scan_root(path)
+    except (MissingData, OSError, ValueError):
+        aliases = {}
+    if aliases:
+        example = next(iter(aliases.values()))[0]
+        return (f"it is a root of caches: pass one of them, e.g. {example} "
+                f"(`kdcache ls {path}` lists all {len(aliases)})")
+    return "pass the cache path or alias that `kdcache precompute` printed"
