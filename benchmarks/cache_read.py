@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ def readers(cache: Cache, source: data.Source, min_seconds: float) -> dict[str, 
                 cache.read_views(name, np.array([i]), np.array([v]))
         return (n, *clock.read())
 
-    count = lambda batch: len(batch["label"])  # noqa: E731
+    count = lambda batch: len(batch["label"])
     return {
         "block reader": lambda: timed_epochs(epochs(batched), count, min_seconds),
         "block reader + decode": lambda: timed_epochs(epochs(batched), count, min_seconds, decoder),

@@ -25,9 +25,12 @@ def draw(path: Path, folder: Path | None = None) -> Path:
 
     folder = folder or RESULTS
     panels = [(name, data) for name in PANELS if (data := _load(folder, name)) is not None]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.6), squeeze=False)
-    for ax, (name, data) in zip(axes[0], panels):
+    rows = max(1, (len(panels) + 1) // 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.8 * rows), squeeze=False)
+    for ax, (name, data) in zip(axes.flat, panels):
         PANELS[name](ax, data)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     machine = panels[0][1]["machine"] if panels else {}
     fig.suptitle(f"kdcache benchmarks — {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
                  f"torch {machine.get('torch', '?')}, {machine.get('device', '?')}", fontsize=10)
@@ -41,7 +44,7 @@ def draw(path: Path, folder: Path | None = None) -> Path:
 def _bars(ax, labels: list[str], values: list[float], targets: list[float | None], ylabel: str, title: str,
           lower_is_better: bool = False) -> None:
     ok = (lambda v, t: v <= t) if lower_is_better else (lambda v, t: v >= t)
-    colors = ["tab:green" if t is None or ok(v, t) else "tab:red" for v, t in zip(values, targets)]
+    colors = ["tab:gray" if t is None else "tab:green" if ok(v, t) else "tab:red" for v, t in zip(values, targets)]
     ax.barh(range(len(values)), values, color=colors)
     for i, t in enumerate(targets):
         if t is not None:
@@ -57,7 +60,10 @@ def _precompute_overhead(ax, data: dict[str, Any]) -> None:
     rows = [r for r in data["results"] if "ratio_to_bare" in r and r["variant"] != "bare inference"]
     _bars(ax, [f"{r['teacher'].removeprefix('torchvision:')}: {r['variant']}" for r in rows],
           [r["ratio_to_bare"] for r in rows], [r["target"] for r in rows],
-          "precompute views/s ÷ bare teacher views/s (black: target)", "precompute overhead")
+          "precompute ÷ bare teacher, views/s (bars) and views/CPU-s (◆); black: target",
+          f"precompute overhead ({data['machine']['torch_threads']} torch threads)")
+    cpu = [(i, r["ratio_cpu"]) for i, r in enumerate(rows) if r.get("ratio_cpu") is not None]
+    ax.plot([c for _, c in cpu], [i for i, _ in cpu], "D", color="white", markeredgecolor="black", markersize=5)
 
 
 def _train_throughput(ax, data: dict[str, Any]) -> None:

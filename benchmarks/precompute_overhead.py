@@ -19,8 +19,10 @@ import argparse
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ import torch
 from benchmarks.common import Run, cpu_seconds, device, emit, interleave_runs, median, parse_args, ratios, sync, table
 from kdcache import data, models
 from kdcache.augment import Recipe
-from kdcache.precompute import PrecomputeConfig, energy, precompute, teacher_targets, parse_logits
+from kdcache.precompute import PrecomputeConfig, energy, parse_logits, precompute, teacher_targets
 from kdcache.store import ArraySpec, create_cache, open_cache
 from kdcache.views import Renderer, row
 
@@ -156,8 +158,8 @@ class Teacher:
         start, stop = cache.shard_range(0)
         arrays = {name: cache.read_samples(name, start, stop) for name in cache.array_names}
         times = []
-        for k in range(3):
-            copy = create_cache(str(self.root / f"write{k}"), cache.manifest, cache.labels(), specs,
+        for _ in range(3):
+            copy = create_cache(tempfile.mkdtemp(dir=self.root), cache.manifest, cache.labels(), specs,
                                 chunk_samples=cache.chunk_samples)
             began = time.perf_counter()
             copy.write_shard(0, arrays)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             teacher = Teacher(spec, dataset, views, batch, dev, Path(tmp))
             settings = variants(layer, args.workers, args.quick)
             runs: dict[str, Callable[[], Run]] = {"bare inference": teacher.run_bare}
-            runs |= {name: (lambda o=o: teacher.run_precompute(o)) for name, o in settings.items()}
+            runs |= {name: partial(teacher.run_precompute, o) for name, o in settings.items()}
             measured = interleave_runs(runs, args.reps)
             bare = measured["bare inference"]
             split = teacher.breakdown({})

@@ -54,6 +54,7 @@ def start_seaweedfs(folder: Path):
     weed = find_weed()
     if weed is None:
         return None, None
+    folder.mkdir(parents=True, exist_ok=True)
     server = SeaweedFS(weed, folder)
     info = server.start()
     os.environ.update(info.env)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from kdcache_cli.app import app
+
+from kdcache.errors import InvalidSpec
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -54,6 +56,11 @@ def info(
     typer.echo(f"recipe    {rec['augment']['spec']}  views {rec['views']}  seed {rec['seed']}  "
                f"input {rec['input_size']}px")
     typer.echo(f"outputs   {modes(m)}  energy T={m['outputs']['energy']['temperatures']}")
+    if "extra_views" in d:
+        he, spec = d["extra_views"], rec["he_extra"]
+        typer.echo(f"he-extra  {he['samples']} samples (top {spec['fraction']:g} by mean energy at "
+                   f"T={spec['energy_temperature']:g}, >= {he['threshold_energy']:.3f}) x {he['views']} "
+                   f"{spec['augment']['spec']} views, {_size(he['stored_bytes'])}")
     typer.echo(f"layout    chunks of {lay['chunk_samples']} samples x 1 view, shards of {lay['shard_samples']} "
                f"samples, Zarr sharding {'on' if lay.get('sharded') else 'off'}")
     p = m["provenance"]
@@ -80,24 +87,40 @@ def info(
 def verify(
     cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    recompute: Annotated[int, typer.Option(help="Also replay this many random (sample, view) pairs, rerun the teacher and compare with the cached outputs (0: no replay).")] = 0,
+    weights: Annotated[list[Path] | None, typer.Option(help="--recompute: teacher weights file, checked against the manifest's sha256; repeat per ensemble member, in order.")] = None,
+    recompute_seed: Annotated[int, typer.Option(help="--recompute: seed choosing the pairs.")] = 0,
+    dataset: Annotated[str | None, typer.Option(help="--recompute: dataset spec if it moved (default: the manifest's; fingerprint must match).")] = None,
+    device: Annotated[str, typer.Option(help="--recompute: auto, cpu or cuda[:N].")] = "cpu",
 ) -> None:
     """Check a cache's integrity by reading every chunk; exit 1 naming each bad array and chunk.
 
     Checks crc32c checksums, missing chunk files, shapes and dtypes, NaN/Inf, labels, shard status.
+    With --recompute N --weights W it also replays N seeded views and reruns the teacher: params must
+    resample bit for bit and outputs match within the tolerance of docs/format.md.
     Exit code 0: intact; 1: problems found; 2: the cache could not be opened.
     """
     from kdcache.inspect import verify as run
+    from kdcache.replay import recompute as replay
 
+    if recompute and not weights:
+        raise InvalidSpec("--recompute reruns the teacher — pass its weights file with --weights")
     report = run(cache)
+    replayed = replay(cache, recompute, [str(w) for w in weights or ()], recompute_seed, dataset,
+                      device=device) if recompute and report.ok else None
+    problems = [*report.problems, *(replayed.problems if replayed else ())]
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+        typer.echo(json.dumps(report.to_json() | ({"recompute": replayed.to_json()} if replayed else {})
+                              | {"ok": not problems}, indent=2))
     else:
-        for problem in report.problems:
+        for problem in problems:
             typer.echo(f"BAD  {problem}")
-        verdict = "intact" if report.ok else f"{len(report.problems)} problem(s)"
+        verdict = "intact" if not problems else f"{len(problems)} problem(s)"
+        replay_note = f", {replayed.pairs} views replayed" if replayed else ""
         typer.echo(f"cache {report.cache_id} at {report.path}: {verdict} — {report.arrays} arrays, "
-                   f"{report.chunks_read} chunks read, {report.shards_done}/{report.num_shards} shards written")
-    if not report.ok:
+                   f"{report.chunks_read} chunks read, {report.shards_done}/{report.num_shards} shards written"
+                   f"{replay_note}")
+    if problems:
         raise typer.Exit(code=1)
 
 

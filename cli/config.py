@@ -50,6 +50,8 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path])
             f"config file {value} sets {', '.join(unknown)}, which `{ctx.command.name}` does not take — "
             f"its options are: {', '.join(sorted(known))}"
         )
+    repeatable = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+    values = {key: [v] if key in repeatable and not isinstance(v, list) else v for key, v in values.items()}
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,12 +11,37 @@ import typer
 
 from kdcache_cli.app import app, parse_params
 
+NPROC_HELP = "Processes on this machine (re-runs the command under torchrun; each rank writes/trains its share)."
+
+
+def _relaunch(nproc: int) -> None:
+    """With ``--nproc N > 1`` outside torchrun: run this very command as N torchrun ranks, then exit."""
+    from kdcache import distributed
+
+    if nproc > 1 and not distributed.under_torchrun():
+        raise SystemExit(distributed.launch(nproc, sys.argv[1:]))
+
+
+def _one_or_all(values: list[str]) -> str | tuple[str, ...]:
+    """A repeatable option's values: the value itself when given once (one teacher), else all of them."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _save_run_config(out: Path, options: dict[str, object]) -> None:
+    """``OUT/run.toml``: every option of this run, resolved, so ``--config OUT/run.toml`` reruns it
+    (``--resume`` is left out: rerunning means training again)."""
+    from kdcache_cli.config import write_toml
+
+    out.mkdir(parents=True, exist_ok=True)
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if k != "resume"}
+    (out / "run.toml").write_text(write_toml(values))
+
 
 @app.command()
 def precompute(
     dataset: Annotated[str, typer.Option(help="Dataset spec (see `kdcache datasets`).")],
-    teacher: Annotated[str, typer.Option(help="Teacher model spec (see `kdcache models`).")],
-    weights: Annotated[Path, typer.Option(help="Teacher weights file (a state dict; loaded weights_only).")],
+    teacher: Annotated[list[str], typer.Option(help="Teacher model spec (see `kdcache models`); repeat for an ensemble.")],
+    weights: Annotated[list[Path], typer.Option(help="Teacher weights file (a state dict; loaded weights_only); one per --teacher, in order.")],
     out: Annotated[str, typer.Option(help="Root folder or fsspec URL; the cache goes to OUT/<cache id>, with a readable alias OUT/<alias>.")],
     views: Annotated[int, typer.Option(help="Recorded augmented views per sample (K).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the view plan; params are a pure function of (seed, i, v).")] = 0,
@@ -29,15 +55,36 @@ def precompute(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes rendering views (0: in-process).")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it (polls every second) instead of stopping.")] = False,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
+    nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
+    he_extra: Annotated[Optional[str], typer.Option(help="Energy-guided extra views R:K2[:cutmix|mixup]: the fraction R of samples with the highest mean teacher energy get K2 extra mixed views, cached too (e.g. 0.5:4).")] = None,
+    ensemble: Annotated[str, typer.Option(help="How several teachers combine: mean-prob (mean of softmax) or mean-logit.")] = "mean-prob",
+    keep_members: Annotated[bool, typer.Option("--keep-members", help="Also store each ensemble member's dense logits (members/<i>/logits).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing: print teacher passes, estimated bytes per array and time, from a short warm-up.")] = False,
 ) -> None:
     """Stage 1: run the teacher over K recorded views per sample and write the Zarr v3 cache."""
+    if not dry_run:
+        _relaunch(nproc)
+    from kdcache import distributed
     from kdcache.precompute import PrecomputeConfig
     from kdcache.precompute import precompute as run
 
-    result = run(PrecomputeConfig(
-        dataset=dataset, teacher=teacher, weights=str(weights), out=out, views=views, seed=seed, augment=augment,
+    cfg = PrecomputeConfig(
+        dataset=dataset, teacher=_one_or_all(teacher), weights=_one_or_all([str(w) for w in weights]), out=out,
+        views=views, seed=seed, augment=augment,
         teacher_size=teacher_size, energy_t=tuple(energy_t or (1.0, 4.0)), logits=logits, logit_dtype=logit_dtype,
-        features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet))
+        features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
+        wait=wait, break_lock=break_lock, he_extra=he_extra, ensemble=ensemble,
+        keep_members=keep_members)
+    if dry_run:
+        from kdcache_cli.plan import print_plan
+
+        print_plan(cfg)
+        return
+    result = run(cfg)
+    if not distributed.is_main():
+        return
     if result.reused:
         typer.echo(f"reusing complete cache {result.cache_id} at {result.path} (no teacher forward run)")
     else:
@@ -76,18 +123,28 @@ def train(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    nproc: Annotated[int, typer.Option(help=NPROC_HELP + " DDP; --batch-size is per process.")] = 1,
+    he_da: Annotated[bool, typer.Option("--he-da", help="Also train on the cache's energy-guided extra mixed views (precompute --he-extra), one per chosen sample per epoch.")] = False,
 ) -> None:
     """Stage 2: train a student from a cache (teacher never loaded), with an online teacher, or alone with CE."""
+    options = dict(locals())
+    _relaunch(nproc)
+    from kdcache import distributed
     from kdcache.train import TrainConfig
     from kdcache.train import train as run
 
+    if distributed.is_main():
+        _save_run_config(out, options)
     result = run(TrainConfig(
         dataset=dataset, model=model, out=str(out), cache=cache, loss=loss, loss_params=parse_params(loss_param),
         student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
         teacher_weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, label_noise=label_noise, imbalance=imbalance,
-        seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet))
+        seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
+        he_da=he_da))
+    if not distributed.is_main():
+        return
     for m in result.metrics:
         typer.echo(f"epoch {m['epoch']:>3}  loss {m['loss']:.4f}  train top-1 {m['train_top1']:6.2f}  "
                    f"test top-1 {m['test_top1']:6.2f}  {m['images_per_s']:7.0f} img/s", err=True)
@@ -140,3 +197,39 @@ def quickstart(
                            **{key: value for key, value in given.items() if value is not None})
     stages = run_quickstart(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(table(stages))
+
+
+@app.command()
+def extend(
+    cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL to grow (it must be complete).")],
+    views: Annotated[Optional[int], typer.Option(help="Grow to this many views per sample (adds views K..VIEWS-1).")] = None,
+    features: Annotated[Optional[list[str]], typer.Option(help="Add a feature array LAYER[:full|pooled|attention]; repeatable (runs the teacher on every view).")] = None,
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Add this ensemble member (repeatable; the cache needs --keep-members); --weights then pairs with these.")] = None,
+    weights: Annotated[Optional[list[Path]], typer.Option(help="Weights file per member, in the manifest's order (default: the recorded paths; sha256 must match) — or, with --teacher, of the new members.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = 256,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it instead of stopping.")] = False,
+) -> None:
+    """Grow a cache in place: more views (teacher runs only on them), new feature layers, or new ensemble members.
+
+    The result equals a cache built in one go with the final settings and takes its id; the folder
+    stays where it is, with aliases OUT/<new id> and a new readable alias naming it.
+    """
+    from kdcache.errors import InvalidSpec
+    from kdcache.extend import add_members
+    from kdcache.extend import extend as run
+
+    files = [str(w) for w in weights or []]
+    if teacher and (views or features):
+        raise InvalidSpec("add ensemble members in an extend call of their own — run extend once with --teacher, "
+                          "once with --views/--features")
+    if teacher:
+        result = add_members(cache, teacher, files, batch_size=batch_size, device=device, progress=not quiet,
+                             wait=wait)
+    else:
+        result = run(cache, views=views, features=tuple(features or ()), weights=files or None,
+                     batch_size=batch_size, device=device, progress=not quiet, wait=wait)
+    typer.echo(f"cache {result.previous_id} extended to {result.cache_id} at {result.path}: "
+               f"{result.views_computed} teacher views in {result.seconds:.1f} s")
+    typer.echo(f"aliases {', '.join(result.aliases)}")

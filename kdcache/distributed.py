@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from kdcache.errors import InvalidSpec
 
+T = TypeVar("T")
+
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) in a plain process."""
     try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError as exc:
         raise InvalidSpec(f"RANK/WORLD_SIZE are not integers ({exc}) — launch with torchrun or --nproc") from exc
     if world < 1 or not 0 <= rank < world:
@@ -32,7 +35,7 @@ def rank_world() -> tuple[int, int]:
 
 def local_rank() -> int:
     """This process's index on its node (its GPU under NCCL)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -113,3 +116,47 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "kdcache", *strip_option(argv, "--nproc")]
     return subprocess.call(cmd, env=env)
+
+
+def all_sum(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums of ``values`` over every rank (the values themselves in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def uneven(batches: Iterable[T], module: torch.nn.Module) -> Iterator[T]:
+    """``batches``, iterated inside DDP's ``Join`` when ``module`` is DDP: ranks may then run different
+    numbers of steps (their shares of an epoch differ by up to one block) without hanging; at the end
+    the last rank to finish broadcasts its parameters, so every rank leaves with the same model."""
+    if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        yield from batches
+        return
+    from torch.distributed.algorithms.join import Join
+
+    with Join([module]):
+        yield from batches
+
+
+class _WithExtras(torch.nn.Module):
+    """A model and modules trained beside it (a loss's adaptors): DDP averages the gradients of both."""
+
+    def __init__(self, model: torch.nn.Module, extras: torch.nn.Module):
+        super().__init__()
+        self.model, self.extras = model, extras
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def wrap(model: torch.nn.Module, device: torch.device, extras: torch.nn.Module | None = None) -> torch.nn.Module:
+    """What to call for the forward pass: ``model`` in DistributedDataParallel when there are several ranks
+    (with ``extras``' trainable parameters synchronised too), else ``model`` itself."""
+    if rank_world()[1] == 1:
+        return model
+    if extras is not None and any(p.requires_grad for p in extras.parameters()):
+        model = _WithExtras(model, extras)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

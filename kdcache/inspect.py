@@ -7,6 +7,7 @@ and fsspec URLs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from kdcache.errors import CacheCorrupt, KdcacheError, MissingData
 from kdcache.roots import disk_usage, scan_root
-from kdcache.store import STATUS_ARRAY, Cache, cache_exists, open_cache
+from kdcache.store import STATUS_ARRAY, Cache, cache_exists, decode_logits, open_cache
 
 ENERGY_QUANTILES = (0.0, 0.2, 0.5, 0.8, 1.0)
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -153,7 +154,59 @@ def verify(path: str) -> Verification:
                 continue
             report.chunks_read += -(-(stop - start) // cache.chunk_samples) * (1 if name == "labels" else cache.views)
             report.problems += _value_problems(cache, name, values, start, logical)
+    if cache.manifest.get("he"):
+        _verify_extra_views(cache, report)
     return report
+
+
+def _verify_extra_views(cache: Cache, report: Verification) -> None:
+    """The ``he/`` arrays of energy-guided extra views (kdcache/heda.py): status, layout, every chunk, values."""
+    he = cache.manifest["he"]
+    m, k2 = int(he["samples"]), int(he["views"])
+    try:
+        status = np.asarray(cache.group["he/status"][:], dtype=bool)
+    except Exception:  # noqa: BLE001 — a missing or unreadable status is damage to report
+        report.problems.append(Problem("he/status", None, "missing or unreadable — rerun the precompute command"))
+        return
+    if not status.all():
+        report.problems.append(Problem("he/status", None, f"{int((~status).sum())} of {len(status)} extra-view shards "
+                                       "not written — rerun the precompute command to finish"))
+    expected = {"he/indices": ((m,), "int64", "int64")} | {
+        a["name"]: ((m, k2, *a["tail"]), a["dtype"], a.get("logical_dtype", a["dtype"])) for a in he["arrays"]}
+    for name, (shape, dtype, logical) in expected.items():
+        report.arrays += 1
+        try:
+            stored = cache.stored_layout(name)
+        except CacheCorrupt:
+            report.problems.append(Problem(name, None, "array missing"))
+            continue
+        if stored != (shape, dtype):
+            report.problems.append(Problem(name, None, f"stored as {list(stored[0])} {stored[1]}, the manifest "
+                                           f"says {list(shape)} {dtype}"))
+            continue
+        report.problems += [Problem(name, key, "chunk file missing") for key in _missing_he_chunks(cache, name)]
+        try:
+            values = cache.read_samples(name, 0, m)
+        except Exception as exc:  # noqa: BLE001 — any decode failure is damage to report, not to raise
+            report.problems.append(Problem(name, None, f"unreadable ({_first_line(exc)})"))
+            continue
+        report.chunks_read += -(-m // int(he["chunk_samples"])) * (1 if name == "he/indices" else k2)
+        if logical in FLOAT_DTYPES and not np.isfinite(decode_logits(values, logical)).all():
+            report.problems.append(Problem(name, None, "NaN/Inf values"))
+
+
+def _missing_he_chunks(cache: Cache, name: str) -> list[str]:
+    from zarr.core.sync import sync
+
+    arr = cache.group[name]
+
+    async def listing() -> set[str]:
+        return {key async for key in cache.group.store.list_prefix(f"{name}/c/")}
+
+    present = sync(listing())
+    keys = [f"{name}/c/" + "/".join(map(str, c))
+            for c in itertools.product(*(range(-(-n // s)) for n, s in zip(arr.shape, arr.chunks)))]
+    return [key for key in keys if key not in present]
 
 
 def describe(path: str, scan: bool = True) -> dict[str, Any]:
@@ -176,6 +229,11 @@ def describe(path: str, scan: bool = True) -> dict[str, Any]:
         "bytes_per_view": sum(a["stored_bytes"] for n, a in arrays.items() if n != "labels") / views_total,
         "manifest": cache.manifest,
     }
+    if cache.manifest.get("he"):
+        he = cache.manifest["he"]
+        names = ["he/indices", *(a["name"] for a in he["arrays"])]
+        out["extra_views"] = {"samples": he["samples"], "views": he["views"], "threshold_energy": he["threshold_energy"],
+                              "stored_bytes": sum(cache.array_bytes(name)[0] for name in names)}
     if scan:
         out.update(_scan(cache, done))
     return out
@@ -237,7 +295,7 @@ def list_caches(root: str) -> list[dict[str, Any]]:
         rows.append({
             "id": cache.id,
             "path": cache.path,
-            "alias": aliases.get(cache.id, []),
+            "alias": aliases.get(path.rstrip("/").rpartition("/")[2], []),  # aliases name folders (extend: not the id)
             "teacher": "+".join(t["spec"] for t in m["teacher"]["members"]),
             "dataset": m["dataset"]["spec"],
             "views": cache.views,

@@ -27,8 +27,7 @@ import platform
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
 
 from kdcache.errors import CacheLocked
 
@@ -133,12 +132,12 @@ class _LocalBackend:
 
     def refresh(self, me: LockInfo) -> LockInfo | None:
         current = self.read()
-        if current is not None and current.token != me.token:
-            return current
+        if current is None or current.token != me.token:  # removed or replaced by a --break-lock
+            return current or _unknown(time.time())
         self._write(me)
         return None
 
-    def remove_stale(self, holder: LockInfo) -> None:
+    def remove_stale(self) -> None:
         # The stale holder keeps its flock on the unlinked file; the next writer locks a new file.
         for path in (self.info_path, self.lock_path):
             try:
@@ -164,6 +163,7 @@ class _ObjectBackend:
         self.fs, self.lock_path = fsspec.core.url_to_fs(lock_path(path))
 
     def read(self) -> LockInfo | None:
+        self.fs.invalidate_cache(self.lock_path)  # listings cached by the filesystem may predate the lock
         try:
             raw = self.fs.cat_file(self.lock_path)
         except FileNotFoundError:
@@ -172,6 +172,7 @@ class _ObjectBackend:
 
     def _create(self, body: bytes) -> bool:
         """Write ``body`` unless the object exists; False when someone else's lock is there."""
+        self.fs.invalidate_cache(self.lock_path)
         if self.fs.exists(self.lock_path):
             return False
         try:
@@ -190,10 +191,8 @@ class _ObjectBackend:
 
     def try_acquire(self, me: LockInfo) -> LockInfo | None:
         if not self._create(me.to_json()):
-            self.fs.invalidate_cache(self.lock_path)
             return self.read() or _unknown(time.time())
         time.sleep(SETTLE_SECONDS)
-        self.fs.invalidate_cache(self.lock_path)
         current = self.read()
         if current is None or current.token != me.token:
             return current or _unknown(time.time())
@@ -206,7 +205,7 @@ class _ObjectBackend:
         self.fs.pipe_file(self.lock_path, me.to_json())
         return None
 
-    def remove_stale(self, holder: LockInfo) -> None:
+    def remove_stale(self) -> None:
         try:
             self.fs.rm_file(self.lock_path)
         except FileNotFoundError:
@@ -216,7 +215,7 @@ class _ObjectBackend:
     def release(self, me: LockInfo) -> None:
         current = self.read()
         if current is not None and current.token == me.token:
-            self.remove_stale(current)
+            self.remove_stale()
 
 
 def read_lock(path: str) -> LockInfo | None:
@@ -247,6 +246,7 @@ class WriterLock:
         self._me: LockInfo | None = None
         self._lost: LockInfo | None = None
         self._stop = threading.Event()
+        self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
@@ -258,7 +258,7 @@ class WriterLock:
         while (holder := self._backend.try_acquire(me)) is not None:
             stale = holder.age() > self.stale_after
             if self.break_stale and stale:
-                self._backend.remove_stale(holder)
+                self._backend.remove_stale()
                 continue
             if not self.wait:
                 raise CacheLocked(self._message(holder, stale))
@@ -279,38 +279,46 @@ class WriterLock:
         return (f"cache {self.path} is being written by {holder.describe()} ({beat}) — "
                 f"wait for it, pass --wait, or {hint}")
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat):
+    def refresh(self) -> None:
+        """Renew the heartbeat now (the background thread does every ``heartbeat`` seconds), or learn
+        that another writer has taken the lock over, which :meth:`check` then reports."""
+        with self._mutex:
             me = self._me
-            if me is None:
+            if me is None or self._lost is not None:
                 return
-            me = LockInfo(me.owner, me.host, me.pid, me.started, time.time(), me.token)
+            me = replace(me, heartbeat=time.time())
+            taker = self._backend.refresh(me)
+            if taker is None:
+                self._me = me
+            else:
+                self._lost = taker
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat) and self._lost is None:
             try:
-                taker = self._backend.refresh(me)
+                self.refresh()
             except OSError:
                 continue  # storage briefly unreachable: try again on the next beat
-            if taker is not None:
-                self._lost = taker
-                return
-            self._me = me
 
     def check(self) -> None:
         """Raise :class:`CacheLocked` if this lock was broken and another writer holds the cache now."""
         if self._lost is not None:
-            raise CacheLocked(f"cache {self.path} was taken over by {self._lost.describe()} while this writer "
-                              "held it (its heartbeat was judged stale) — stop here; that writer finishes the cache")
+            taker = f" by {self._lost.describe()}" if self._lost.pid else ""
+            raise CacheLocked(f"cache {self.path} was taken over{taker} while this writer held it (its heartbeat "
+                              "was judged stale and the lock broken) — stop here; rerun to resume if needed")
 
     def release(self) -> None:
-        me, self._me = self._me, None
-        if me is None:
+        if self._me is None:
             return
-        self._stop.set()
+        self._stop.set()  # stop beating first: a late heartbeat must not recreate a released lock
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        with self._mutex:
+            me, self._me = self._me, None
         self._backend.release(me)  # removes the holder record only while it is still this writer's
 
     def __enter__(self) -> WriterLock:
         return self.acquire()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -5,6 +5,11 @@ marked done, so an interrupted run resumes by skipping done shards without runni
 them. The cache goes to ``ROOT/<cache id>``: a second run with the same inputs finds it and runs no
 teacher forward at all.
 
+Several processes (``torchrun`` or ``--nproc``) split the shards: rank r of W writes shards r,
+r+W, …, so no shard ever has two writers. Rank 0 holds the writer lock (kdcache/lock.py), creates
+or resumes the layout before the other ranks open it, and marks the cache complete after all of
+them are done.
+
 What is stored per view (docs/format.md): the teacher target in one of three logit modes (dense
 logits, top-k log-probabilities, or N classes sampled from the teacher distribution as ids and
 counts), energies from the full float32 logits, feature maps of named layers captured by forward
@@ -13,10 +18,8 @@ hooks, and the augmentation params.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -24,14 +27,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from kdcache import data, models
+from kdcache import data, distributed, heda, models, teachers
 from kdcache.augment import Recipe
 from kdcache.augment.rng import Draws
-from kdcache.errors import CacheCorrupt, InvalidSpec, MissingData
+from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, KdcacheError, MissingData
+from kdcache.lock import WriterLock
 from kdcache.roots import alias_name, join, write_alias
 from kdcache.store import (
     MAP_CODEC, MAP_LEVEL, ArraySpec, Cache, cache_exists, cache_id, create_cache, open_cache, provenance, storage_dtype,
 )
+from kdcache.teachers import state_sha256  # noqa: F401  (re-exported: kdcache.precompute.state_sha256)
 from kdcache.views import Renderer, row
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
@@ -45,9 +50,11 @@ class PrecomputeConfig:
     """Everything that decides what a precompute run stores (and where)."""
 
     dataset: str
-    teacher: str
+    teacher: str | tuple[str, ...]  # several specs: an ensemble (kdcache/teachers.py)
     out: str
-    weights: str | None = None
+    weights: str | tuple[str, ...] | None = None  # one file per teacher spec, in order
+    ensemble: str = "mean-prob"  # mean-prob | mean-logit, for two or more teachers
+    keep_members: bool = False  # also store each ensemble member's dense logits
     views: int = 8
     seed: int = 0
     augment: str = "rrc+flip"
@@ -62,6 +69,9 @@ class PrecomputeConfig:
     chunk_samples: int | None = None
     sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files
     progress: bool = True
+    wait: bool = False  # another writer holds the cache: wait for it instead of stopping
+    break_lock: bool = False  # remove the lock of a writer whose heartbeat stopped (kdcache/lock.py)
+    he_extra: str | None = None  # R:K2[:cutmix|mixup], energy-guided extra mixed views (kdcache/heda.py)
 
 
 @dataclass
@@ -69,7 +79,7 @@ class PrecomputeResult:
     path: str  # the cache itself, ROOT/<cache id>: what `train --cache` takes
     cache_id: str
     reused: bool
-    views_computed: int
+    views_computed: int  # by every rank together
     seconds: float
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
     alias: str | None = None  # ROOT/<alias>, a readable name that opens the same cache
@@ -93,15 +103,6 @@ def energy(logits: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tenso
     """``E = -T·logsumexp(z/T)`` per row and temperature: [B, len(temperatures)], float32."""
     z = logits.float()
     return torch.stack([-t * torch.logsumexp(z / t, dim=1) for t in temperatures], dim=1)
-
-
-def state_sha256(model: torch.nn.Module) -> str:
-    """Hash of a model's parameters and buffers, for teachers handed over as objects."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
 
 
 def parse_logits(text: str, num_classes: int, dtype: str) -> dict[str, Any]:
@@ -265,16 +266,20 @@ def _validate(cfg: PrecomputeConfig) -> None:
     parse_features(tuple(cfg.features))
 
 
+def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The fully resolved settings of a run, as JSON (the manifest's ``config``; not part of the cache id):
+    ``PrecomputeConfig(**run_config(cfg))`` reruns it."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(cfg).items()}
+
+
 def build_manifest(
-    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, weights_sha: str, size: int,
+    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, teacher: dict[str, Any], size: int,
     features: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of the cache ``cfg`` describes (id and layout are added by the store)."""
+    """The manifest of the cache ``cfg`` describes (id and layout are added by the store);
+    ``teacher`` is its teacher section (members and ensemble, see kdcache/teachers.py)."""
     return {
-        "teacher": {
-            "members": [{"spec": cfg.teacher, "sha256": weights_sha, "weights": cfg.weights}],
-            "ensemble": None,
-        },
+        "teacher": teacher,
         "dataset": {
             "spec": source.spec,
             "split": "train",
@@ -296,8 +301,10 @@ def build_manifest(
             "logits": parse_logits(cfg.logits, source.num_classes, cfg.logit_dtype),
             "energy": {"temperatures": [float(t) for t in cfg.energy_t]},
             "features": features or [],
+            **teachers.members_entry(len(teacher["members"]), cfg.keep_members, cfg.logit_dtype),
         },
         "provenance": provenance(),
+        "config": run_config(cfg),
     }
 
 
@@ -327,11 +334,15 @@ class _ShardBatches(Dataset):
         return shard, lo, params, uniforms, inputs
 
 
-def _plan(cache: Cache, batch_size: int) -> list[tuple[int, int, int, int]]:
-    """(shard, first sample of shard, first pair, end pair) for every batch of every unfinished shard."""
+def _plan(cache: Cache, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int, int, int]]:
+    """(shard, first sample of shard, first pair, end pair) for every batch of this rank's unfinished shards.
+
+    Rank r owns shards r, r+W, …: a fixed split, so ranks that read the done flags at different
+    moments still never share a shard.
+    """
     batches = []
     done = cache.shards_done()
-    for shard in range(cache.num_shards):
+    for shard in range(rank, cache.num_shards, world):
         if done[shard]:
             continue
         start, stop = cache.shard_range(shard)
@@ -354,6 +365,33 @@ def teacher_targets(logits: torch.Tensor, entry: dict[str, Any],
             "sampled/counts": counts.cpu().numpy().astype(entry["count_dtype"])}
 
 
+def prepare(
+    cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
+) -> tuple[data.Source, Recipe, int, torch.nn.Module, dict[str, str], dict[str, Any], list[ArraySpec]]:
+    """Everything a run needs before it touches storage: source, recipe, teacher input size, the
+    teacher to run (loaded, see kdcache/teachers.py), feature modes, manifest and array specs."""
+    _validate(cfg)
+    source = data.open_source(cfg.dataset)
+    recipe = Recipe.parse(cfg.augment)
+    size = cfg.teacher_size or source.image_size
+    teacher, section = teachers.load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
+                                              cfg.ensemble, cfg.keep_members, modules=teacher)
+    modes = parse_features(tuple(cfg.features))
+    spec = "+".join(m["spec"] for m in section["members"])
+    features = feature_entries(teacher, spec, modes, (source.channels, size, size))
+    manifest = build_manifest(cfg, source, recipe, section, size, features)
+    heda.add_to_manifest(manifest, cfg.he_extra, recipe, tuple(cfg.energy_t))
+    entry = manifest["outputs"]["logits"]
+    specs = [
+        *target_specs(entry, source.num_classes),
+        ArraySpec("energy", (len(cfg.energy_t),), "float32"),
+        *[ArraySpec(f["array"], tuple(f["shape"]), "float16", **_map_codec(f["mode"])) for f in features],
+        *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in recipe.fields().items()],
+        *teachers.member_specs(manifest["outputs"], source.num_classes),
+    ]
+    return source, recipe, size, teacher, modes, manifest, specs
+
+
 def precompute(
     cfg: PrecomputeConfig,
     teacher: torch.nn.Module | None = None,
@@ -367,40 +405,40 @@ def precompute(
     incomplete one is resumed. ``on_batch(inputs, logits)`` sees every teacher batch (for tests and
     custom logging).
     """
-    _validate(cfg)
     began = time.perf_counter()
-    source = data.open_source(cfg.dataset)
-    recipe = Recipe.parse(cfg.augment)
-    size = cfg.teacher_size or source.image_size
-    if teacher is None:
-        teacher = models.create_model(cfg.teacher, source.num_classes, source.channels)
-        if cfg.weights is None:
-            raise InvalidSpec("precompute needs --weights FILE for the teacher — train one with `kdcache train`")
-        if not os.path.isfile(cfg.weights):
-            raise MissingData(f"weights file {cfg.weights} not found — check the path given to --weights")
-        weights_sha = models.file_sha256(cfg.weights)
-        models.load_weights(teacher, cfg.weights, spec=cfg.teacher)
-    else:
-        weights_sha = state_sha256(teacher)
-    modes = parse_features(tuple(cfg.features))
-    features = feature_entries(teacher, cfg.teacher, modes, (source.channels, size, size))
-    manifest = build_manifest(cfg, source, recipe, weights_sha, size, features)
+    source, recipe, size, teacher, modes, manifest, specs = prepare(cfg, teacher)
     entry = manifest["outputs"]["logits"]
-    specs = [
-        *target_specs(entry, source.num_classes),
-        ArraySpec("energy", (len(cfg.energy_t),), "float32"),
-        *[ArraySpec(f["array"], tuple(f["shape"]), "float16", **_map_codec(f["mode"])) for f in features],
-        *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in recipe.fields().items()],
-    ]
 
-    cache, alias = _open_or_create(cfg, manifest, source, specs)
-    if cache.complete:
-        return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
+    rank, _ = distributed.rank_world()
+    device = distributed.init_if_needed(pick_device(cfg.device))
+    cache, alias, lock = _claim(cfg, manifest, source, specs)
+    try:
+        if cache.complete:
+            return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
+        computed = _compute(cfg, cache, teacher, source, recipe, size, entry, specs, modes, device, lock, on_batch)
+        distributed.barrier()
+        if rank == 0:  # the extra views need every sample's energy: one writer, after all shards
+            computed += heda.add_extra_views(cache, teacher.to(device).eval(), source.train, device, cfg.batch_size,
+                                    cfg.progress)
+        total = int(distributed.all_sum([computed], device)[0])
+        if rank == 0:
+            cache.finish()
+        distributed.barrier()  # every rank returns once the cache is complete
+    finally:
+        if lock is not None:
+            lock.release()
+    manifest = cache.manifest if rank == 0 else open_cache(cache.path).manifest
+    return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, manifest, alias)
 
-    device = pick_device(cfg.device)
+
+def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, source: data.Source, recipe: Recipe,
+             size: int, entry: dict[str, Any], specs: list[ArraySpec], modes: dict[str, str], device: torch.device,
+             lock: WriterLock | None, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None) -> int:
+    """Run the teacher over this rank's unfinished shards and write each as it completes; the views computed."""
+    rank, world = distributed.rank_world()
     teacher = teacher.to(device).eval()
     renderer = Renderer(source.train, recipe, size, source.mean, source.std)
-    batches = _plan(cache, cfg.batch_size)
+    batches = _plan(cache, cfg.batch_size, rank, world)
     draws = entry["draws"] if entry["mode"] == "sampled" else 0
     loader = DataLoader(
         _ShardBatches(renderer, recipe, cfg.seed, cfg.views, len(source.train), batches, draws),
@@ -411,8 +449,8 @@ def precompute(
     filled: dict[int, int] = {}
     tap = FeatureTap(teacher, modes)
     try:
-        with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute", disable=not cfg.progress,
-                                          dynamic_ncols=True) as bar:
+        with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute",
+                                          disable=not cfg.progress or rank > 0, dynamic_ncols=True) as bar:
             for shard, lo, params, uniforms, inputs in loader:
                 logits = teacher(inputs.to(device, non_blocking=True)).float()
                 if on_batch is not None:
@@ -424,6 +462,7 @@ def precompute(
                     "energy": energy(logits, cfg.energy_t).cpu().numpy(),
                     **{f"features/{layer}": _numpy(fmap) for layer, fmap in tap.take().items()},
                     **{f"aug/{name}": values for name, values in params.items()},
+                    **teachers.member_outputs(teacher, cache.manifest["outputs"]),
                 }
                 buf = buffers.setdefault(shard, _shard_buffers(cache, shard, specs))
                 for name, values in out.items():
@@ -431,12 +470,13 @@ def precompute(
                     flat[lo : lo + len(values)] = values
                 filled[shard] = filled.get(shard, 0) + len(inputs)
                 if filled[shard] == buf["energy"].shape[0] * cache.views:
+                    if lock is not None:
+                        lock.check()  # stop before writing if a --break-lock took this cache over
                     cache.write_shard(shard, buffers.pop(shard))
                 bar.update(len(inputs))
     finally:
         tap.close()
-    cache.finish()
-    return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, cache.manifest, alias)
+    return total
 
 
 def _map_codec(mode: str) -> dict[str, Any]:
@@ -456,6 +496,43 @@ def _shard_buffers(cache: Cache, shard: int, specs: list[ArraySpec]) -> dict[str
     return {spec.name: np.zeros((stop - start, cache.views, *spec.tail), dtype=spec.dtype) for spec in specs}
 
 
+def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
+           specs: list[ArraySpec]) -> tuple[Cache, str, WriterLock | None]:
+    """The cache to reuse or write, and the writer lock that rank 0 holds while it is incomplete.
+
+    A complete cache is reused without locking (readers never lock, and may lack write permission).
+    Otherwise rank 0 takes the lock, then creates or resumes the layout — it may have been
+    completed by the writer it waited for — and only then do the other ranks open it.
+    """
+    rank, _ = distributed.rank_world()
+    path = join(cfg.out, cache_id(manifest))
+    lock = None
+    if rank == 0:
+        if not _complete(path):
+            lock = WriterLock(path, wait=cfg.wait, break_stale=cfg.break_lock).acquire()
+        try:
+            cache, alias = _open_or_create(cfg, manifest, source, specs)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if cache.complete and lock is not None:
+            lock.release()
+            lock = None
+    distributed.barrier()
+    if rank > 0:
+        cache = open_cache(path, mode="r+", allow_incomplete=True)
+        alias = join(cfg.out, alias_name(manifest, cache.id))
+    return cache, alias, lock
+
+
+def _complete(path: str) -> bool:
+    try:
+        return open_cache(path, allow_incomplete=True).complete
+    except KdcacheError:
+        return False
+
+
 def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
                     specs: list[ArraySpec]) -> tuple[Cache, str]:
     """The cache at ``cfg.out/<id>``: found (to reuse or resume) or created, and its alias path."""
@@ -469,6 +546,9 @@ def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: dat
     except (MissingData, CacheCorrupt):  # nothing there yet, or a layout whose creation was interrupted
         cache = create_cache(path, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples,
                              sharded=cfg.sharded)
+    if cache.id != wanted and any(h.get("previous_id") == wanted for h in cache.manifest.get("history", [])):
+        raise CacheMismatch(f"{path} was extended into cache {cache.id} ({cache.views} views), which holds every view "
+                            f"of {wanted} — train from it, or precompute into another --out to rebuild {wanted}")
     if cache.id != wanted:
         raise CacheCorrupt(f"{path} holds cache {cache.id}, not {wanted} as its name says — delete that folder")
     return cache, write_alias(cfg.out, alias_name(manifest, wanted), wanted)

@@ -443,6 +443,48 @@ class Cache:
         self.manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.group.attrs[MANIFEST_KEY] = self.manifest
 
+    # ---- growing (kdcache/extend.py) ---------------------------------------------------------
+    def grow_views(self, views: int) -> None:
+        """Resize every per-view array to ``views`` views; the manifest is left as it is.
+
+        Only metadata changes: a chunk holds one view, so the chunks of existing views are untouched
+        and readers of those views keep working while new ones are written.
+        """
+        for name in self.array_names:
+            arr = self.group[name]
+            arr.resize((arr.shape[0], views, *arr.shape[2:]))
+
+    def add_array(self, spec: ArraySpec, views: int) -> None:
+        """Create per-view array ``spec`` with ``views`` views, laid out like the others (not yet in the manifest)."""
+        layout = self.manifest["layout"]
+        _create_view_array(self.group, spec, self.num_samples, views, self.chunk_samples, self.shard_samples,
+                           bool(layout.get("sharded")))
+
+    def write_views(self, name: str, start: int, first_view: int, values: np.ndarray) -> None:
+        """Write ``values [n, k, ...]`` to samples ``start..start+n`` and views ``first_view..first_view+k``."""
+        self.group[name][start : start + values.shape[0], first_view : first_view + values.shape[1]] = values
+
+    def save_manifest(self, manifest: dict[str, Any]) -> None:
+        """Replace the manifest: the last step of an extension."""
+        self.manifest = manifest
+        self.group.attrs[MANIFEST_KEY] = manifest
+
+
+def _create_view_array(group: zarr.Group, spec: ArraySpec, num_samples: int, views: int, chunk: int,
+                       shard_samples: int, sharded: bool) -> None:
+    """A per-view array ``[N, K, *tail]`` in chunks ``[S, 1, *tail]`` (inside shards ``[H, K, *tail]``)."""
+    group.create_array(
+        spec.name,
+        shape=(num_samples, views, *spec.tail),
+        dtype=spec.dtype,
+        chunks=(chunk, 1, *spec.tail),
+        shards=(shard_samples, views, *spec.tail) if sharded else None,
+        compressors=compressors(spec.dtype, spec.codec, spec.level),
+        fill_value=0,
+        config={"write_empty_chunks": True},  # so a missing chunk file is always damage, never zeros
+        overwrite=True,
+    )
+
 
 def create_cache(
     path: str,
@@ -492,17 +534,7 @@ def create_cache(
     )
     labels_array[:] = np.asarray(labels, dtype=np.int64)
     for spec in specs:
-        group.create_array(
-            spec.name,
-            shape=(num_samples, views, *spec.tail),
-            dtype=spec.dtype,
-            chunks=(chunk, 1, *spec.tail),
-            shards=(shard_samples, views, *spec.tail) if sharded else None,
-            compressors=compressors(spec.dtype, spec.codec, spec.level),
-            fill_value=0,
-            config=every_chunk,
-            overwrite=True,
-        )
+        _create_view_array(group, spec, num_samples, views, chunk, shard_samples, sharded)
     group.create_array(STATUS_ARRAY, shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                        compressors=compressors("uint8"), overwrite=True)
     group.attrs[MANIFEST_KEY] = manifest

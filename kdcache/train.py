@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache import data, losses, models, robust
+from kdcache import data, distributed, heda, losses, models, robust
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.online import OnlineTeacher, check_online
@@ -69,6 +69,7 @@ class TrainConfig:
     amp: bool = True  # only on CUDA
     resume: bool = False
     progress: bool = True
+    he_da: bool = False  # also train on the cache's energy-guided extra mixed views (kdcache/heda.py)
 
 
 @dataclass
@@ -270,7 +271,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     _validate(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    device = pick_device(cfg.device)
+    device = distributed.init_if_needed(pick_device(cfg.device))  # torchrun: DDP, one rank per process
+    rank, world = distributed.rank_world()
 
     # data
     source = data.open_source(cfg.dataset)
@@ -298,7 +300,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     renderer = Renderer(source.train, recipe, size, source.mean, source.std)
     keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
     stream = TrainViews(renderer, labels, block, seed, cfg.cache, targets.arrays() if targets else [], views,
-                        batch_size=cfg.batch_size, keep=keep)
+                        batch_size=cfg.batch_size, keep=keep, rank=rank, world=world)
+    if len(stream) == 0:
+        raise InvalidSpec(f"rank {rank} of {world} has no training samples — use fewer processes")
+    if cfg.he_da:
+        stream = heda.with_extra_views(stream, cache, source.train, size)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))
 
@@ -308,6 +314,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if tap is not None:
         criterion.build(tap.shapes(model, (source.channels, size, size), device), targets.teacher_shapes())
     criterion.to(device)
+    net = distributed.wrap(model, device, extras=criterion)  # DDP with several ranks, else the model
     params = [*model.parameters(), *criterion.parameters()]
     optimizer = _optimizer(params, cfg)
     steps_per_epoch = math.ceil(len(stream) / cfg.batch_size)
@@ -336,7 +343,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         torch.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
         metrics = _read_metrics(out / "metrics.jsonl")[:start_epoch]
-    (out / "run.json").write_text(json.dumps(run, indent=2))
+    if rank == 0:
+        (out / "run.json").write_text(json.dumps(run, indent=2))
 
     for epoch in range(start_epoch, cfg.epochs):
         stream.set_epoch(epoch)
@@ -344,15 +352,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         began = time.perf_counter()
         sums: dict[str, float] = {}
         seen = correct = agree = 0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not cfg.progress, dynamic_ncols=True, leave=False)
-        for batch in bar:
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
+                   unit_scale=cfg.batch_size,
+                   disable=not cfg.progress or rank > 0, dynamic_ncols=True, leave=False)
+        for batch in distributed.uneven(bar, net):
             inputs = batch["input"].to(device, non_blocking=True)
             labels = batch["label"].to(device)
             info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
                                 epoch=epoch, mixed=(batch["lam"] < 1).to(device))
             with torch.autocast(device.type, enabled=use_amp):
-                logits = model(inputs)
+                logits = net(inputs)
                 teacher = _teacher_batch(batch, inputs, online, targets, device)
             student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
             total, terms = criterion(student, teacher, info)
@@ -377,6 +386,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 agree += int(predicted.eq(reference.argmax(dim=1)).sum())
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
         seconds = time.perf_counter() - began
+        seen, correct, agree, *totals = distributed.all_sum([seen, correct, agree, *sums.values()], device)
+        sums = dict(zip(sums, totals))  # every rank's views: the epoch's figures, whatever the number of ranks
         test = evaluate(model, test_loader, device)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -392,6 +403,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             "seconds": seconds,
         }
         metrics.append(record)
+        if rank > 0:
+            continue
         _write_metrics(out / "metrics.jsonl", metrics)
         torch.save({"model": model.state_dict(), "loss": criterion.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

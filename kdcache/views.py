@@ -13,8 +13,8 @@ rendering of the images themselves.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -224,6 +224,10 @@ class TrainViews(IterableDataset):
             return sum(b.stop - b.start for b in blocks)
         return sum(int(self.keep[b.start : b.stop].sum()) for b in blocks)
 
+    def num_rows(self) -> int:
+        """Rows of the cache this stream reads: one per sample here (a subclass may read fewer)."""
+        return len(self.labels)
+
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_cache": None, "_cache_pid": -1}
 
@@ -235,29 +239,33 @@ class TrainViews(IterableDataset):
             self._cache, self._cache_pid = open_cache(self.cache_path), os.getpid()
         return self._cache
 
-    def _read(self, block: Block) -> Window:
-        indices = np.arange(block.start, block.stop, dtype=np.int64)
+    def _read(self, blocks: Sequence[Block]) -> Window:
+        """The views of ``blocks``, block after block: cached params and teacher rows, or fresh params."""
         recipe = self.renderer.recipe
-        if self.cache_path is None:
-            params = recipe.sample(self.seed, indices, np.full_like(indices, block.view), len(self.labels))
-            teacher: dict[str, np.ndarray] = {}
-        else:
-            aug = [f"aug/{name}" for name in recipe.fields()]
-            data = self._open().read_block([*aug, *self.teacher_arrays], block.start, block.stop, block.view)
-            params = {name.removeprefix("aug/"): np.asarray(data[name]) for name in aug}
-            teacher = {name: np.asarray(data[name]) for name in self.teacher_arrays}
-        partner, lam = recipe.mixing(params) if params else (np.full(len(indices), -1), np.ones(len(indices)))
-        return Window(indices, np.full(len(indices), block.view, dtype=np.int64), params, teacher,
-                      np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32))
+        aug = [f"aug/{name}" for name in recipe.fields()]
+        parts = []
+        for block in blocks:
+            indices = np.arange(block.start, block.stop, dtype=np.int64)
+            if self.cache_path is None:
+                params = recipe.sample(self.seed, indices, np.full_like(indices, block.view), len(self.labels))
+                teacher: dict[str, np.ndarray] = {}
+            else:
+                data = self._open().read_block([*aug, *self.teacher_arrays], block.start, block.stop, block.view)
+                params = {name.removeprefix("aug/"): np.asarray(data[name]) for name in aug}
+                teacher = {name: np.asarray(data[name]) for name in self.teacher_arrays}
+            partner, lam = recipe.mixing(params) if params else (np.full(len(indices), -1), np.ones(len(indices)))
+            parts.append(Window(indices, np.full(len(indices), block.view, dtype=np.int64), params, teacher,
+                                np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32)))
+        return Window.concat(parts)
 
     def windows(self) -> Iterator[Window]:
         """This process's views of the epoch as shuffled windows: the reading path without rendering."""
-        blocks = plan_epoch(len(self.labels), self.block, self.views, self.seed, self.epoch, self.rank, self.world)
+        blocks = plan_epoch(self.num_rows(), self.block, self.views, self.seed, self.epoch, self.rank, self.world)
         info = get_worker_info()
         if info is not None:
             blocks = blocks[info.id :: info.num_workers]
         for w in range(0, len(blocks), self.window):
-            window = Window.concat([self._read(block) for block in blocks[w : w + self.window]])
+            window = self._read(blocks[w : w + self.window])
             window = window.take(np.random.default_rng([self.seed, self.epoch, w, 0x77]).permutation(len(window)))
             if self.keep is not None:
                 window = window.take(self.keep[window.index])

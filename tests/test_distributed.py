@@ -6,11 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch.distributed as dist
 
 from kdcache import distributed
 from kdcache.errors import InvalidSpec
+from kdcache.precompute import PrecomputeConfig, precompute
+from kdcache.store import open_cache
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -83,3 +86,63 @@ def test_nproc_relaunches_the_command_as_n_processes(plain_process, capfd):
     assert distributed.launch(2, ["datasets", "--nproc", "2"]) == 0
     out = capfd.readouterr().out
     assert out.count("mnist5k") == 2  # each rank ran `kdcache datasets` once
+
+
+def assert_same_cache(got_path: str, want_path: str) -> None:
+    got, want = open_cache(got_path), open_cache(want_path)
+    assert got.id == want.id and got.complete
+    np.testing.assert_array_equal(got.labels(), want.labels())
+    for name in want.array_names:
+        a, b = got.read_samples(name, 0, want.num_samples), want.read_samples(name, 0, want.num_samples)
+        assert a.tobytes() == b.tobytes(), name  # same CPU, same batches: the very same bytes
+
+
+@pytest.mark.slow  # three Python processes importing torch
+def test_two_ranks_split_the_shards_and_write_the_one_process_cache_then_train_with_ddp(tmp_path, teacher_weights):
+    settings = dict(dataset="fake:64", teacher="cnn", weights=teacher_weights, views=3, batch_size=20,
+                    chunk_samples=4, augment="rrc+flip+mixup", progress=False)  # 4 shards of 16 samples
+    single = precompute(PrecomputeConfig(out=str(tmp_path / "one"), **settings))
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import hashlib, torch
+        from kdcache import distributed
+        from kdcache.precompute import PrecomputeConfig, precompute
+        from kdcache.store import open_cache
+        from kdcache.train import TrainConfig, train
+        torch.set_num_threads(1)
+        rank, world = distributed.rank_world()
+        mine = []
+        result = precompute(PrecomputeConfig(out={str(tmp_path / "two")!r}, **{settings!r}),
+                            on_batch=lambda inputs, logits: mine.append(len(inputs)))
+        run = train(TrainConfig(dataset="fake:64", model="cnn", out={str(tmp_path / "run")!r}, cache=result.path,
+                                epochs=2, batch_size=8, device="cpu", progress=False))
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in run.model.parameters())).hexdigest()
+        print(f"rank {{rank}} ran {{sum(mine)}} views {{result.views_computed}} path {{result.path}} "
+              f"model {{digest}} epochs {{len(run.metrics)}}", flush=True)
+    """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = sorted(line.split() for line in out.stdout.splitlines() if line.startswith("rank"))
+    assert [line[:4] for line in lines] == [["rank", "0", "ran", "96"], ["rank", "1", "ran", "96"]]  # 2 shards each
+    (r0, r1) = lines
+    assert r0[5] == r1[5] == str(64 * 3)  # the views of every rank, counted once
+    assert r0[7] == r1[7] == single.path.replace("/one/", "/two/")
+    assert_same_cache(r0[7], single.path)
+    assert r0[9] == r1[9]  # DDP: both ranks end with the same student
+    assert (tmp_path / "run" / "model.pt").exists() and r0[11] == "2"
+
+
+@pytest.mark.slow  # three Python processes importing torch
+def test_nproc_flag_precomputes_with_two_processes(tmp_path, teacher_weights):
+    args = ["precompute", "--dataset", "fake:64", "--teacher", "cnn", "--weights", teacher_weights,
+            "--out", str(tmp_path / "root"), "--views", "3", "--batch-size", "50", "--device", "cpu", "--quiet",
+            "--nproc", "2"]
+    out = subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = [line for line in out.stdout.splitlines() if line.startswith("cache ")]
+    assert len(printed) == 1 and "192 views" in printed[0]  # rank 0 reports for both
+    path = printed[0].split(" written to ")[1].split(":")[0]
+    settings = dict(dataset="fake:64", teacher="cnn", weights=teacher_weights, views=3, batch_size=50,
+                    device="cpu", progress=False)
+    assert_same_cache(path, precompute(PrecomputeConfig(out=str(tmp_path / "one"), **settings)).path)

@@ -32,9 +32,9 @@ def cached_stream(cache_path: str, **options) -> TrainViews:
 
 def assert_same_batch(a: dict, b: dict) -> None:
     assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype, key
+        assert torch.equal(value, b[key]), key
 
 
 @pytest.mark.parametrize("recipe", ["rrc+flip", "rrc+flip+trivial+erase+cutmix:0.5", "flip+mixup"])

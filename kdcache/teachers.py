@@ -1,0 +1,154 @@
+"""Teachers of a precompute run: one model, or an ensemble whose members' outputs are combined.
+
+``--teacher A --weights WA --teacher B --weights WB`` builds the members in order, hashes each
+weights file for the cache id, and wraps them in :class:`Ensemble`, whose forward pass returns the
+combined logits the rest of precompute stores (docs/format.md, "Teacher ensembles"):
+
+- ``mean-prob`` (the default, as dataset reinforcement does): the target is the mean of the members'
+  softmax at T = 1. Its logits are ``log(mean_m softmax(z_m)) + mean_m logsumexp(z_m)``: their
+  softmax is exactly the mean probability, and the shift gives them the members' average logit
+  scale, so the energy ``-T·logsumexp(z/T)`` of the ensemble target is the members' mean energy at
+  T = 1 rather than a constant 0.
+- ``mean-logit``: the mean of the members' logits.
+
+With ``--keep-members`` each member's own dense logits are stored too (``members/<i>/logits``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache import models
+from kdcache.errors import InvalidSpec, MissingData
+from kdcache.store import ArraySpec, storage_dtype
+
+ENSEMBLE_MODES = ("mean-prob", "mean-logit")
+
+
+def member_pairs(teacher: str | Sequence[str], weights: str | Sequence[str] | None) -> list[tuple[str, str | None]]:
+    """(spec, weights file) of every member: ``--teacher`` and ``--weights`` paired in order."""
+    specs = [teacher] if isinstance(teacher, str) else list(teacher)
+    if weights is None:
+        files: list[str | None] = [None] * len(specs)
+    else:
+        files = [weights] if isinstance(weights, (str, os.PathLike)) else [str(w) for w in weights]
+    if not specs:
+        raise InvalidSpec("precompute needs at least one --teacher — e.g. --teacher cnn --weights teacher.pt")
+    if len(files) != len(specs):
+        raise InvalidSpec(f"{len(specs)} --teacher but {len(files)} --weights — give one --weights per --teacher, "
+                          "in the same order")
+    return [(spec, None if w is None else str(w)) for spec, w in zip(specs, files)]
+
+
+def combine(member_logits: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
+    """The ensemble's logits [B, C] (float32) from its members' logits, as the module docstring defines."""
+    if len(member_logits) == 1:
+        return member_logits[0].float()
+    z = torch.stack([m.float() for m in member_logits])  # [M, B, C]
+    if mode == "mean-logit":
+        return z.mean(dim=0)
+    if mode != "mean-prob":
+        raise InvalidSpec(f"--ensemble {mode!r} is not one of {', '.join(ENSEMBLE_MODES)}")
+    log_mean_p = torch.logsumexp(torch.log_softmax(z, dim=2), dim=0) - math.log(len(member_logits))
+    return log_mean_p + torch.logsumexp(z, dim=2).mean(dim=0).unsqueeze(1)
+
+
+class Ensemble(nn.Module):
+    """Members run on the same inputs; the output is :func:`combine` of their logits.
+
+    Member ``i``'s layers are named ``members.<i>.<layer>`` (what ``--features`` takes for an
+    ensemble). With ``keep`` the members' float32 logits of the last forward stay in ``last``.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], mode: str = "mean-prob", keep: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.mode, self.keep = mode, keep
+        self.last: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [member(x).float() for member in self.members]
+        self.last = outs if self.keep else []
+        return combine(outs, self.mode)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """Hash of a model's parameters and buffers, for teachers handed over as objects."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def load_teachers(
+    teacher: str | Sequence[str], weights: str | Sequence[str] | None, num_classes: int, channels: int,
+    ensemble: str = "mean-prob", keep_members: bool = False,
+    modules: nn.Module | Sequence[nn.Module] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher to run (one model or an :class:`Ensemble`) and the manifest's ``teacher`` section.
+
+    ``modules`` are teachers handed over as objects (hashed by their parameters); otherwise each
+    member is built from its spec and loaded from its weights file (hashed by the file's bytes).
+    """
+    if ensemble not in ENSEMBLE_MODES:
+        raise InvalidSpec(f"--ensemble {ensemble!r} is not one of {', '.join(ENSEMBLE_MODES)}")
+    pairs = member_pairs(teacher, weights)
+    if modules is not None:
+        given = [modules] if isinstance(modules, nn.Module) else list(modules)
+        if len(given) != len(pairs):
+            raise InvalidSpec(f"{len(given)} teacher modules but {len(pairs)} teacher specs — name each module")
+        members = [{"spec": spec, "sha256": state_sha256(m), "weights": w} for (spec, w), m in zip(pairs, given)]
+    else:
+        given, members = [], []
+        for spec, path in pairs:
+            if path is None:
+                raise InvalidSpec(f"precompute needs --weights FILE for teacher {spec} — train one with `kdcache train`")
+            if not os.path.isfile(path):
+                raise MissingData(f"weights file {path} not found — check the path given to --weights")
+            model = models.create_model(spec, num_classes, channels)
+            models.load_weights(model, path, spec=spec)
+            given.append(model)
+            members.append({"spec": spec, "sha256": models.file_sha256(path), "weights": path})
+    if len(given) == 1:
+        if keep_members:
+            raise InvalidSpec("--keep-members needs an ensemble — give two or more --teacher/--weights pairs")
+        return given[0], {"members": members, "ensemble": None}
+    return Ensemble(given, ensemble, keep_members), {"members": members, "ensemble": ensemble}
+
+
+def members_entry(num_members: int, keep_members: bool, dtype: str) -> dict[str, Any]:
+    """``{"members": {...}}`` for the manifest's outputs when members' logits are kept, else ``{}``
+    (so caches without kept members keep the id they always had)."""
+    if not keep_members or num_members < 2:
+        return {}
+    return {"members": {"dtype": dtype, "arrays": [f"members/{i}/logits" for i in range(num_members)]}}
+
+
+def member_specs(outputs: dict[str, Any], num_classes: int) -> list[ArraySpec]:
+    """The arrays of kept member logits, ``members/<i>/logits [N, K, C]``."""
+    kept = outputs.get("members")
+    if not kept:
+        return []
+    return [ArraySpec(name, (num_classes,), storage_dtype(kept["dtype"]), kept["dtype"]) for name in kept["arrays"]]
+
+
+def member_outputs(teacher: nn.Module, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The kept member logits of the teacher's last forward pass, cast to the stored dtype."""
+    kept = outputs.get("members")
+    if not kept or not isinstance(teacher, Ensemble):
+        return {}
+    return {name: stored_logits(z, kept["dtype"]) for name, z in zip(kept["arrays"], teacher.last)}
+
+
+def stored_logits(z: torch.Tensor, dtype: str) -> np.ndarray:
+    """Logits cast to their stored dtype; bfloat16, which numpy lacks, as its uint16 bit pattern."""
+    t = z.to(getattr(torch, dtype)).cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()

@@ -1,0 +1,104 @@
+"""`kdcache verify --recompute`: replayed views rerun through the teacher must match the cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from tests_support import run_cli
+
+from kdcache import models
+from kdcache.errors import WeightsMismatch
+from kdcache.precompute import PrecomputeConfig, precompute
+from kdcache.replay import pick_pairs, recompute, view_sets
+from kdcache.store import open_cache
+
+ALL = "1000"  # more pairs than the 64 x 3 views of the cache: every view is replayed
+
+
+@pytest.fixture
+def tampered(cache_path, tmp_path) -> Path:
+    """A private copy of the shared cache, free to modify through zarr."""
+    dst = tmp_path / "copy"
+    shutil.copytree(cache_path, dst)
+    return dst
+
+
+def bad_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("BAD")]
+
+
+def test_a_good_cache_replays_clean_with_exit_0(cache_path, teacher_weights, capsys):
+    code, out, _ = run_cli(["verify", cache_path, "--recompute", "20", "--weights", teacher_weights], capsys)
+    assert code == 0, out
+    assert "intact" in out and "20 views replayed" in out
+
+
+def test_an_overwritten_rrc_row_fails_naming_the_array_op_and_view(tampered, teacher_weights, capsys):
+    zarr.open_group(str(tampered), mode="r+")["aug/rrc"][17, 1] = np.array([0.1, 0.2, 0.5, 0.4], np.float32)
+    code, out, _ = run_cli(["verify", str(tampered), "--recompute", ALL, "--weights", teacher_weights], capsys)
+    assert code == 1
+    bad = bad_lines(out)
+    assert len(bad) == 1 and bad[0].startswith("BAD  aug/rrc: (17, 1)"), bad
+    assert "op rrc" in bad[0] and "replays to a different view: logits differ by" in bad[0]
+
+
+def test_an_overwritten_logit_fails_naming_the_logits_and_view(tampered, teacher_weights, capsys):
+    arr = zarr.open_group(str(tampered), mode="r+")["logits"]
+    arr[40, 2, 5] = np.float16(float(arr[40, 2, 5]) + 3.0)
+    code, out, _ = run_cli(["verify", str(tampered), "--recompute", ALL, "--weights", teacher_weights], capsys)
+    assert code == 1
+    bad = bad_lines(out)
+    assert len(bad) == 1 and bad[0].startswith("BAD  logits: (40, 2) replays"), bad
+    assert "differ by 3" in bad[0] and "[chunk logits/c/2/2/0]" in bad[0]
+
+
+def test_an_unrounded_fp16_error_is_within_tolerance_but_one_ulp_more_is_not(tampered, teacher_weights):
+    arr = zarr.open_group(str(tampered), mode="r+")["logits"]
+    z = arr[3, 0].astype(np.float32)
+    arr[3, 0] = np.nextafter(z.astype(np.float16), np.float16(np.inf))  # one float16 ulp up: rounding-sized
+    assert recompute(str(tampered), 1000, [teacher_weights]).ok
+    arr[3, 0] = (z + 0.05 * (np.abs(z) + 1)).astype(np.float16)  # 5% off: far beyond 4 ulps
+    assert not recompute(str(tampered), 1000, [teacher_weights]).ok
+
+
+def test_another_weights_file_is_a_one_line_error_before_any_replay(cache_path, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    torch.save(models.create_model("cnn", 10, 3).state_dict(), other)
+    with pytest.raises(WeightsMismatch):
+        recompute(cache_path, 5, [str(other)])
+    code, _, err = run_cli(["verify", cache_path, "--recompute", "5", "--weights", str(other)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "are not those of teacher cnn" in err
+
+
+def test_recompute_without_weights_is_a_one_line_error(cache_path, capsys):
+    code, _, err = run_cli(["verify", cache_path, "--recompute", "5"], capsys)
+    assert code == 2 and "--weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_replayed_pairs_are_a_pure_function_of_the_seed(cache_path):
+    sets = view_sets(open_cache(cache_path))
+
+    def flat(seed: int) -> list[tuple[int, int]]:
+        return [(int(r), int(v)) for _, rows, views in pick_pairs(sets, 10, seed) for r, v in zip(rows, views)]
+
+    assert flat(0) == flat(0) and flat(0) != flat(1)
+    assert len(set(flat(0))) == 10
+
+
+@pytest.mark.parametrize("logits", ["topk:3", "sampled:20"])
+def test_sparse_caches_with_features_replay_clean_and_catch_tampering(tmp_path, teacher_weights, logits):
+    result = precompute(PrecomputeConfig(dataset="fake:64", teacher="cnn", weights=teacher_weights,
+                                         out=str(tmp_path), views=2, batch_size=64, chunk_samples=16,
+                                         logits=logits, features=("layer2:attention",), progress=False))
+    assert recompute(result.path, 1000, [teacher_weights]).ok
+    group = zarr.open_group(result.path, mode="r+")
+    name = "topk/indices" if logits.startswith("topk") else "sampled/counts"
+    row = group[name][9, 1]
+    group[name][9, 1] = row[::-1]  # the same numbers, assigned to the wrong classes
+    report = recompute(result.path, 1000, [teacher_weights])
+    assert [(p.array, p.what.split(" ")[:3]) for p in report.problems] == [(name, ["(9,", "1)", "replays"])]
