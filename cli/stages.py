@@ -183,7 +183,7 @@ def quickstart(
     student: Annotated[Optional[str], typer.Option(help="Student model spec. [default: resnet8x4]")] = None,
     size: Annotated[Optional[int], typer.Option(help="Input side in pixels, teacher and student. [default: 12]")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="Teacher training epochs. [default: 4]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each student. [default: 3]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each student. [default: 2]")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per sample in the cache. [default: 8]")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,

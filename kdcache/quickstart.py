@@ -20,7 +20,7 @@ class QuickstartConfig:
     size: int = 12
     augment: str = "rrc:0.35"  # digits: milder crops than ImageNet's 0.08, and no flips
     teacher_epochs: int = 4
-    student_epochs: int = 3
+    student_epochs: int = 2
     views: int = 8
     batch_size: int = 64
     optimizer: str = "adamw"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +14,11 @@ from kdcache import store
 from kdcache.inspect import describe, list_caches, verify
 from kdcache.precompute import PrecomputeConfig, precompute
 from kdcache.store import open_cache
-from kdcache_cli.main import main
+from tests_support import run_cli
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["kdcache", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys)
 
 
 def config(out, weights, **kw) -> PrecomputeConfig:
