@@ -130,15 +130,7 @@ def verify(path: str) -> Verification:
         report.problems.append(Problem(STATUS_ARRAY, None, "every shard is written but the manifest says "
                                        "'writing' — rerun the precompute command to finish"))
     for name, (shape, dtype, logical) in _expected_arrays(cache).items():
-        report.arrays += 1
-        try:
-            stored = cache.stored_layout(name)
-        except CacheCorrupt:
-            report.problems.append(Problem(name, None, "array missing"))
-            continue
-        if stored != (shape, dtype):
-            report.problems.append(Problem(name, None, f"stored as {list(stored[0])} {stored[1]}, the manifest "
-                                           f"says {list(shape)} {dtype}"))
+        if not _layout_matches(cache, report, name, shape, dtype):
             continue
         report.problems += [Problem(name, key, "chunk file missing") for key in cache.missing_chunks(name)]
         for shard in range(cache.num_shards):
@@ -174,15 +166,7 @@ def _verify_extra_views(cache: Cache, report: Verification) -> None:
     expected = {"he/indices": ((m,), "int64", "int64")} | {
         a["name"]: ((m, k2, *a["tail"]), a["dtype"], a.get("logical_dtype", a["dtype"])) for a in he["arrays"]}
     for name, (shape, dtype, logical) in expected.items():
-        report.arrays += 1
-        try:
-            stored = cache.stored_layout(name)
-        except CacheCorrupt:
-            report.problems.append(Problem(name, None, "array missing"))
-            continue
-        if stored != (shape, dtype):
-            report.problems.append(Problem(name, None, f"stored as {list(stored[0])} {stored[1]}, the manifest "
-                                           f"says {list(shape)} {dtype}"))
+        if not _layout_matches(cache, report, name, shape, dtype):
             continue
         report.problems += [Problem(name, key, "chunk file missing") for key in _missing_he_chunks(cache, name)]
         try:
@@ -193,6 +177,21 @@ def _verify_extra_views(cache: Cache, report: Verification) -> None:
         report.chunks_read += -(-m // int(he["chunk_samples"])) * (1 if name == "he/indices" else k2)
         if logical in FLOAT_DTYPES and not np.isfinite(decode_logits(values, logical)).all():
             report.problems.append(Problem(name, None, "NaN/Inf values"))
+
+
+def _layout_matches(cache: Cache, report: Verification, name: str, shape: tuple[int, ...], dtype: str) -> bool:
+    """Count ``name`` as checked; report it when missing or stored with another shape or dtype."""
+    report.arrays += 1
+    try:
+        stored = cache.stored_layout(name)
+    except CacheCorrupt:
+        report.problems.append(Problem(name, None, "array missing"))
+        return False
+    if stored != (shape, dtype):
+        report.problems.append(Problem(name, None, f"stored as {list(stored[0])} {stored[1]}, the manifest "
+                                       f"says {list(shape)} {dtype}"))
+        return False
+    return True
 
 
 def _missing_he_chunks(cache: Cache, name: str) -> list[str]:
