@@ -29,11 +29,12 @@ from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec, WeightsMismatch
 from kdcache.lock import WriterLock
 from kdcache.precompute import (
-    FeatureTap, _map_codec, class_uniforms, energy, feature_entries, parse_features, pick_device, teacher_targets,
+    FeatureTap, _map_codec, batch_outputs, class_uniforms, energy, feature_entries, parse_features, pick_device,
+    teacher_targets,
 )
 from kdcache.roots import alias_name, write_alias
 from kdcache.store import ArraySpec, Cache, cache_id, decode_logits, open_cache, provenance, storage_dtype
-from kdcache.teachers import combine, load_teachers, member_outputs, member_pairs, stored_logits
+from kdcache.teachers import combine, load_teachers, member_pairs, stored_logits
 from kdcache.views import Renderer
 
 
@@ -46,18 +47,6 @@ class ExtendResult:
     seconds: float
     aliases: list[str] = field(default_factory=list)
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def batch_outputs(teacher: torch.nn.Module, tap: FeatureTap, logits: torch.Tensor, outputs: dict[str, Any],
-                  uniforms: torch.Tensor | None, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every per-view array precompute stores for one teacher batch (``outputs``: the manifest's)."""
-    return {
-        **teacher_targets(logits, outputs["logits"], uniforms),
-        "energy": energy(logits, tuple(outputs["energy"]["temperatures"])).cpu().numpy(),
-        **{f"features/{layer}": fmap.cpu().numpy() for layer, fmap in tap.take().items()},
-        **{f"aug/{name}": values for name, values in params.items()},
-        **member_outputs(teacher, outputs),
-    }
 
 
 def _teacher(manifest: dict[str, Any], source: data.Source, weights: Sequence[str] | None,

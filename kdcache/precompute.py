@@ -457,13 +457,7 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
                     on_batch(inputs, logits)
                 if uniforms is not None:
                     uniforms = torch.as_tensor(uniforms).to(device)
-                out = {
-                    **teacher_targets(logits, entry, uniforms),
-                    "energy": energy(logits, cfg.energy_t).cpu().numpy(),
-                    **{f"features/{layer}": _numpy(fmap) for layer, fmap in tap.take().items()},
-                    **{f"aug/{name}": values for name, values in params.items()},
-                    **teachers.member_outputs(teacher, cache.manifest["outputs"]),
-                }
+                out = batch_outputs(teacher, tap, logits, cache.manifest["outputs"], uniforms, params)
                 buf = buffers.setdefault(shard, _shard_buffers(cache, shard, specs))
                 for name, values in out.items():
                     flat = buf[name].reshape(-1, *buf[name].shape[2:])
@@ -552,3 +546,15 @@ def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: dat
     if cache.id != wanted:
         raise CacheCorrupt(f"{path} holds cache {cache.id}, not {wanted} as its name says — delete that folder")
     return cache, write_alias(cfg.out, alias_name(manifest, wanted), wanted)
+
+
+def batch_outputs(teacher: torch.nn.Module, tap: FeatureTap, logits: torch.Tensor, outputs: dict[str, Any],
+                  uniforms: torch.Tensor | None, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every per-view array precompute stores for one teacher batch (``outputs``: the manifest's)."""
+    return {
+        **teacher_targets(logits, outputs["logits"], uniforms),
+        "energy": energy(logits, tuple(outputs["energy"]["temperatures"])).cpu().numpy(),
+        **{f"features/{layer}": fmap.cpu().numpy() for layer, fmap in tap.take().items()},
+        **{f"aug/{name}": values for name, values in params.items()},
+        **teachers.member_outputs(teacher, outputs),
+    }
