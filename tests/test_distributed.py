@@ -64,20 +64,22 @@ def test_nproc_is_removed_from_the_relaunched_command():
 def test_two_torchrun_ranks_join_a_gloo_group_on_cpu(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent("""
-        import torch, torch.distributed as dist
+        import sys, torch, torch.distributed as dist
+        from pathlib import Path
         from kdcache import distributed
         device = distributed.init_if_needed("cpu")
         rank, world = distributed.rank_world()
         total = torch.tensor([rank + 1.0])
         dist.all_reduce(total)
         distributed.barrier()
-        print(f"rank {rank}/{world} {dist.get_backend()} {device} sum {total.item():.0f}", flush=True)
+        report = f"rank {rank}/{world} {dist.get_backend()} {device} sum {total.item():.0f}"
+        (Path(sys.argv[1]) / f"rank{rank}.txt").write_text(report)  # one file each: a shared stdout interleaves
         distributed.shutdown()
     """))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(script)], capture_output=True, text=True, timeout=240)
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank"))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert lines == ["rank 0/2 gloo cpu sum 3", "rank 1/2 gloo cpu sum 3"]
 
 
