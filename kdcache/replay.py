@@ -183,10 +183,11 @@ def _check_batch(cache: Cache, vset: ViewSet, source: data.Source, teacher: torc
         changed = [name for name in stored if not np.array_equal(stored[name][j], fresh[name][j])]
         for name in changed:
             delta = float(np.max(np.abs(stored[name][j].astype(np.float64) - fresh[name][j].astype(np.float64))))
+            shown = f"{delta:.0f}" if stored[name].dtype.kind in "iu" else f"{delta:.3g}"  # ids, fixed-point boxes
             consequence = f"replays to a different view: {said}" if outputs else "outputs still match"
             problems.append(Problem(f"{prefix}aug/{name}", cache.chunk_key(f"{prefix}aug/{name}", int(rows[j]), v),
                                      f"{where} holds params that op {owners[name]} does not sample for it "
-                                     f"(max |Δ| {delta:.3g}); it {consequence}"))
+                                     f"(max |Δ| {shown}); it {consequence}"))
         if outputs and not changed:
             for name, d in outputs:
                 problems.append(Problem(name, cache.chunk_key(name, int(rows[j]), v),

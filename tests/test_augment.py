@@ -15,8 +15,9 @@ import zarr
 from torchvision.transforms.v2 import RandomResizedCrop, TrivialAugmentWide
 from torchvision.transforms.v2 import functional as F
 
-from kdcache.augment import Recipe, resize_view
+from kdcache.augment import Recipe, geometry, resize_view
 from kdcache.augment.autoaugment import NUM_BINS, OPS, SIGNED, apply_op, magnitudes
+from kdcache.augment.op import BOX_SCALE, quantise_box
 from kdcache.augment.rng import Draws, _gamma_ratio, _johnk, philox4x32
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
@@ -162,17 +163,95 @@ def test_seed_outside_64_bits_is_rejected():
 def test_rrc_boxes_are_in_range():
     recipe = Recipe.parse("rrc:0.35")
     pairs = np.arange(20000)
-    box = recipe.sample(0, pairs % 1000, pairs // 1000, 1000)["rrc"].astype(np.float64)
+    box = recipe.sample(0, pairs % 1000, pairs // 1000, 1000)["rrc"] / BOX_SCALE
     x0, y0, w, h = box.T
     assert (x0 >= 0).all() and (y0 >= 0).all() and (w > 0).all() and (h > 0).all()
-    assert (x0 + w <= 1 + 1e-6).all() and (y0 + h <= 1 + 1e-6).all()
-    assert ((w * h >= 0.35 - 1e-5) & (w * h <= 1 + 1e-5)).all()
-    assert ((w / h >= 0.75 - 1e-5) & (w / h <= 4 / 3 + 1e-5)).all()
+    assert (x0 + w <= 1 + 1e-12).all() and (y0 + h <= 1 + 1e-12).all()
+    assert ((w * h >= 0.35 - 1 / BOX_SCALE) & (w * h <= 1)).all()
+    assert ((w / h >= 0.75 - 1e-4) & (w / h <= 4 / 3 + 1e-4)).all()  # sides >= 0.5, each within 0.5/65535
     torch.manual_seed(0)  # torchvision's sampler on a square image gives the same area distribution
     tv = [RandomResizedCrop.get_params(torch.empty(1, 500, 500), [0.35, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
     tv_area = np.array([h * w for _, _, h, w in tv]) / 500**2
     assert abs(np.median(w * h) - np.median(tv_area)) < 0.02
     assert abs(np.mean(w * h) - np.mean(tv_area)) < 0.02
+
+
+RRC_CASES = [
+    geometry.RandomResizedCrop(),  # default scale (0.08, 1): a try fits in every one of these views
+    geometry.RandomResizedCrop(min_scale=0.9, max_scale=1.0),  # 14% of views exhaust their tries: fallback
+    geometry.RandomResizedCrop(min_scale=1.0, min_ratio=2.0, max_ratio=2.0),  # always the fallback, h = 1/2 centred
+    geometry.RandomResizedCrop(min_scale=1.0, min_ratio=1 / 3, max_ratio=1 / 3),  # always the fallback, w = 1/3 centred
+    geometry.RandomResizedCrop(min_scale=1e-12, max_scale=1e-12),  # sides of 1e-6, below one fixed-point step
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("op", RRC_CASES, ids=lambda op: f"{op.min_scale}-{op.max_scale}-{op.min_ratio:.3g}")
+def test_quantised_rrc_boxes_stay_inside_the_image_and_are_never_empty(op):
+    pairs = np.arange(50_000)
+    box = Recipe((op,)).sample(3, pairs % 5000, pairs // 5000, 5000)["rrc"]
+    assert box.dtype == np.uint16
+    x0, y0, w, h = box.astype(np.int64).T
+    assert (w >= 1).all() and (h >= 1).all()
+    assert (x0 + w <= BOX_SCALE).all() and (y0 + h <= BOX_SCALE).all()  # integers: x0 + w <= 1 exactly
+    image = torch.zeros(1, 7, 5, dtype=torch.uint8)
+    for j in range(0, len(box), 997):  # every box replays to a non-empty crop inside the image
+        assert Recipe((op,)).apply(image, {"rrc": box[j]}, 4).shape == (1, 4, 4)
+
+
+def test_rrc_fallback_boxes_are_centred_fixed_point():
+    fallback = {
+        RRC_CASES[2]: [0, 16384, BOX_SCALE, 32768],  # (1 - 1/2) / 2 * 65535 = 16383.75; 32767.5 -> even
+        RRC_CASES[3]: [21845, 0, 21845, BOX_SCALE],  # 1/3 * 65535 = 21845 exactly
+    }
+    for op, want in fallback.items():
+        box = Recipe((op,)).sample(0, np.arange(100), np.zeros(100, dtype=np.int64), 100)["rrc"]
+        assert (box == np.array(want, dtype=np.uint16)).all()
+
+
+def test_quantise_box_keeps_the_far_edge_inside_at_rounding_ties():
+    w = (np.arange(1, 4001) + 0.5) / BOX_SCALE  # w * 65535 is a half step, as is the largest offset
+    for x0 in (1 - w, np.nextafter(1 - w, 2), np.zeros_like(w)):
+        q = quantise_box(x0, x0, w, w).astype(np.int64)
+        assert (q[:, 0] + q[:, 2] <= BOX_SCALE).all() and (q[:, 2] >= 1).all()
+        assert (np.abs(q[:, 2] / BOX_SCALE - w) <= 0.5 / BOX_SCALE + 1e-12).all()
+        assert (np.abs(q[:, 0] / BOX_SCALE - x0) <= 1.5 / BOX_SCALE + 1e-12).all()  # nearest, or one back
+    tiny = quantise_box(np.array([1.0]), np.array([0.3]), np.array([1e-9]), np.array([0.0]))
+    assert tiny.tolist() == [[BOX_SCALE - 1, 19660, 1, 1]]
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.35, 1.0), (0.25, 0.5)])
+def test_quantised_rrc_areas_stay_within_the_scale_range(scale):
+    pairs = np.arange(100_000)
+    recipe = Recipe((geometry.RandomResizedCrop(min_scale=scale[0], max_scale=scale[1]),))
+    w, h = (recipe.sample(1, pairs % 10_000, pairs // 10_000, 10_000)["rrc"][:, 2:] / BOX_SCALE).T
+    area = w * h  # rounding each side by at most 1/(2*65535) moves the area by at most 1/65535
+    assert area.min() >= scale[0] - 1 / BOX_SCALE and area.max() <= scale[1] + 1 / BOX_SCALE
+    assert area.min() < scale[0] + 1e-3 and area.max() > scale[1] - 1e-2  # the whole range is used
+    if scale[1] * 4 / 3 <= 1:  # every first try fits, so the area is U(scale) up to the rounding
+        assert abs(area.mean() - sum(scale) / 2) < 2e-3
+        assert abs(np.mean(area <= scale[0] + 0.25 * (scale[1] - scale[0])) - 0.25) < 5e-3
+
+
+def test_rrc_round_trip_through_storage_replays_the_documented_pixels():
+    recipe = Recipe.parse("rrc")
+    image = _images(3, 37, 53, 1)[0]
+    first = recipe.sample(8, np.arange(N), np.full(N, 2), N)
+    again = recipe.sample(8, np.arange(N)[::-1], np.full(N, 2), N)  # another batch, same views
+    assert first["rrc"].tobytes() == again["rrc"][::-1].tobytes()
+    root = zarr.group(store=zarr.storage.MemoryStore())
+    root.create_array("aug/rrc", shape=(N, 4), dtype="uint16", chunks=(16, 4))[:] = first["rrc"]
+    for j in range(0, N, 7):
+        stored = root["aug/rrc"][j]
+        assert stored.dtype == np.uint16 and stored.tobytes() == first["rrc"][j].tobytes()
+        x0, y0, w, h = (int(q) / 65535 for q in stored)  # the decode docs/recipes.md gives
+        left = min(max(math.floor(x0 * 53 + 0.5), 0), 52)
+        top = min(max(math.floor(y0 * 37 + 0.5), 0), 36)
+        right = min(max(math.floor((x0 + w) * 53 + 0.5), left + 1), 53)
+        bottom = min(max(math.floor((y0 + h) * 37 + 0.5), top + 1), 37)
+        want = F.resized_crop(image, top, left, bottom - top, right - left, [24, 24], antialias=True)
+        view = recipe.apply(image, {"rrc": stored}, 24)
+        assert torch.equal(view, F.to_dtype(want, torch.float32, scale=True))
+        assert torch.equal(view, recipe.apply(image.clone(), {"rrc": stored.astype(np.int64)}, 24))
 
 
 def test_flip_trivial_and_randaugment_choices_are_in_range():
@@ -404,6 +483,17 @@ def test_manifest_of_mixing_sampled_by_the_old_scipy_sampler_is_refused():
         with pytest.raises(UnsupportedFormat, match="older kdcache") as err:
             Recipe.from_manifest(manifest)
         assert "\n" not in str(err.value) and "re-run precompute" in str(err.value)
+
+
+def test_manifest_of_rrc_with_float32_boxes_is_refused():
+    manifest = Recipe.parse("rrc:0.35+flip").to_manifest()
+    assert manifest["ops"][0]["op"] == "rrc" and manifest["ops"][0]["version"] == 2
+    manifest["ops"][0]["version"] = 1  # a cache written before the box became uint16 fixed point
+    with pytest.raises(UnsupportedFormat) as err:
+        Recipe.from_manifest(manifest)
+    message = str(err.value)
+    assert "\n" not in message and "'rrc'" in message and "older kdcache" in message
+    assert "op version 1, this one is 2" in message and "re-run precompute" in message
 
 
 def test_manifest_from_a_newer_op_version_is_refused():

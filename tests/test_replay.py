@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -39,12 +40,15 @@ def test_a_good_cache_replays_clean_with_exit_0(cache_path, teacher_weights, cap
 
 
 def test_an_overwritten_rrc_row_fails_naming_the_array_op_and_view(tampered, teacher_weights, capsys):
-    zarr.open_group(str(tampered), mode="r+")["aug/rrc"][17, 1] = np.array([0.1, 0.2, 0.5, 0.4], np.float32)
+    rrc = zarr.open_group(str(tampered), mode="r+")["aug/rrc"]
+    assert rrc.dtype == np.uint16  # fixed point, q / 65535
+    rrc[17, 1] = np.round(np.array([0.1, 0.2, 0.5, 0.4]) * 65535).astype(np.uint16)
     code, out, _ = run_cli(["verify", str(tampered), "--recompute", ALL, "--weights", teacher_weights], capsys)
     assert code == 1
     bad = bad_lines(out)
     assert len(bad) == 1 and bad[0].startswith("BAD  aug/rrc: (17, 1)"), bad
     assert "op rrc" in bad[0] and "replays to a different view: logits differ by" in bad[0]
+    assert re.search(r"max \|Δ\| [0-9]+\)", bad[0]), bad[0]  # integer steps, not 1.23e+04
 
 
 def test_an_overwritten_logit_fails_naming_the_logits_and_view(tampered, teacher_weights, capsys):
@@ -73,6 +77,17 @@ def test_another_weights_file_is_a_one_line_error_before_any_replay(cache_path, 
         recompute(cache_path, 5, [str(other)])
     code, _, err = run_cli(["verify", cache_path, "--recompute", "5", "--weights", str(other)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "are not those of teacher cnn" in err
+
+
+def test_a_cache_of_float32_rrc_boxes_is_a_one_line_error(tampered, teacher_weights, capsys):
+    group = zarr.open_group(str(tampered), mode="r+")
+    manifest = group.attrs["kdcache"]
+    assert manifest["recipe"]["augment"]["ops"][0]["op"] == "rrc"
+    manifest["recipe"]["augment"]["ops"][0]["version"] = 1  # as written before the box became uint16
+    group.attrs["kdcache"] = manifest
+    code, _, err = run_cli(["verify", str(tampered), "--recompute", "5", "--weights", teacher_weights], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "augmentation op 'rrc' was sampled by an older kdcache (op version 1" in err and "re-run precompute" in err
 
 
 def test_recompute_without_weights_is_a_one_line_error(cache_path, capsys):

@@ -20,6 +20,8 @@ PIXEL = 0  # geometric and colour ops, on the uint8 image
 ERASE = 1  # random erasing, after every geometric/colour op
 MIX = 2  # MixUp / CutMix, last
 
+BOX_SCALE = 65535  # uint16 fixed point: a stored box coordinate q is q / BOX_SCALE of the image side
+
 
 @dataclasses.dataclass(frozen=True)
 class Op:
@@ -119,9 +121,31 @@ def check_range(
         raise InvalidSpec(f"{op} {key} must be in {allowed}, got {format_number(value)} — use {usage}")
 
 
+def quantise_box(x0: np.ndarray, y0: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Normalised boxes (float64 [B] each, inside the unit square) as uint16 fixed point [B, 4].
+
+    A stored q means q / BOX_SCALE of the side. w and h round to nearest, but to at least 1, so a
+    box is never empty; x0 and y0 round to nearest, then move back by at most one step where that
+    would push the far edge past the image (x0 + w <= 1 in integers, hence exactly).
+    """
+    wq = np.maximum(np.rint(np.asarray(w, dtype=np.float64) * BOX_SCALE), 1)
+    hq = np.maximum(np.rint(np.asarray(h, dtype=np.float64) * BOX_SCALE), 1)
+    x0q = np.clip(np.rint(np.asarray(x0, dtype=np.float64) * BOX_SCALE), 0, BOX_SCALE - wq)
+    y0q = np.clip(np.rint(np.asarray(y0, dtype=np.float64) * BOX_SCALE), 0, BOX_SCALE - hq)
+    return np.stack([x0q, y0q, wq, hq], axis=1).astype(np.uint16)
+
+
 def box_row(row: Mapping[str, np.ndarray], field: str) -> tuple[float, float, float, float]:
-    """A stored normalised box (x0, y0, w, h) as exact Python floats of its float32 values."""
-    x0, y0, w, h = (float(v) for v in np.asarray(row[field], dtype=np.float32).reshape(4))
+    """A stored normalised box (x0, y0, w, h) as Python floats, exactly as every replay reads it.
+
+    Integer (fixed-point) boxes decode to q / BOX_SCALE in float64 (correctly rounded, so the same
+    everywhere); float boxes give the exact values of their float32 numbers.
+    """
+    values = np.asarray(row[field])
+    if values.dtype.kind in "iu":
+        x0, y0, w, h = (int(q) / BOX_SCALE for q in values.reshape(4))
+    else:
+        x0, y0, w, h = (float(v) for v in values.astype(np.float32).reshape(4))
     return x0, y0, w, h
 
 
