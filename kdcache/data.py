@@ -299,10 +299,15 @@ def _imagefolder(path: str) -> Source:
         if not found:
             raise MissingData(f"image folder {split_dir} holds no images "
                               f"({', '.join(IMAGE_EXTENSIONS)}) — {layout}")
+        if split_dir.name == "train":
+            # Training reads contiguous blocks of samples and shuffles within a few of them, so
+            # the order must mix classes (folders list them class by class).
+            found = [found[k] for k in np.random.RandomState(SPLIT_SEED).permutation(len(found))]
         entries += [(split_dir.name, rel, (split_dir / rel).stat().st_size) for rel, _ in found]
         splits.append(([f"{split_dir.name}/{rel}" for rel, _ in found],
                        np.array([label for _, label in found], dtype=np.int64)))
     digest = hashlib.sha256()
+    digest.update(f"train order: permutation seed {SPLIT_SEED}\n".encode())
     for split, rel, size in sorted(entries):
         digest.update(f"{split}\t{rel}\t{size}\n".encode())
     train_files = splits[0][0]

@@ -121,12 +121,30 @@ def test_imagefolder_decodes_lazily_with_sorted_classes(tmp_path):
     source = open_source(f"imagefolder:{write_folder(tmp_path)}")
     assert source.classes == ("cat", "dog") and source.num_classes == 2
     assert (len(source.train), len(source.test)) == (6, 2)
-    assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(source.train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert (source.channels, source.image_size) == (3, 10)
-    image, label = source.train[4]
+    k = source.train.files.index("train/dog/1.png")
+    image, label = source.train[k]
     assert image.dtype == torch.uint8 and image.shape == (3, 10, 12) and label == 1
     expected = np.array(Image.open(tmp_path / "train" / "dog" / "1.png")).transpose(2, 0, 1)
     assert torch.equal(image, torch.from_numpy(expected))
+
+
+def test_imagefolder_train_order_mixes_classes_and_is_fixed(tmp_path):
+    # Training shuffles within a few contiguous blocks of samples: a class-by-class order would give
+    # batches of one class. The test split keeps the folder order.
+    for name in ("a", "b", "c", "d"):
+        for k in range(16):
+            for split in ("train", "val"):
+                (tmp_path / split / name).mkdir(parents=True, exist_ok=True)
+                if split == "train" or k == 0:
+                    Image.new("RGB", (4, 4), (k, 0, 0)).save(tmp_path / split / name / f"{k}.png")
+    source = open_source(f"imagefolder:{tmp_path}")
+    first = source.train.labels[:16]
+    assert len(set(first.tolist())) >= 3
+    assert all(label == "abcd".index(f.split("/")[1]) for label, f in zip(source.train.labels, source.train.files))
+    assert source.test.labels.tolist() == [0, 1, 2, 3]
+    assert data._imagefolder(str(tmp_path)).train.files == source.train.files  # a fixed permutation
 
 
 def test_imagefolder_of_grayscale_images_has_one_channel(tmp_path):
