@@ -32,7 +32,7 @@ from kdcache import data, models
 from kdcache.augment import Recipe
 from kdcache.precompute import PrecomputeConfig, energy, parse_logits, precompute, teacher_targets
 from kdcache.store import ArraySpec, create_cache, open_cache
-from kdcache.views import Renderer, row
+from kdcache.views import Renderer
 
 NAME = "precompute_overhead"
 TARGET = 0.95
@@ -128,9 +128,8 @@ class Teacher:
         pairs = np.arange(self.batch, dtype=np.int64)
         indices, views = pairs // self.views, pairs % self.views
 
-        def render() -> None:  # what precompute does per batch: sample params, replay every view, stack
-            params = recipe.sample(0, indices, views, len(source.train))
-            torch.stack([renderer(int(i), row(params, j)) for j, i in enumerate(indices)])
+        def render() -> None:  # what precompute does per batch: sample params, replay every view into one batch
+            renderer.batch(indices, recipe.sample(0, indices, views, len(source.train)))
 
         x = self.inputs[0]
         logits = self.model(x).float()

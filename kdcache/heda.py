@@ -17,7 +17,7 @@ and never the index of a regular view, however many views a cache has or grows t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from kdcache.augment.mixing import CutMix, MixUp
 from kdcache.data import ImageSet
 from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec
 from kdcache.store import MANIFEST_KEY, ArraySpec, Cache, compressors
-from kdcache.views import Block, Renderer, TrainViews, Window, plan_epoch
+from kdcache.views import Block, Renderer, TrainViews, plan_epoch
 
 if TYPE_CHECKING:
     from kdcache.replay import ViewSet
@@ -188,6 +188,8 @@ class ExtraViews(TrainViews):
     batched like :class:`TrainViews` reads the regular ones. Teacher arrays keep their plain names, so
     the loss sees them exactly as regular views."""
 
+    prefix, view_base = PREFIX, VIEW_BASE
+
     def __init__(self, renderer: Renderer, labels: np.ndarray, samples: np.ndarray, block: int, seed: int,
                  cache_path: str, teacher_arrays: list[str], views: int, batch_size: int,
                  keep: np.ndarray | None = None, rank: int = 0, world: int = 1):
@@ -204,19 +206,8 @@ class ExtraViews(TrainViews):
             return sum(b.stop - b.start for b in blocks)
         return sum(int(self.keep[self.samples[b.start : b.stop]].sum()) for b in blocks)
 
-    def _read(self, blocks: Sequence[Block]) -> Window:
-        aug = [f"aug/{name}" for name in self.renderer.recipe.fields()]
-        names = [*aug, *self.teacher_arrays]
-        parts = []
-        for block in blocks:
-            got = self._open().read_block([PREFIX + n for n in names], block.start, block.stop, block.view)
-            params = {name.removeprefix("aug/"): np.asarray(got[PREFIX + name]) for name in aug}
-            teacher = {name: np.asarray(got[PREFIX + name]) for name in self.teacher_arrays}
-            partner, lam = self.renderer.recipe.mixing(params)
-            index = self.samples[block.start : block.stop]
-            parts.append(Window(index, np.full(len(index), VIEW_BASE + block.view, dtype=np.int64), params, teacher,
-                                np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32)))
-        return Window.concat(parts)
+    def _samples(self, block: Block) -> np.ndarray:
+        return self.samples[block.start : block.stop]
 
 
 class Interleaved(IterableDataset):

@@ -18,6 +18,7 @@ hooks, and the augmentation params.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from kdcache.store import (
     MAP_CODEC, MAP_LEVEL, ArraySpec, Cache, cache_exists, cache_id, create_cache, open_cache, provenance, storage_dtype,
 )
 from kdcache.teachers import state_sha256  # noqa: F401  (re-exported: kdcache.precompute.state_sha256)
-from kdcache.views import Renderer, row
+from kdcache.views import Renderer
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
 FEATURE_MODES = ("full", "pooled", "attention")
@@ -64,7 +65,7 @@ class PrecomputeConfig:
     logit_dtype: str = "float16"
     features: tuple[str, ...] = ()  # LAYER[:full|pooled|attention], mode attention by default
     batch_size: int = 256
-    workers: int = 0
+    workers: int | None = None  # None: see loader_workers
     device: str = "auto"
     chunk_samples: int | None = None
     sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files
@@ -97,6 +98,18 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise InvalidSpec(f"unknown device {device!r} — use auto, cpu or cuda[:N]") from exc
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: ``requested``, or by default up to 4 beside a CUDA device and none
+    on CPU, where a worker takes its core from the model's own threads."""
+    if requested is not None:
+        if requested < 0:
+            raise InvalidSpec(f"--workers must be 0 or more, got {requested}")
+        return requested
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def energy(logits: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
@@ -262,6 +275,7 @@ def _validate(cfg: PrecomputeConfig) -> None:
         raise InvalidSpec(f"--energy-t needs positive temperatures, got {list(cfg.energy_t)}")
     if cfg.teacher_size is not None and cfg.teacher_size <= 0:
         raise InvalidSpec(f"--teacher-size must be positive, got {cfg.teacher_size}")
+    loader_workers(cfg.workers, torch.device("cpu"))  # a negative count is refused before anything is written
     parse_logits(cfg.logits, 1 << 20, cfg.logit_dtype)  # syntax only; the class count is checked later
     parse_features(tuple(cfg.features))
 
@@ -330,8 +344,7 @@ class _ShardBatches(Dataset):
         views = pairs % self.views
         params = self.recipe.sample(self.seed, indices, views, self.num_samples)
         uniforms = class_uniforms(self.seed, indices, views, self.draws) if self.draws else None
-        inputs = torch.stack([self.renderer(int(i), row(params, j)) for j, i in enumerate(indices)])
-        return shard, lo, params, uniforms, inputs
+        return shard, lo, params, uniforms, self.renderer.batch(indices, params)
 
 
 def _plan(cache: Cache, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int, int, int]]:
@@ -442,12 +455,13 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
     draws = entry["draws"] if entry["mode"] == "sampled" else 0
     loader = DataLoader(
         _ShardBatches(renderer, recipe, cfg.seed, cfg.views, len(source.train), batches, draws),
-        batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        batch_size=None, num_workers=loader_workers(cfg.workers, device), pin_memory=device.type == "cuda",
     )
     total = sum(hi - lo for _, _, lo, hi in batches)
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
     tap = FeatureTap(teacher, modes)
+    writer = _ShardWriter(cache)
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute",
                                           disable=not cfg.progress or rank > 0, dynamic_ncols=True) as bar:
@@ -466,11 +480,42 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
                 if filled[shard] == buf["energy"].shape[0] * cache.views:
                     if lock is not None:
                         lock.check()  # stop before writing if a --break-lock took this cache over
-                    cache.write_shard(shard, buffers.pop(shard))
+                    writer.submit(shard, buffers.pop(shard))
                 bar.update(len(inputs))
+            writer.wait()
     finally:
         tap.close()
+        writer.close()
     return total
+
+
+class _ShardWriter:
+    """Writes finished shards on one background thread while the teacher computes the next.
+
+    Compression and storage I/O release the GIL, so on a CPU with a spare core (or with the teacher
+    on a GPU) the write costs the teacher nothing. At most one shard waits, which bounds memory to
+    two shards' buffers; shards are written in order and each is marked done only after its arrays.
+    """
+
+    def __init__(self, cache: Cache):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache = cache
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+        self._pending = None
+
+    def submit(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self.cache.write_shard, shard, arrays)
+
+    def wait(self) -> None:
+        """Block until the pending shard is written; re-raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _map_codec(mode: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class QuickstartConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None
     progress: bool = True
 
 

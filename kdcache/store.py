@@ -18,6 +18,7 @@ A cache lives at ``ROOT/<cache id>`` with an alias beside it (kdcache/roots.py).
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import hashlib
 import itertools
@@ -25,7 +26,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -39,6 +40,8 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
 MAX_CHUNK_FILES = 10_000  # per array; above it the layout switches to Zarr sharding
+CHUNK_BYTES = 1 << 20  # target bytes of a chunk of the largest per-view array (uncompressed)
+MAX_CHUNK_SAMPLES = 1024
 
 #: Manifest sections whose canonical JSON defines a cache's identity.
 IDENTITY_KEYS = ("teacher", "dataset", "recipe", "outputs")
@@ -216,13 +219,17 @@ def compressors(dtype: str, codec: str = DEFAULT_CODEC, level: int = DEFAULT_LEV
 
 
 def default_chunk_samples(specs: Iterable[ArraySpec]) -> int:
-    """Samples per chunk: about 256 KiB of the largest per-view array, a power of two in [64, 8192]."""
+    """Samples per chunk: about 1 MiB of the largest per-view array, a power of two in [64, 1024].
+
+    Large enough that Zarr's fixed cost per chunk read is small beside decoding it (benchmarks/
+    cache_read.py); at most 1024 samples because training shuffles within a window of a few chunks.
+    """
     largest = max(
         (int(np.prod(s.tail, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in specs),
         default=1,
     )
-    target = max(1, (256 * 1024) // max(largest, 1))
-    return int(min(8192, max(64, 2 ** int(np.floor(np.log2(target))))))
+    target = max(1, CHUNK_BYTES // max(largest, 1))
+    return int(min(MAX_CHUNK_SAMPLES, max(64, 2 ** int(np.floor(np.log2(target))))))
 
 
 class Cache:
@@ -232,6 +239,14 @@ class Cache:
         self.path = path
         self.group = group
         self.manifest = manifest
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """Array ``name``, opened once: opening reads its metadata object, a storage round trip."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
     # ---- what the cache describes -------------------------------------------------------
     @property
@@ -299,25 +314,42 @@ class Cache:
 
     # ---- reading ------------------------------------------------------------------------
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return np.asarray(self._array("labels")[:], dtype=np.int64)
 
     def shards_done(self) -> np.ndarray:
         """Boolean [num_shards]: which shards are fully written."""
-        return np.asarray(self.group[STATUS_ARRAY][:], dtype=bool)
+        return np.asarray(self._array(STATUS_ARRAY)[:], dtype=bool)
 
     def read_block(self, names: Iterable[str], start: int, stop: int, view: int) -> dict[str, np.ndarray]:
         """Arrays ``name[start:stop, view]``: one decode per chunk, the access pattern of training."""
-        return {name: self.group[name][start:stop, view] for name in names}
+        return self.read_blocks(list(names), [(start, stop, view)])[0]
+
+    def read_blocks(self, names: Sequence[str], blocks: Sequence[tuple[int, int, int]]) -> list[dict[str, np.ndarray]]:
+        """Arrays ``name[start:stop, view]`` for every ``(start, stop, view)`` of ``blocks``, in one round.
+
+        Every (array, block) read is issued at once, so storage latency (S3 requests, disk seeks) and
+        Zarr's per-call overhead are paid once per round rather than once per array and block.
+        """
+        from zarr.core.sync import sync
+
+        arrays = [self._array(name).async_array for name in names]
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*(arr.getitem((slice(start, stop), view))
+                                          for start, stop, view in blocks for arr in arrays))
+
+        flat = iter(sync(gather()))
+        return [{name: np.asarray(next(flat)) for name in names} for _ in blocks]
 
     def read_samples(self, name: str, start: int, stop: int) -> np.ndarray:
         """Array ``name[start:stop]`` with every view."""
-        return np.asarray(self.group[name][start:stop])
+        return np.asarray(self._array(name)[start:stop])
 
     def read_views(self, name: str, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Array ``name`` at arbitrary (sample, view) pairs; slower than :meth:`read_block`."""
         samples, at_sample = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         picked, at_view = np.unique(np.asarray(views, dtype=np.int64), return_inverse=True)
-        block = np.asarray(self.group[name].get_orthogonal_selection((samples, picked)))
+        block = np.asarray(self._array(name).get_orthogonal_selection((samples, picked)))
         return block[at_sample.reshape(-1), at_view.reshape(-1)]
 
     def logits(self, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -362,7 +394,7 @@ class Cache:
 
     def all_energy(self, temperature: float) -> np.ndarray:
         """Energies of every stored view [N, K] at ``temperature`` (for dataset-level thresholds)."""
-        return np.asarray(self.group["energy"][:, :, self.energy_column(temperature)])
+        return np.asarray(self._array("energy")[:, :, self.energy_column(temperature)])
 
     def aug_params(self, indices: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """Augmentation params of the given (sample, view) pairs, field -> [B, *tail]."""
@@ -429,8 +461,8 @@ class Cache:
         if missing:
             raise ValueError(f"write_shard({shard}) lacks arrays {sorted(missing)}")
         for name in self.array_names:
-            self.group[name][start:stop] = arrays[name]
-        self.group[STATUS_ARRAY][shard] = 1
+            self._array(name)[start:stop] = arrays[name]
+        self._array(STATUS_ARRAY)[shard] = 1
 
     def finish(self) -> None:
         """Mark the cache complete once every shard is done; the last step of a writer."""
@@ -450,6 +482,7 @@ class Cache:
         Only metadata changes: a chunk holds one view, so the chunks of existing views are untouched
         and readers of those views keep working while new ones are written.
         """
+        self._arrays.clear()
         for name in self.array_names:
             arr = self.group[name]
             arr.resize((arr.shape[0], views, *arr.shape[2:]))
@@ -457,12 +490,13 @@ class Cache:
     def add_array(self, spec: ArraySpec, views: int) -> None:
         """Create per-view array ``spec`` with ``views`` views, laid out like the others (not yet in the manifest)."""
         layout = self.manifest["layout"]
+        self._arrays.pop(spec.name, None)
         _create_view_array(self.group, spec, self.num_samples, views, self.chunk_samples, self.shard_samples,
                            bool(layout.get("sharded")))
 
     def write_views(self, name: str, start: int, first_view: int, values: np.ndarray) -> None:
         """Write ``values [n, k, ...]`` to samples ``start..start+n`` and views ``first_view..first_view+k``."""
-        self.group[name][start : start + values.shape[0], first_view : first_view + values.shape[1]] = values
+        self._array(name)[start : start + values.shape[0], first_view : first_view + values.shape[1]] = values
 
     def save_manifest(self, manifest: dict[str, Any]) -> None:
         """Replace the manifest: the last step of an extension."""

@@ -26,7 +26,7 @@ from kdcache import data, distributed, heda, losses, models, robust
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.online import OnlineTeacher, check_online
-from kdcache.precompute import pick_device
+from kdcache.precompute import loader_workers, pick_device
 from kdcache.store import Cache, open_cache
 from kdcache.targets import CacheTargets, FeatureTap, energy_temperature, layer_pairs, teacher_inputs
 from kdcache.views import EvalViews, Renderer, TrainViews
@@ -64,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     size: int | None = None  # student input side; default: the cache's teacher size or the data's
     augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
-    workers: int = 0
+    workers: int | None = None  # None: see kdcache.precompute.loader_workers
     device: str = "auto"
     amp: bool = True  # only on CUDA
     resume: bool = False
@@ -84,6 +84,7 @@ class TrainResult:
 
 
 def _validate(cfg: TrainConfig) -> None:
+    loader_workers(cfg.workers, torch.device("cpu"))  # refuses a negative count
     if cfg.epochs <= 0:
         raise InvalidSpec(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.batch_size <= 0:
@@ -305,7 +306,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise InvalidSpec(f"rank {rank} of {world} has no training samples — use fewer processes")
     if cfg.he_da:
         stream = heda.with_extra_views(stream, cache, source.train, size)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    workers = loader_workers(cfg.workers, device)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0)  # no restart cost per epoch; see TrainViews.set_epoch
     test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))
 
     # model, feature hooks, adaptors, optimizer

@@ -12,9 +12,11 @@ rendering of the images themselves.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
 
 import numpy as np
 import torch
@@ -211,12 +213,18 @@ class TrainViews(IterableDataset):
         self.keep = None if keep is None else np.asarray(keep, dtype=bool)
         if self.keep is not None and self.keep.shape != self.labels.shape:
             raise ValueError(f"keep must be a boolean mask of {len(self.labels)} samples, got shape {self.keep.shape}")
-        self.epoch = 0
+        # Shared memory, so that persistent DataLoader workers (which copied this object once) see
+        # every set_epoch of the main process.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
         self._cache = None
         self._cache_pid = -1
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         blocks = plan_epoch(len(self.labels), self.block, self.views, self.seed, 0, self.rank, self.world)
@@ -229,7 +237,15 @@ class TrainViews(IterableDataset):
         return len(self.labels)
 
     def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_cache": None, "_cache_pid": -1}
+        state = {**self.__dict__, "_cache": None, "_cache_pid": -1}
+        if get_spawning_popen() is None:  # a plain copy, not a worker being started: the epoch as it is now
+            state["_epoch"] = self.epoch
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        if isinstance(state["_epoch"], int):
+            state["_epoch"] = multiprocessing.Value("q", state["_epoch"], lock=False)
+        self.__dict__.update(state)
 
     # ---- reading ----------------------------------------------------------------------------
     def _open(self):
@@ -239,23 +255,35 @@ class TrainViews(IterableDataset):
             self._cache, self._cache_pid = open_cache(self.cache_path), os.getpid()
         return self._cache
 
+    #: Where the arrays this stream reads lie in the cache, and the view number of its view 0.
+    prefix = ""
+    view_base = 0
+
+    def _samples(self, block: Block) -> np.ndarray:
+        """The sample indices of the rows ``block`` covers."""
+        return np.arange(block.start, block.stop, dtype=np.int64)
+
     def _read(self, blocks: Sequence[Block]) -> Window:
         """The views of ``blocks``, block after block: cached params and teacher rows, or fresh params."""
         recipe = self.renderer.recipe
         aug = [f"aug/{name}" for name in recipe.fields()]
+        if self.cache_path is None:
+            stored: list[dict[str, np.ndarray] | None] = [None] * len(blocks)
+        else:
+            names = [self.prefix + name for name in (*aug, *self.teacher_arrays)]
+            stored = self._open().read_blocks(names, [(b.start, b.stop, b.view) for b in blocks])
         parts = []
-        for block in blocks:
-            indices = np.arange(block.start, block.stop, dtype=np.int64)
-            if self.cache_path is None:
+        for block, data in zip(blocks, stored):
+            indices = self._samples(block)
+            if data is None:
                 params = recipe.sample(self.seed, indices, np.full_like(indices, block.view), len(self.labels))
                 teacher: dict[str, np.ndarray] = {}
             else:
-                data = self._open().read_block([*aug, *self.teacher_arrays], block.start, block.stop, block.view)
-                params = {name.removeprefix("aug/"): np.asarray(data[name]) for name in aug}
-                teacher = {name: np.asarray(data[name]) for name in self.teacher_arrays}
+                params = {name.removeprefix("aug/"): data[self.prefix + name] for name in aug}
+                teacher = {name: data[self.prefix + name] for name in self.teacher_arrays}
             partner, lam = recipe.mixing(params) if params else (np.full(len(indices), -1), np.ones(len(indices)))
-            parts.append(Window(indices, np.full(len(indices), block.view, dtype=np.int64), params, teacher,
-                                np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32)))
+            parts.append(Window(indices, np.full(len(indices), self.view_base + block.view, dtype=np.int64), params,
+                                teacher, np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32)))
         return Window.concat(parts)
 
     def windows(self) -> Iterator[Window]:

@@ -40,7 +40,7 @@ def test_full_pipeline_through_the_cli(tmp_path, capsys):
                         "--views", "2", "--out", str(cache)], capsys)
     assert code == 0 and "reusing complete cache" in out
     # --out is a root: the cache is ROOT/<id>, with the alias file ROOT/<alias> beside it; both open it
-    alias = next(p for p in cache.iterdir() if p.is_file())
+    alias = next(p for p in cache.iterdir() if p.is_file() and ".lock" not in p.name)  # the lock file lies there too
     cache = next(p for p in cache.iterdir() if p.is_dir())
     code, out, _ = run(["train", *base, "--model", "cnn", "--cache", str(alias), "--loss", "kd",
                         "-p", "T=2", "--epochs", "1", "--out", str(student)], capsys)
@@ -64,6 +64,9 @@ def test_full_pipeline_through_the_cli(tmp_path, capsys):
         ["precompute", "--dataset", "fake:8", "--teacher", "cnn", "--weights", "{tmp}/none.pt", "--out", "{tmp}/c"],
         ["precompute", "--dataset", "fake:8", "--teacher", "cnn", "--weights", "{tmp}/none.pt", "--views", "0",
          "--out", "{tmp}/c"],
+        ["precompute", "--dataset", "fake:8", "--teacher", "cnn", "--weights", "{tmp}/none.pt", "--workers", "-1",
+         "--out", "{tmp}/c"],
+        ["train", "--dataset", "fake:8", "--model", "cnn", "--workers", "-1", "--out", "{tmp}/r"],
         ["eval", "--model", "cnn", "--weights", "{tmp}/none.pt", "--dataset", "fake:8"],
         ["info", "{tmp}/missing"],
     ],

@@ -10,7 +10,7 @@ import zarr
 from kdcache import data, models
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, WeightsMismatch
-from kdcache.precompute import PrecomputeConfig, class_uniforms, energy, precompute, sample_counts
+from kdcache.precompute import PrecomputeConfig, class_uniforms, energy, loader_workers, precompute, sample_counts
 from kdcache.store import densify, open_cache
 from kdcache.views import Renderer, TrainViews, row
 
@@ -295,3 +295,14 @@ def test_bad_feature_spec_is_a_clear_error_that_writes_nothing(tmp_path, teacher
     with pytest.raises(InvalidSpec, match=match) as info:
         precompute(config(tmp_path / "c", teacher_weights, features=features))
     assert "\n" not in str(info.value) and not (tmp_path / "c").exists()
+
+
+def test_loader_workers_default_to_spare_cores_beside_cuda_only(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert loader_workers(None, torch.device("cuda")) == 4
+    assert loader_workers(None, torch.device("cpu")) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(None, torch.device("cuda")) == 1
+    assert loader_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(InvalidSpec, match="--workers"):
+        loader_workers(-1, torch.device("cuda"))

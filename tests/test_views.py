@@ -142,3 +142,31 @@ def test_default_collate_of_items_matches_collate_of_their_window(cache_path):
     stream = cached_stream(cache_path)
     window = next(stream.windows())
     assert_same_batch(stream.collate(window), default_collate(list(stream)[: len(window)]))
+
+
+def test_persistent_workers_follow_set_epoch(cache_path):
+    # A persistent worker copies the stream once; the epoch must still reach it every epoch.
+    def order(batches) -> list[tuple[int, int]]:
+        return [(i, v) for b in batches for i, v in zip(b["index"].tolist(), b["view"].tolist())]
+
+    stream = cached_stream(cache_path, batch_size=16, render=False)
+    loader = DataLoader(stream, batch_size=None, num_workers=1, persistent_workers=True)
+    seen = []
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        reference = cached_stream(cache_path, batch_size=16, render=False)
+        reference.set_epoch(epoch)
+        seen.append(order(loader))
+        assert seen[-1] == order(reference)
+    assert seen[0] != seen[1] != seen[2]
+
+
+def test_a_pickled_stream_keeps_its_epoch():
+    import pickle
+
+    stream = TrainViews(renderer_for("rrc"), data.open_source(DATASET).train.labels, 16, 0)
+    stream.set_epoch(5)
+    clone = pickle.loads(pickle.dumps(stream))
+    assert clone.epoch == 5
+    clone.set_epoch(6)
+    assert stream.epoch == 5
