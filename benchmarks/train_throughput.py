@@ -112,7 +112,7 @@ def trainer_rate(root: Path, config: dict[str, Any]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv, options)
     dev = device(args.device)
-    samples, views, batch, epochs = (256, 2, 64, 2) if args.quick else (2048, 4, 128, 2)
+    samples, views, batch, epochs = (512, 2, 64, 2) if args.quick else (2048, 4, 128, 2)
     pairs = args.pairs or (["resnet8x4,resnet8"] if args.quick else ["resnet8x4,resnet8", "resnet32x4,resnet8x4"])
     dataset = f"fake:{samples}:{args.classes}"
     source = data.open_source(dataset)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _ in range(args.reps):
                 for name, measured in interleave(runs, 1).items():
                     rates[name] += measured
-                steps.append(step_times(teacher, student, batch, source.channels, source.num_classes, dev, 3))
+                steps.append(step_times(teacher, student, batch, source.channels, source.num_classes, dev, 5))
             a, b, c = (rates[name] for name in settings)
             t_ratio = [t / s for t, s in steps]
             limits = [TARGET * (1 + r) for r in t_ratio]
