@@ -38,7 +38,7 @@ from kdcache.store import (
     MAP_CODEC, MAP_LEVEL, ArraySpec, Cache, cache_exists, cache_id, create_cache, open_cache, provenance, storage_dtype,
 )
 from kdcache.teachers import state_sha256  # noqa: F401  (re-exported: kdcache.precompute.state_sha256)
-from kdcache.views import Renderer
+from kdcache.views import Renderer, prefetched
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
 FEATURE_MODES = ("full", "pooled", "attention")
@@ -453,9 +453,10 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
     renderer = Renderer(source.train, recipe, size, source.mean, source.std)
     batches = _plan(cache, cfg.batch_size, rank, world)
     draws = entry["draws"] if entry["mode"] == "sampled" else 0
+    workers = loader_workers(cfg.workers, device)
     loader = DataLoader(
         _ShardBatches(renderer, recipe, cfg.seed, cfg.views, len(source.train), batches, draws),
-        batch_size=None, num_workers=loader_workers(cfg.workers, device), pin_memory=device.type == "cuda",
+        batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
     )
     total = sum(hi - lo for _, _, lo, hi in batches)
     buffers: dict[int, dict[str, np.ndarray]] = {}
@@ -465,7 +466,7 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute",
                                           disable=not cfg.progress or rank > 0, dynamic_ncols=True) as bar:
-            for shard, lo, params, uniforms, inputs in loader:
+            for shard, lo, params, uniforms, inputs in (prefetched(loader) if workers == 0 else loader):
                 logits = teacher(inputs.to(device, non_blocking=True)).float()
                 if on_batch is not None:
                     on_batch(inputs, logits)

@@ -29,7 +29,7 @@ from kdcache.online import OnlineTeacher, check_online
 from kdcache.precompute import loader_workers, pick_device
 from kdcache.store import Cache, open_cache
 from kdcache.targets import CacheTargets, FeatureTap, energy_temperature, layer_pairs, teacher_inputs
-from kdcache.views import EvalViews, Renderer, TrainViews
+from kdcache.views import EvalViews, Renderer, TrainViews, prefetched
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -355,7 +355,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         began = time.perf_counter()
         sums: dict[str, float] = {}
         seen = correct = agree = 0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
+        batches = prefetched(loader) if workers == 0 else loader  # workers, if any, already run ahead
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                    unit_scale=cfg.batch_size,
                    disable=not cfg.progress or rank > 0, dynamic_ncols=True, leave=False)
         for batch in distributed.uneven(bar, net):

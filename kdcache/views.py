@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import get_spawning_popen
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +27,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kdcache.augment import Recipe, resize_view
 from kdcache.data import ImageSet
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -357,3 +362,49 @@ def _rebatch(windows: Iterator[Window], size: int) -> Iterator[Window]:
                 pending, count = [], 0
     if pending:
         yield Window.concat(pending)
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced on a background thread up to ``depth`` ahead of the consumer.
+
+    Reading, decoding and rendering spend most of their time in kernels that release the GIL, as
+    does the model's step, so without DataLoader worker processes this still overlaps the data
+    path with the model (on a spare core, or a GPU) — with no fork and no inter-process copy of
+    each batch. The order of ``items`` is kept; an error raised while producing is raised here.
+    """
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((False, exc))
+            return
+        put((True, done))
+
+    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

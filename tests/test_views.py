@@ -170,3 +170,49 @@ def test_a_pickled_stream_keeps_its_epoch():
     assert clone.epoch == 5
     clone.set_epoch(6)
     assert stream.epoch == 5
+
+
+def test_prefetched_keeps_order_and_runs_on_another_thread():
+    import threading
+
+    from kdcache.views import prefetched
+
+    threads = []
+
+    def items():
+        for k in range(10):
+            threads.append(threading.current_thread())
+            yield k
+
+    assert list(prefetched(items(), depth=3)) == list(range(10))
+    assert all(t is not threading.current_thread() for t in threads)
+
+
+def test_prefetched_raises_the_producers_error_and_stops_when_closed():
+    import threading
+
+    from kdcache.views import prefetched
+
+    def failing():
+        yield 1
+        raise KeyError("boom")
+
+    got = prefetched(failing())
+    assert next(got) == 1
+    with pytest.raises(KeyError, match="boom"):
+        next(got)
+
+    produced = []
+
+    def endless():
+        k = 0
+        while True:
+            produced.append(k)
+            yield k
+            k += 1
+
+    stream = prefetched(endless(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert not any(t.name == "kdcache-prefetch" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # it stopped, at most depth (+ the one being put) ahead
