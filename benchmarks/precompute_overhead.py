@@ -42,6 +42,8 @@ TEACHERS = {"torchvision:resnet50": "layer3", "resnet8x4": "layer3"}
 def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), help="teacher model specs")
     parser.add_argument("--classes", type=int, default=100, help="classes of the fake dataset")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="images of the fake dataset (default 256 with --quick, 1024 otherwise)")
     parser.add_argument("--workers", type=int, default=1,
                         help="DataLoader workers of the 'rendering in workers' variant")
 
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv, options)
     dev = device(args.device)
     samples, views, batch = (256, 2, 64) if args.quick else (1024, 4, 128)
+    samples = args.samples or samples
     dataset = f"fake:{samples}:{args.classes}"
     data.open_source(dataset)  # materialise the images before any clock starts
     rows, results = [], []

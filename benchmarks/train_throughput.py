@@ -44,6 +44,8 @@ def options(parser: argparse.ArgumentParser) -> None:
                         help="TEACHER,STUDENT model pairs (default resnet8x4,resnet8; full mode adds "
                              "resnet32x4,resnet8x4)")
     parser.add_argument("--classes", type=int, default=100, help="classes of the fake dataset")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="images of the fake dataset (default 512 with --quick, 2048 otherwise)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the trainer")
 
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv, options)
     dev = device(args.device)
     samples, views, batch, epochs = (512, 2, 64, 2) if args.quick else (2048, 4, 128, 2)
+    samples = args.samples or samples
     pairs = args.pairs or (["resnet8x4,resnet8"] if args.quick else ["resnet8x4,resnet8", "resnet32x4,resnet8x4"])
     dataset = f"fake:{samples}:{args.classes}"
     source = data.open_source(dataset)
