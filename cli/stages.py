@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -14,11 +14,13 @@ from kdcache_cli.app import app, parse_params
 NPROC_HELP = "Processes on this machine (re-runs the command under torchrun; each rank writes/trains its share)."
 
 
-def _relaunch(nproc: int) -> None:
-    """With ``--nproc N > 1`` outside torchrun: run this very command as N torchrun ranks, then exit."""
+def _relaunch(nproc: int, check: Callable[[], None]) -> None:
+    """With ``--nproc N > 1`` outside torchrun: ``check()`` the options here, so that bad input is one
+    error line from this process, then run this very command as N torchrun ranks and exit."""
     from kdcache import distributed
 
     if nproc > 1 and not distributed.under_torchrun():
+        check()
         raise SystemExit(distributed.launch(nproc, sys.argv[1:]))
 
 
@@ -64,10 +66,8 @@ def precompute(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing: print teacher passes, estimated bytes per array and time, from a short warm-up.")] = False,
 ) -> None:
     """Stage 1: run the teacher over K recorded views per sample and write the Zarr v3 cache."""
-    if not dry_run:
-        _relaunch(nproc)
     from kdcache import distributed
-    from kdcache.precompute import PrecomputeConfig
+    from kdcache.precompute import PrecomputeConfig, check
     from kdcache.precompute import precompute as run
 
     cfg = PrecomputeConfig(
@@ -77,6 +77,8 @@ def precompute(
         features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
         wait=wait, break_lock=break_lock, he_extra=he_extra, ensemble=ensemble,
         keep_members=keep_members)
+    if not dry_run:
+        _relaunch(nproc, lambda: check(cfg))
     if dry_run:
         from kdcache_cli.plan import print_plan
 
@@ -128,21 +130,22 @@ def train(
 ) -> None:
     """Stage 2: train a student from a cache (teacher never loaded), with an online teacher, or alone with CE."""
     options = dict(locals())
-    _relaunch(nproc)
     from kdcache import distributed
-    from kdcache.train import TrainConfig
+    from kdcache.train import TrainConfig, check
     from kdcache.train import train as run
 
-    if distributed.is_main():
-        _save_run_config(out, options)
-    result = run(TrainConfig(
+    cfg = TrainConfig(
         dataset=dataset, model=model, out=str(out), cache=cache, loss=loss, loss_params=parse_params(loss_param),
         student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
         teacher_weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
-        he_da=he_da))
+        he_da=he_da)
+    _relaunch(nproc, lambda: check(cfg))
+    if distributed.is_main():
+        _save_run_config(out, options)
+    result = run(cfg)
     if not distributed.is_main():
         return
     for m in result.metrics:

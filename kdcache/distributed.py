@@ -9,8 +9,6 @@ and NCCL on CUDA.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -111,11 +109,20 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     """
     if nproc < 1:
         raise InvalidSpec(f"--nproc must be at least 1, got {nproc}")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "kdcache", *strip_option(argv, "--nproc")]
-    return subprocess.call(cmd, env=env)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "kdcache",
+                                         *strip_option(argv, "--nproc")])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        # The ranks have printed their own one-line errors; pass on their status (2: bad input) and
+        # leave out torchrun's report and traceback.
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        return 2 if 2 in codes else max((c for c in codes if c > 0), default=1)
+    return 0
 
 
 def all_sum(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:

@@ -16,7 +16,6 @@ and never the index of a regular view, however many views a cache has or grows t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -223,9 +222,13 @@ class Interleaved(IterableDataset):
     def __len__(self) -> int:
         return len(self.first) + len(self.second)
 
+    def num_batches(self) -> int:
+        """Batches per epoch: each stream's own, as they are not merged into shared batches."""
+        return self.first.num_batches() + self.second.num_batches()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         streams = [iter(self.first), iter(self.second)]
-        sizes = [max(1, math.ceil(len(s) / s.batch_size)) for s in (self.first, self.second)]
+        sizes = [max(1, s.num_batches()) for s in (self.first, self.second)]
         sent = [0, 0]
         while streams[0] is not None or streams[1] is not None:
             live = [k for k in (0, 1) if streams[k] is not None]

@@ -405,6 +405,12 @@ def prepare(
     return source, recipe, size, teacher, modes, manifest, specs
 
 
+def check(cfg: PrecomputeConfig) -> None:
+    """Raise what :func:`precompute` would raise about ``cfg`` before it touches storage: options,
+    dataset, recipe, teachers and their weights. ``--nproc`` runs it once before starting the ranks."""
+    prepare(cfg)
+
+
 def precompute(
     cfg: PrecomputeConfig,
     teacher: torch.nn.Module | None = None,

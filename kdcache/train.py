@@ -267,6 +267,20 @@ def _check_resumable(out: Path, run: dict[str, Any]) -> None:
 
 
 # ---- training --------------------------------------------------------------------------------
+def check(cfg: TrainConfig) -> None:
+    """Raise what :func:`train` would raise about ``cfg`` before it trains: options, dataset, cache,
+    student model, loss and online teacher. ``--nproc`` runs it once before starting the ranks."""
+    _validate(cfg)
+    source = data.open_source(cfg.dataset)
+    cache = open_cache(cfg.cache) if cfg.cache else None
+    if cache is not None:
+        check_cache_matches(cache, source)
+    models.create_model(cfg.model, source.num_classes, source.channels)
+    _criterion(cfg, cache)
+    if cfg.online_teacher:
+        OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source.num_classes, source.channels, torch.device("cpu"))
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run stage 2 as ``cfg`` says; writes model.pt, checkpoint.pt, metrics.jsonl, run.json to ``cfg.out``."""
     _validate(cfg)
@@ -320,7 +334,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     net = distributed.wrap(model, device, extras=criterion)  # DDP with several ranks, else the model
     params = [*model.parameters(), *criterion.parameters()]
     optimizer = _optimizer(params, cfg)
-    steps_per_epoch = math.ceil(len(stream) / cfg.batch_size)
+    steps_per_epoch = stream.num_batches()  # with --he-da, both streams' batches
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

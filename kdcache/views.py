@@ -237,6 +237,12 @@ class TrainViews(IterableDataset):
             return sum(b.stop - b.start for b in blocks)
         return sum(int(self.keep[b.start : b.stop].sum()) for b in blocks)
 
+    def num_batches(self) -> int:
+        """Batches of ``batch_size`` views per epoch for this rank (the last may be short)."""
+        if self.batch_size is None:
+            raise ValueError("num_batches needs a stream made with batch_size")
+        return -(-len(self) // self.batch_size)
+
     def num_rows(self) -> int:
         """Rows of the cache this stream reads: one per sample here (a subclass may read fewer)."""
         return len(self.labels)

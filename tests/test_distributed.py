@@ -119,13 +119,14 @@ def test_two_ranks_split_the_shards_and_write_the_one_process_cache_then_train_w
         run = train(TrainConfig(dataset="fake:64", model="cnn", out={str(tmp_path / "run")!r}, cache=result.path,
                                 epochs=2, batch_size=8, device="cpu", progress=False))
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in run.model.parameters())).hexdigest()
-        print(f"rank {{rank}} ran {{sum(mine)}} views {{result.views_computed}} path {{result.path}} "
-              f"model {{digest}} epochs {{len(run.metrics)}}", flush=True)
+        report = (f"rank {{rank}} ran {{sum(mine)}} views {{result.views_computed}} path {{result.path}} "
+                  f"model {{digest}} epochs {{len(run.metrics)}}")
+        open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(report)  # one file each: a shared stdout interleaves
     """))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(script)], capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = sorted(line.split() for line in out.stdout.splitlines() if line.startswith("rank"))
+    lines = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert [line[:4] for line in lines] == [["rank", "0", "ran", "96"], ["rank", "1", "ran", "96"]]  # 2 shards each
     (r0, r1) = lines
     assert r0[5] == r1[5] == str(64 * 3)  # the views of every rank, counted once
@@ -148,3 +149,37 @@ def test_nproc_flag_precomputes_with_two_processes(tmp_path, teacher_weights):
     settings = dict(dataset="fake:64", teacher="cnn", weights=teacher_weights, views=3, batch_size=50,
                     device="cpu", progress=False)
     assert_same_cache(path, precompute(PrecomputeConfig(out=str(tmp_path / "one"), **settings)).path)
+
+
+def test_launch_passes_on_the_ranks_status_without_torchruns_report(monkeypatch):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failing(codes):
+        def run(args):
+            assert args.nproc_per_node == "2" and args.module and args.training_script == "kdcache"
+            raise ChildFailedError("kdcache", {r: ProcessFailure(local_rank=r, pid=r + 1, exitcode=c,
+                                                                 error_file="/nonexistent")
+                                               for r, c in enumerate(codes)})
+        return run
+
+    monkeypatch.setattr(torchrun, "run", failing([2, -15]))  # bad input on rank 0; rank 1 stopped by torchrun
+    assert distributed.launch(2, ["train", "--nproc", "2"]) == 2
+    monkeypatch.setattr(torchrun, "run", failing([-15, 1]))
+    assert distributed.launch(2, ["train"]) == 1
+    monkeypatch.setattr(torchrun, "run", lambda args: None)
+    assert distributed.launch(2, ["train"]) == 0
+
+
+@pytest.mark.parametrize("command", [
+    ["precompute", "--dataset", "fake:8", "--teacher", "cnn", "--weights", "{tmp}/none.pt", "--out", "{tmp}/c"],
+    ["train", "--dataset", "fake:8", "--model", "nosuchnet", "--out", "{tmp}/r"],
+    ["train", "--dataset", "fake:8", "--model", "cnn", "--cache", "{tmp}/missing", "--out", "{tmp}/r"],
+])
+def test_bad_input_under_nproc_is_one_line_before_any_rank_starts(command, tmp_path, capsys, monkeypatch):
+    from tests_support import run_cli
+
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("ranks started despite bad input"))
+    code, _, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in command] + ["--nproc", "2"], capsys)
+    assert code == 2 and err.startswith("Error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()

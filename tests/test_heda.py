@@ -181,3 +181,17 @@ def test_an_interrupted_he_stage_resumes_without_recomputing_the_regular_views(t
     assert not again.reused and again.views_computed == 32 * 2  # the extra views only
     assert np.array_equal(zarr.open_group(first.path, mode="r")["he/logits"][:], written)
     assert open_cache(first.path).complete
+
+
+def test_the_he_da_stream_counts_its_batches_as_it_yields_them(he_cache):
+    # The two streams are batched apart, so an epoch has ceil(64/20) + ceil(16/20) = 5 batches, not
+    # ceil(80/20) = 4: the LR schedule is built from this count.
+    from kdcache.views import TrainViews
+
+    cache = open_cache(he_cache[0])
+    source = data.open_source(DATASET)
+    regular = TrainViews(Renderer(source.train, Recipe.parse("rrc+flip"), 32, source.mean, source.std),
+                         source.train.labels, 16, 0, cache.path, ["logits"], 3, batch_size=20)
+    stream = heda.with_extra_views(regular, cache, source.train, 32)
+    assert stream.num_batches() == len(list(stream)) == 5
+    assert regular.num_batches() == 4
