@@ -55,8 +55,8 @@ def variants(layer: str, workers: int, quick: bool) -> dict[str, dict[str, Any]]
     time) and pipelined (views rendered in ``workers`` DataLoader workers, as on a GPU machine).
     """
     outputs: dict[str, dict[str, Any]] = {"dense": {}}
-    if quick:  # one run covers both the top-k and the feature path
-        outputs[f"topk:10 + {layer}:full"] = {"logits": "topk:10", "features": (f"{layer}:full",)}
+    if quick:  # one run covers both the top-k and the feature path, in the default (attention) mode
+        outputs[f"topk:10 + {layer}:attention"] = {"logits": "topk:10", "features": (f"{layer}:attention",)}
     else:
         outputs |= {
             "topk:10": {"logits": "topk:10"},
