@@ -153,14 +153,19 @@ def test_verify_reads_the_extra_view_arrays_and_names_a_damaged_chunk(tmp_path, 
     assert code == 1 and "BAD  he/energy: chunk file missing [chunk he/energy/c/0/1/0]" in out
 
 
-def test_the_he_da_stream_adds_one_mixed_view_per_chosen_sample_with_soft_label_info(he_cache):
+def he_da_stream(he_cache, batch_size: int):
+    """(cache, regular stream, regular + extra views) of ``he_cache``, batched as ``train --he-da`` does."""
     from kdcache.views import TrainViews
 
     cache = open_cache(he_cache[0])
     source = data.open_source(DATASET)
     regular = TrainViews(Renderer(source.train, Recipe.parse("rrc+flip"), 32, source.mean, source.std),
-                         source.train.labels, 16, 0, cache.path, ["logits"], 3, batch_size=16)
-    stream = heda.with_extra_views(regular, cache, source.train, 32)
+                         source.train.labels, 16, 0, cache.path, ["logits"], 3, batch_size=batch_size)
+    return cache, regular, heda.with_extra_views(regular, cache, source.train, 32)
+
+
+def test_the_he_da_stream_adds_one_mixed_view_per_chosen_sample_with_soft_label_info(he_cache):
+    cache, _, stream = he_da_stream(he_cache, 16)
     batches = list(stream)
     extra = [b for b in batches if (b["view"] >= heda.VIEW_BASE).all()]
     assert sum(len(b["label"]) for b in batches) == len(stream) == 64 + 16
@@ -186,12 +191,6 @@ def test_an_interrupted_he_stage_resumes_without_recomputing_the_regular_views(t
 def test_the_he_da_stream_counts_its_batches_as_it_yields_them(he_cache):
     # The two streams are batched apart, so an epoch has ceil(64/20) + ceil(16/20) = 5 batches, not
     # ceil(80/20) = 4: the LR schedule is built from this count.
-    from kdcache.views import TrainViews
-
-    cache = open_cache(he_cache[0])
-    source = data.open_source(DATASET)
-    regular = TrainViews(Renderer(source.train, Recipe.parse("rrc+flip"), 32, source.mean, source.std),
-                         source.train.labels, 16, 0, cache.path, ["logits"], 3, batch_size=20)
-    stream = heda.with_extra_views(regular, cache, source.train, 32)
+    _, regular, stream = he_da_stream(he_cache, 20)
     assert stream.num_batches() == len(list(stream)) == 5
     assert regular.num_batches() == 4
