@@ -28,7 +28,7 @@ from kdcache.augment import Recipe
 from kdcache.augment.mixing import CutMix, MixUp
 from kdcache.data import ImageSet
 from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec
-from kdcache.store import MANIFEST_KEY, ArraySpec, Cache, compressors
+from kdcache.store import ArraySpec, Cache
 from kdcache.views import Block, Renderer, TrainViews, plan_epoch
 
 if TYPE_CHECKING:
@@ -92,28 +92,20 @@ def _specs(cache: Cache, recipe: Recipe) -> list[ArraySpec]:
 def _layout(cache: Cache, entry: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     """Create (or find) the ``he/`` arrays; returns the manifest's ``he`` section."""
     indices, threshold = choose(cache, entry["fraction"], entry["energy_temperature"])
-    if "he" in cache.manifest and f"{PREFIX}status" in cache.group:
-        if not np.array_equal(cache.group[f"{PREFIX}indices"][:], indices):
+    if "he" in cache.manifest and cache.has_array(f"{PREFIX}status"):
+        if not np.array_equal(cache.read_array(f"{PREFIX}indices"), indices):
             raise CacheCorrupt(f"cache {cache.path} chose other HE samples before — delete its he/ folder and rerun")
         return cache.manifest["he"]
     m, k2, specs = len(indices), entry["views"], _specs(cache, recipe)
     chunk = min(cache.chunk_samples, m)
     shard = chunk * max(1, cache.shard_samples // cache.chunk_samples)
-    every_chunk = {"write_empty_chunks": True}
-    for s in specs:
-        cache.group.create_array(PREFIX + s.name, shape=(m, k2, *s.tail), dtype=s.dtype, chunks=(chunk, 1, *s.tail),
-                                 compressors=compressors(s.dtype, s.codec, s.level), fill_value=0,
-                                 config=every_chunk, overwrite=True)
-    cache.group.create_array(f"{PREFIX}indices", shape=(m,), dtype="int64", chunks=(chunk,),
-                             compressors=compressors("int64"), fill_value=0, config=every_chunk, overwrite=True)[:] = indices
-    cache.group.create_array(f"{PREFIX}status", shape=(-(-m // shard),), dtype="uint8", chunks=(1,), fill_value=0,
-                             compressors=compressors("uint8"), overwrite=True)
+    cache.add_view_group(PREFIX, specs, indices, k2, chunk, shard)
     cache.manifest["he"] = {
         "samples": m, "views": k2, "threshold_energy": threshold, "chunk_samples": chunk, "shard_samples": shard,
         "arrays": [{"name": PREFIX + s.name, "tail": list(s.tail), "dtype": s.dtype,
                     "logical_dtype": s.logical or s.dtype} for s in specs],
     }
-    cache.group.attrs[MANIFEST_KEY] = cache.manifest
+    cache.save_manifest(cache.manifest)
     return cache.manifest["he"]
 
 
@@ -129,15 +121,14 @@ def add_extra_views(cache: Cache, teacher: torch.nn.Module, images: ImageSet, de
         return 0
     recipe = Recipe.from_manifest(entry["augment"])
     he = _layout(cache, entry, recipe)
-    indices = np.asarray(cache.group[f"{PREFIX}indices"][:])
+    indices = cache.read_array(f"{PREFIX}indices")
     seed, k2, rows = int(cache.manifest["recipe"]["seed"]), he["views"], he["shard_samples"]
     rec = cache.manifest["recipe"]
     renderer = Renderer(images, recipe, int(rec["input_size"]), rec["mean"], rec["std"])
     target = cache.manifest["outputs"]["logits"]
     temps = tuple(float(t) for t in cache.manifest["outputs"]["energy"]["temperatures"])
     tap = FeatureTap(teacher, {f["layer"]: f["mode"] for f in cache.manifest["outputs"].get("features", [])})
-    status = cache.group[f"{PREFIX}status"]
-    todo = [s for s in range(status.shape[0]) if not status[s]]
+    todo = np.flatnonzero(cache.read_array(f"{PREFIX}status") == 0).tolist()
     computed = 0
     try:
         with torch.inference_mode(), tqdm(total=sum(min(rows, len(indices) - s * rows) * k2 for s in todo),
@@ -162,8 +153,8 @@ def add_extra_views(cache: Cache, teacher: torch.nn.Module, images: ImageSet, de
                         buf[name][a : a + len(values)] = values
                     bar.update(len(p))
                 for name, values in buf.items():
-                    cache.group[PREFIX + name][lo:hi] = values.reshape(hi - lo, k2, *values.shape[1:])
-                status[shard] = 1
+                    cache.write_views(PREFIX + name, lo, 0, values.reshape(hi - lo, k2, *values.shape[1:]))
+                cache.mark_done(f"{PREFIX}status", shard)
                 computed += len(pairs)
     finally:
         tap.close()
@@ -177,7 +168,7 @@ def view_set(cache: Cache) -> ViewSet | None:
     entry, he = cache.manifest["recipe"].get("he_extra"), cache.manifest.get("he")
     if entry is None or he is None:
         return None
-    indices = np.asarray(cache.group[f"{PREFIX}indices"][:], dtype=np.int64)
+    indices = cache.read_array(f"{PREFIX}indices").astype(np.int64)
     return ViewSet("extra view", PREFIX, Recipe.from_manifest(entry["augment"]), indices, int(he["views"]), VIEW_BASE)
 
 
@@ -250,7 +241,7 @@ def with_extra_views(stream: TrainViews, cache: Cache | None, images: ImageSet, 
                             "--he-extra 0.5:4, or train without --he-da")
     rec = cache.manifest["recipe"]
     renderer = Renderer(images, Recipe.from_manifest(entry["augment"]), size, rec["mean"], rec["std"])
-    samples = np.asarray(cache.group[f"{PREFIX}indices"][:], dtype=np.int64)
+    samples = cache.read_array(f"{PREFIX}indices").astype(np.int64)
     extra = ExtraViews(renderer, stream.labels, samples, int(he["chunk_samples"]), stream.seed, stream.cache_path,
                        stream.teacher_arrays, int(he["views"]), stream.batch_size, stream.keep, stream.rank,
                        stream.world)

@@ -156,7 +156,7 @@ def _verify_extra_views(cache: Cache, report: Verification) -> None:
     he = cache.manifest["he"]
     m, k2 = int(he["samples"]), int(he["views"])
     try:
-        status = np.asarray(cache.group["he/status"][:], dtype=bool)
+        status = cache.read_array("he/status").astype(bool)
     except Exception:  # noqa: BLE001 — a missing or unreadable status is damage to report
         report.problems.append(Problem("he/status", None, "missing or unreadable — rerun the precompute command"))
         return

@@ -341,6 +341,13 @@ class Cache:
         flat = iter(sync(gather()))
         return [{name: np.asarray(next(flat)) for name in names} for _ in blocks]
 
+    def has_array(self, name: str) -> bool:
+        return name in self.group
+
+    def read_array(self, name: str) -> np.ndarray:
+        """The whole of array ``name`` (for small bookkeeping arrays such as ``he/indices``)."""
+        return np.asarray(self._array(name)[...])
+
     def read_samples(self, name: str, start: int, stop: int) -> np.ndarray:
         """Array ``name[start:stop]`` with every view."""
         return np.asarray(self._array(name)[start:stop])
@@ -493,6 +500,30 @@ class Cache:
         self._arrays.pop(spec.name, None)
         _create_view_array(self.group, spec, self.num_samples, views, self.chunk_samples, self.shard_samples,
                            bool(layout.get("sharded")))
+
+    def add_view_group(self, prefix: str, specs: Sequence[ArraySpec], indices: np.ndarray, views: int, chunk: int,
+                       shard: int) -> None:
+        """Per-view arrays ``prefix + name [M, views, ...]`` for the samples ``indices`` (kept as
+        ``prefix + "indices"``), chunked ``[chunk, 1, ...]``, and ``prefix + "status"`` with one flag per
+        ``shard`` rows: the layout of the energy-guided extra views (kdcache/heda.py)."""
+        m = len(indices)
+        every_chunk = {"write_empty_chunks": True}
+        for spec in specs:
+            self._arrays.pop(prefix + spec.name, None)
+            self.group.create_array(prefix + spec.name, shape=(m, views, *spec.tail), dtype=spec.dtype,
+                                    chunks=(chunk, 1, *spec.tail), compressors=compressors(spec.dtype, spec.codec, spec.level),
+                                    fill_value=0, config=every_chunk, overwrite=True)
+        for name in ("indices", "status"):
+            self._arrays.pop(prefix + name, None)
+        self.group.create_array(prefix + "indices", shape=(m,), dtype="int64", chunks=(chunk,),
+                                compressors=compressors("int64"), fill_value=0, config=every_chunk,
+                                overwrite=True)[:] = np.asarray(indices, dtype=np.int64)
+        self.group.create_array(prefix + "status", shape=(-(-m // shard),), dtype="uint8", chunks=(1,), fill_value=0,
+                                compressors=compressors("uint8"), overwrite=True)
+
+    def mark_done(self, status: str, shard: int) -> None:
+        """Set flag ``shard`` of the status array ``status``: the last write of a shard."""
+        self._array(status)[shard] = 1
 
     def write_views(self, name: str, start: int, first_view: int, values: np.ndarray) -> None:
         """Write ``values [n, k, ...]`` to samples ``start..start+n`` and views ``first_view..first_view+k``."""
