@@ -33,8 +33,21 @@ class Problem:
         return f"{self.array}: {self.what}" + (f" [chunk {self.chunk}]" if self.chunk else "")
 
 
+class Findings:
+    """What a check found (its dataclass has ``problems``); ``ok`` when there are none."""
+
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
 @dataclass
-class Verification:
+class Verification(Findings):
     """What ``verify`` found; ``ok`` when there are no problems."""
 
     path: str
@@ -44,13 +57,6 @@ class Verification:
     shards_done: int
     num_shards: int
     problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
 
 
 def _shard_list(shards: np.ndarray) -> str:

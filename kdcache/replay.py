@@ -22,8 +22,7 @@ same class-draw uniforms and must equal the stored ids and counts exactly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import torch
 from kdcache import data, models, teachers
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec, WeightsMismatch
-from kdcache.inspect import Problem
+from kdcache.inspect import Findings, Problem
 from kdcache.precompute import FeatureTap, class_uniforms, energy, pick_device, sample_counts, topk_log_probs
 from kdcache.store import Cache, decode_logits, open_cache
 from kdcache.teachers import state_sha256
@@ -55,7 +54,7 @@ class ViewSet:
 
 
 @dataclass
-class Replay:
+class Replay(Findings):
     """What ``verify --recompute`` found; ``ok`` when every replayed pair matched."""
 
     path: str
@@ -63,13 +62,6 @@ class Replay:
     pairs: int
     seed: int
     problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
 
 
 def tolerance(values: np.ndarray, dtype: str) -> np.ndarray:

@@ -19,6 +19,7 @@ A cache lives at ``ROOT/<cache id>`` with an alias beside it (kdcache/roots.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import hashlib
 import itertools
@@ -507,19 +508,14 @@ class Cache:
         ``prefix + "indices"``), chunked ``[chunk, 1, ...]``, and ``prefix + "status"`` with one flag per
         ``shard`` rows: the layout of the energy-guided extra views (kdcache/heda.py)."""
         m = len(indices)
-        every_chunk = {"write_empty_chunks": True}
         for spec in specs:
             self._arrays.pop(prefix + spec.name, None)
-            self.group.create_array(prefix + spec.name, shape=(m, views, *spec.tail), dtype=spec.dtype,
-                                    chunks=(chunk, 1, *spec.tail), compressors=compressors(spec.dtype, spec.codec, spec.level),
-                                    fill_value=0, config=every_chunk, overwrite=True)
+            _create_view_array(self.group, dataclasses.replace(spec, name=prefix + spec.name), m, views, chunk,
+                               shard, sharded=False)
         for name in ("indices", "status"):
             self._arrays.pop(prefix + name, None)
-        self.group.create_array(prefix + "indices", shape=(m,), dtype="int64", chunks=(chunk,),
-                                compressors=compressors("int64"), fill_value=0, config=every_chunk,
-                                overwrite=True)[:] = np.asarray(indices, dtype=np.int64)
-        self.group.create_array(prefix + "status", shape=(-(-m // shard),), dtype="uint8", chunks=(1,), fill_value=0,
-                                compressors=compressors("uint8"), overwrite=True)
+        _create_sample_array(self.group, prefix + "indices", np.asarray(indices), chunk, shard, sharded=False)
+        _create_status_array(self.group, prefix + "status", -(-m // shard))
 
     def mark_done(self, status: str, shard: int) -> None:
         """Set flag ``shard`` of the status array ``status``: the last write of a shard."""
@@ -549,6 +545,20 @@ def _create_view_array(group: zarr.Group, spec: ArraySpec, num_samples: int, vie
         config={"write_empty_chunks": True},  # so a missing chunk file is always damage, never zeros
         overwrite=True,
     )
+
+
+def _create_sample_array(group: zarr.Group, name: str, values: np.ndarray, chunk: int, shard: int,
+                         sharded: bool) -> None:
+    """A per-sample int64 array ``name [M]`` (labels, chosen sample ids) holding ``values``."""
+    group.create_array(name, shape=values.shape, dtype="int64", chunks=(chunk,), shards=(shard,) if sharded else None,
+                       compressors=compressors("int64"), fill_value=0,
+                       config={"write_empty_chunks": True}, overwrite=True)[:] = np.asarray(values, dtype=np.int64)
+
+
+def _create_status_array(group: zarr.Group, name: str, num_shards: int) -> None:
+    """Done flags ``name [num_shards]``, one uint8 chunk each, so writers of different shards never share one."""
+    group.create_array(name, shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
+                       compressors=compressors("uint8"), overwrite=True)
 
 
 def create_cache(
@@ -591,17 +601,10 @@ def create_cache(
     manifest["cache_id"] = cache_id(manifest)
 
     group = zarr.open_group(_open_store(path, read_only=False), mode="a", zarr_format=3)
-    every_chunk = {"write_empty_chunks": True}  # so a missing chunk file is always damage, never zeros
-    labels_array = group.create_array(
-        "labels", shape=(num_samples,), dtype="int64", chunks=(chunk,),
-        shards=(shard_samples,) if sharded else None, compressors=compressors("int64"), fill_value=0,
-        config=every_chunk, overwrite=True,
-    )
-    labels_array[:] = np.asarray(labels, dtype=np.int64)
+    _create_sample_array(group, "labels", np.asarray(labels), chunk, shard_samples, sharded)
     for spec in specs:
         _create_view_array(group, spec, num_samples, views, chunk, shard_samples, sharded)
-    group.create_array(STATUS_ARRAY, shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
-                       compressors=compressors("uint8"), overwrite=True)
+    _create_status_array(group, STATUS_ARRAY, num_shards)
     group.attrs[MANIFEST_KEY] = manifest
     return Cache(path, group, manifest)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kdcache import models
-from kdcache.precompute import PrecomputeConfig, precompute
 from s3server import s3_root, s3_server  # noqa: F401  (a SeaweedFS S3 server on loopback, tests/s3server.py)
+from tests_support import save_cnn_teacher
+
+from kdcache.precompute import PrecomputeConfig, precompute
 
 DATASET = "fake:64"
 
@@ -27,13 +27,7 @@ def teacher_weights(tmp_path_factory) -> str:
 
     Its classifier is scaled up so its outputs are confident and differ from any student's.
     """
-    torch.manual_seed(1234)
-    net = models.create_model("cnn", 10, 3)
-    with torch.no_grad():
-        net.fc.weight.mul_(20)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(net.state_dict(), path)
-    return str(path)
+    return save_cnn_teacher(tmp_path_factory.mktemp("teacher"), "teacher.pt", seed=1234, scale=20)
 
 
 @pytest.fixture(scope="session")

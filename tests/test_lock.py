@@ -11,9 +11,9 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import pytest
+from tests_support import storage_location
 
 from kdcache.errors import CacheLocked
 from kdcache.lock import WriterLock, read_lock
@@ -22,11 +22,7 @@ from kdcache.lock import WriterLock, read_lock
 @pytest.fixture(params=["local", "memory", "s3"])
 def location(request, tmp_path) -> str:
     """A cache location that does not exist yet, on each kind of storage."""
-    if request.param == "local":
-        return str(tmp_path / "cache")
-    if request.param == "memory":
-        return f"memory://locks/{uuid.uuid4().hex}"
-    return request.getfixturevalue("s3_root") + "/cache"
+    return storage_location(request, tmp_path, "cache")
 
 
 def wait_for(predicate, seconds: float = 10.0) -> bool:
@@ -50,6 +46,17 @@ def hold_in_subprocess(path: str, heartbeat: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def refused_then_killed(path: str) -> None:
+    """Another process holds the lock of ``path``, so this one is refused, naming it; then it is SIGKILLed."""
+    proc = hold_in_subprocess(path, heartbeat=5)
+    try:
+        with pytest.raises(CacheLocked, match=f"pid {proc.pid}"):
+            WriterLock(path).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def test_second_writer_is_refused_with_who_holds_the_cache(location):
@@ -113,13 +120,7 @@ def test_break_lock_takes_over_a_stale_lock_and_the_old_writer_learns_it_lost(lo
 
 def test_a_killed_local_writer_leaves_no_lock_behind(tmp_path):
     path = str(tmp_path / "cache")
-    proc = hold_in_subprocess(path, heartbeat=5)
-    try:
-        with pytest.raises(CacheLocked, match=f"pid {proc.pid}"):
-            WriterLock(path).acquire()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    refused_then_killed(path)
     with WriterLock(path) as lock:  # the kernel dropped the dead writer's flock: no --break-lock needed
         assert read_lock(path).pid == os.getpid() and lock.held
 
@@ -160,13 +161,7 @@ def test_concurrent_writers_on_s3_get_exactly_one_lock(s3_root):
 
 def test_s3_lock_is_held_against_another_process(s3_root):
     path = s3_root + "/cache"
-    proc = hold_in_subprocess(path, heartbeat=5)
-    try:
-        with pytest.raises(CacheLocked, match=f"pid {proc.pid}"):
-            WriterLock(path).acquire()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    refused_then_killed(path)
     with pytest.raises(CacheLocked):  # a killed writer's lock object stays until it is stale
         WriterLock(path, break_stale=True).acquire()
     with WriterLock(path, break_stale=True, stale_after=0.0):

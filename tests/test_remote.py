@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 
 import fsspec
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import s3server
 import zarr
 import zarr.storage
-from tests_support import run_cli
+from tests_support import run_cli, storage_location
 
 from kdcache.errors import CacheCorrupt, CacheLocked
 from kdcache.lock import INFO_SUFFIX, LockInfo, WriterLock, is_local, lock_path, read_lock
@@ -24,11 +23,7 @@ from kdcache.store import open_cache
 @pytest.fixture(params=["local", "memory", "s3"])
 def root(request, tmp_path) -> str:
     """An empty cache root on each kind of storage."""
-    if request.param == "local":
-        return str(tmp_path / "root")
-    if request.param == "memory":
-        return f"memory://kdcache/{uuid.uuid4().hex}"
-    return request.getfixturevalue("s3_root")
+    return storage_location(request, tmp_path, "root")
 
 
 def test_s3_server_holds_a_zarr_group_written_through_fsspec(s3_root):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests_support import save_cnn_teacher
 
 from kdcache import data, models
 from kdcache.augment import Recipe
@@ -21,13 +22,7 @@ DATASET = "fake:64"
 @pytest.fixture(scope="module")
 def second_weights(tmp_path_factory) -> str:
     """A second, different `cnn` teacher for `fake:64`."""
-    torch.manual_seed(99)
-    net = models.create_model("cnn", 10, 3)
-    with torch.no_grad():
-        net.fc.weight.mul_(10)
-    path = tmp_path_factory.mktemp("member") / "second.pt"
-    torch.save(net.state_dict(), path)
-    return str(path)
+    return save_cnn_teacher(tmp_path_factory.mktemp("member"), "second.pt", seed=99, scale=10)
 
 
 def config(out, teachers, weights, **kw) -> PrecomputeConfig:

@@ -3,8 +3,35 @@
 from __future__ import annotations
 
 import sys
+import uuid
+from pathlib import Path
 
+import pytest
+import torch
 from kdcache_cli.main import main
+
+from kdcache import models
+
+
+def save_cnn_teacher(folder: Path, name: str, seed: int, scale: float) -> str:
+    """Weights of a seeded random `cnn` for `fake:64` (10 classes, 3 channels), its classifier scaled
+    by ``scale`` so that its outputs are confident; returns the file's path."""
+    torch.manual_seed(seed)
+    net = models.create_model("cnn", 10, 3)
+    with torch.no_grad():
+        net.fc.weight.mul_(scale)
+    path = folder / name
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def storage_location(request: pytest.FixtureRequest, tmp_path: Path, name: str) -> str:
+    """A location that does not exist yet on the storage ``request.param`` names: local, memory or s3."""
+    if request.param == "local":
+        return str(tmp_path / name)
+    if request.param == "memory":
+        return f"memory://{name}/{uuid.uuid4().hex}"
+    return request.getfixturevalue("s3_root") + f"/{name}"
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
