@@ -35,7 +35,8 @@ from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, KdcacheErro
 from kdcache.lock import WriterLock
 from kdcache.roots import alias_name, join, write_alias
 from kdcache.store import (
-    MAP_CODEC, MAP_LEVEL, ArraySpec, Cache, cache_exists, cache_id, create_cache, open_cache, provenance, storage_dtype,
+    MAP_CODEC, MAP_LEVEL, ArraySpec, Cache, cache_exists, cache_id, create_cache, limit_codec_threads, open_cache,
+    provenance, storage_dtype,
 )
 from kdcache.teachers import state_sha256  # noqa: F401  (re-exported: kdcache.precompute.state_sha256)
 from kdcache.views import Renderer, prefetched
@@ -110,6 +111,14 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def codec_threads(device: torch.device) -> int | None:
+    """Threads Zarr may compress and decompress on beside a model on ``device``: on a CPU the cores
+    the model's threads leave free, at least one; beside a GPU, Zarr's own default (None)."""
+    if device.type == "cuda":
+        return None
+    return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
 
 
 def energy(logits: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
@@ -224,22 +233,40 @@ def reduce_feature(output: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class FeatureTap:
-    """Forward hooks that keep, per forward pass, only the reduced output of each requested layer."""
+    """Forward hooks that keep, per forward pass, only the reduced output of each requested layer.
+
+    A caller that copies the maps out before the next pass may :meth:`give_back` what
+    :meth:`take` returned; full maps are then copied into that memory instead of fresh memory,
+    which costs the model's thread page faults (docs/benchmarks.md).
+    """
 
     def __init__(self, model: torch.nn.Module, modes: dict[str, str]):
         modules = dict(model.named_modules())
         self.out: dict[str, torch.Tensor] = {}
+        self._lent: dict[str, torch.Tensor] = {}
+        self._spare: dict[str, torch.Tensor] = {}
         self._handles = [modules[layer].register_forward_hook(self._hook(layer, mode)) for layer, mode in modes.items()]
 
     def _hook(self, layer: str, mode: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-            if layer not in self.out:  # a module called twice in one pass: its first call, as `kdcache layers`
+            if layer in self.out:  # a module called twice in one pass: its first call, as `kdcache layers`
+                return
+            spare = self._spare.pop(layer, None)
+            if mode == "full" and spare is not None and spare.shape == output.shape and spare.device == output.device:
+                self.out[layer] = spare.copy_(output.detach())
+            else:
                 self.out[layer] = reduce_feature(output, mode)
         return hook
 
     def take(self) -> dict[str, torch.Tensor]:
+        """The maps of the last forward pass, reduced as requested (float16)."""
         out, self.out = self.out, {}
+        self._lent = out
         return out
+
+    def give_back(self) -> None:
+        """Declare the maps :meth:`take` returned last unused from now on: the next pass may overwrite them."""
+        self._spare, self._lent = dict(self._lent), {}
 
     def close(self) -> None:
         for handle in self._handles:
@@ -467,8 +494,10 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
     total = sum(hi - lo for _, _, lo, hi in batches)
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
+    if (threads := codec_threads(device)) is not None:
+        limit_codec_threads(threads)
     tap = FeatureTap(teacher, modes)
-    writer = _ShardWriter(cache)
+    writer = _ShardWriter(cache, specs)
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc="precompute",
                                           disable=not cfg.progress or rank > 0, dynamic_ncols=True) as bar:
@@ -479,10 +508,11 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
                 if uniforms is not None:
                     uniforms = torch.as_tensor(uniforms).to(device)
                 out = batch_outputs(teacher, tap, logits, cache.manifest["outputs"], uniforms, params)
-                buf = buffers.setdefault(shard, _shard_buffers(cache, shard, specs))
+                buf = buffers[shard] if shard in buffers else buffers.setdefault(shard, writer.buffers(shard))
                 for name, values in out.items():
                     flat = buf[name].reshape(-1, *buf[name].shape[2:])
                     flat[lo : lo + len(values)] = values
+                tap.give_back()  # the maps are copied into the shard's buffers
                 filled[shard] = filled.get(shard, 0) + len(inputs)
                 if filled[shard] == buf["energy"].shape[0] * cache.views:
                     if lock is not None:
@@ -502,24 +532,37 @@ class _ShardWriter:
     Compression and storage I/O release the GIL, so on a CPU with a spare core (or with the teacher
     on a GPU) the write costs the teacher nothing. At most one shard waits, which bounds memory to
     two shards' buffers; shards are written in order and each is marked done only after its arrays.
+    A written shard's buffers are handed out again: filling fresh memory would cost the teacher's
+    thread a page fault per 4 KiB (measurable with full feature maps, docs/benchmarks.md).
     """
 
-    def __init__(self, cache: Cache):
+    def __init__(self, cache: Cache, specs: list[ArraySpec]):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.cache = cache
+        self.cache, self.specs = cache, specs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
-        self._pending = None
+        self._pending: tuple[Any, dict[str, np.ndarray]] | None = None
+        self._spare: dict[str, np.ndarray] | None = None
+
+    def buffers(self, shard: int) -> dict[str, np.ndarray]:
+        """Arrays ``[rows, K, ...]`` to fill with ``shard``'s views; every row must be filled before
+        :meth:`submit`, since a recycled buffer still holds the views of a shard written before."""
+        start, stop = self.cache.shard_range(shard)
+        spare, self._spare = self._spare, None
+        if spare is not None and len(spare["energy"]) == stop - start:
+            return spare
+        return {s.name: np.empty((stop - start, self.cache.views, *s.tail), dtype=s.dtype) for s in self.specs}
 
     def submit(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         self.wait()
-        self._pending = self._pool.submit(self.cache.write_shard, shard, arrays)
+        self._pending = (self._pool.submit(self.cache.write_shard, shard, arrays), arrays)
 
     def wait(self) -> None:
         """Block until the pending shard is written; re-raises its error."""
         if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+            (future, arrays), self._pending = self._pending, None
+            future.result()
+            self._spare = arrays
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -535,11 +578,6 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.cpu().view(torch.int16).numpy().view(np.uint16)
     return t.cpu().numpy()
-
-
-def _shard_buffers(cache: Cache, shard: int, specs: list[ArraySpec]) -> dict[str, np.ndarray]:
-    start, stop = cache.shard_range(shard)
-    return {spec.name: np.zeros((stop - start, cache.views, *spec.tail), dtype=spec.dtype) for spec in specs}
 
 
 def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,

@@ -56,10 +56,11 @@ TARGET_ARRAYS = {
 
 #: Compressors measured by benchmarks/storage.py; the defaults are chosen from those numbers
 #: (docs/format.md): blosc-zstd 5 with shuffle is the smallest codec that still encodes at tens of
-#: MB/s; for full feature maps plain zstd 3 is both smaller and three times faster to encode.
+#: MB/s; full feature maps, thousands of bytes per view, take plain zstd 1: as small on them and
+#: 4-6x faster to encode.
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
 DEFAULT_CODEC, DEFAULT_LEVEL = "blosc-zstd", 5
-MAP_CODEC, MAP_LEVEL = "zstd", 3
+MAP_CODEC, MAP_LEVEL = "zstd", 1
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,18 @@ def compressors(dtype: str, codec: str = DEFAULT_CODEC, level: int = DEFAULT_LEV
     else:
         raise InvalidSpec(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     return [*first, Crc32cCodec()]
+
+
+def limit_codec_threads(threads: int) -> None:
+    """Let Zarr encode and decode chunks on at most ``threads`` threads in this process.
+
+    On a CPU the model's threads need the cores: Zarr's default pool (cores + 4 threads) compresses a
+    shard in a burst that preempts them (docs/benchmarks.md). A limit the user set already (Zarr's
+    ``threading.max_workers``, e.g. ``ZARR_THREADING__MAX_WORKERS``) is kept. Zarr builds its pool at
+    the next read or write and keeps it for the life of the process.
+    """
+    if zarr.config.get("threading.max_workers", None) is None:
+        zarr.config.set({"threading.max_workers": max(1, int(threads))})
 
 
 def default_chunk_samples(specs: Iterable[ArraySpec]) -> int:

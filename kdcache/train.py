@@ -26,8 +26,8 @@ from kdcache import data, distributed, heda, losses, models, robust
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.online import OnlineTeacher, check_online
-from kdcache.precompute import loader_workers, pick_device
-from kdcache.store import Cache, open_cache
+from kdcache.precompute import codec_threads, loader_workers, pick_device
+from kdcache.store import Cache, limit_codec_threads, open_cache
 from kdcache.targets import CacheTargets, FeatureTap, energy_temperature, layer_pairs, teacher_inputs
 from kdcache.views import EvalViews, Renderer, TrainViews, prefetched
 
@@ -321,6 +321,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.he_da:
         stream = heda.with_extra_views(stream, cache, source.train, size)
     workers = loader_workers(cfg.workers, device)
+    if (threads := codec_threads(device)) is not None:
+        limit_codec_threads(threads)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0)  # no restart cost per epoch; see TrainViews.set_epoch
     test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))

@@ -10,8 +10,11 @@ import zarr
 from kdcache import data, models
 from kdcache.augment import Recipe
 from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, WeightsMismatch
-from kdcache.precompute import PrecomputeConfig, class_uniforms, energy, loader_workers, precompute, sample_counts
-from kdcache.store import densify, open_cache
+from kdcache.precompute import (
+    FeatureTap, PrecomputeConfig, _ShardWriter, class_uniforms, codec_threads, energy, loader_workers, precompute,
+    sample_counts,
+)
+from kdcache.store import ArraySpec, densify, open_cache
 from kdcache.views import Renderer, TrainViews, row
 
 DATASET = "fake:64"
@@ -259,6 +262,7 @@ def test_feature_modes_store_what_a_direct_forward_hook_sees(tmp_path, teacher_w
     # full maps take plain zstd, measured smaller and faster to encode for them; the rest blosc-zstd
     codecs = {name: type(cache.group[name].compressors[0]).__name__ for name in cache.array_names}
     assert codecs.pop("features/layer1.0") == "ZstdCodec" and set(codecs.values()) == {"BloscCodec"}
+    assert cache.group["features/layer1.0"].compressors[0].level == 1
 
     teacher = models.create_model("cnn", 10, 3)
     models.load_weights(teacher, teacher_weights, spec="cnn")
@@ -306,3 +310,78 @@ def test_loader_workers_default_to_spare_cores_beside_cuda_only(monkeypatch):
     assert loader_workers(3, torch.device("cpu")) == 3
     with pytest.raises(InvalidSpec, match="--workers"):
         loader_workers(-1, torch.device("cuda"))
+
+
+def test_codec_threads_leave_the_models_cores_free_on_cpu_only(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert codec_threads(torch.device("cpu")) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert codec_threads(torch.device("cpu")) == 1
+    assert codec_threads(torch.device("cuda")) is None
+
+
+def test_precompute_on_cpu_limits_zarrs_codec_threads_unless_the_user_did(tmp_path, teacher_weights):
+    with zarr.config.set({"threading.max_workers": None}):
+        precompute(config(tmp_path / "a", teacher_weights, device="cpu"))
+        assert zarr.config.get("threading.max_workers") == codec_threads(torch.device("cpu"))
+    with zarr.config.set({"threading.max_workers": 5}):
+        precompute(config(tmp_path / "b", teacher_weights, device="cpu"))
+        assert zarr.config.get("threading.max_workers") == 5
+
+
+def test_shard_writer_hands_a_written_shards_buffers_out_again(tmp_path, teacher_weights):
+    cache = open_cache(precompute(config(tmp_path / "c", teacher_weights, dataset="fake:80")).path, mode="r+")
+    specs = [ArraySpec(a["name"], tuple(a["tail"]), a["dtype"]) for a in cache.manifest["layout"]["arrays"]]
+    assert cache.shard_range(1) == (64, 80)
+    writer = _ShardWriter(cache, specs)
+    try:
+        first = writer.buffers(0)
+        assert first["energy"].shape == (64, 3, 2)
+        for name, values in first.items():
+            values[...] = cache.read_samples(name, 0, 64)
+        writer.submit(0, first)
+        writer.wait()
+        assert writer.buffers(1)["energy"].shape == (16, 3, 2)  # a shorter shard gets its own
+        writer.submit(0, first)
+        writer.wait()
+        assert writer.buffers(0) is first
+    finally:
+        writer.close()
+
+
+def test_shards_that_reuse_buffers_store_every_views_own_outputs(tmp_path, teacher_weights):
+    """Shards 0-2 of 64 samples and a last one of 8, batches of 7 across shard ends: shard 2 is
+    filled in shard 0's recycled buffers, and must not keep any of shard 0's values."""
+    seen: list[torch.Tensor] = []
+    cfg = config(tmp_path / "c", teacher_weights, dataset="fake:200", views=2, batch_size=7)
+    cache = open_cache(precompute(cfg, on_batch=lambda inputs, logits: seen.append(logits.clone())).path)
+    assert cache.num_shards == 4
+    logits = torch.cat(seen).reshape(200, 2, -1)
+    i, v = np.repeat(np.arange(200), 2), np.tile(np.arange(2), 200)
+    np.testing.assert_allclose(cache.logits(i, v), logits[i, v].numpy(), rtol=1e-3, atol=1e-2)
+    np.testing.assert_allclose(cache.read_samples("energy", 0, 200).reshape(400, -1),
+                               energy(logits[i, v], (1.0, 4.0)).numpy(), rtol=1e-5)
+
+
+def test_feature_tap_reuses_full_maps_memory_only_when_given_back(teacher_weights):
+    teacher = models.create_model("cnn", 10, 3)
+    models.load_weights(teacher, teacher_weights, spec="cnn")
+    tap = FeatureTap(teacher.eval(), {"layer1": "full", "layer2": "pooled"})
+    a, b = torch.rand(5, 3, 32, 32), torch.rand(5, 3, 32, 32)
+    try:
+        with torch.inference_mode():
+            teacher(a)
+            first = tap.take()
+            kept = first["layer1"].clone()
+            teacher(b)
+            second = tap.take()  # nothing given back: the first maps stay as they were
+            assert second["layer1"].data_ptr() != first["layer1"].data_ptr()
+            assert torch.equal(first["layer1"], kept)
+            tap.give_back()
+            teacher(a)
+            third = tap.take()
+    finally:
+        tap.close()
+    assert third["layer1"].data_ptr() == second["layer1"].data_ptr()
+    assert torch.equal(third["layer1"], kept)  # the given-back memory now holds this pass's maps
