@@ -35,7 +35,7 @@ from kdcache.train import TrainConfig, train
 
 NAME = "storage"
 # blosc's clevel L runs zstd at level 2L-1 (L < 9) or 22 (L = 9); zstd:L is plain zstd without shuffle
-CODECS = ["blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "blosc-zstd:9", "blosc-lz4:5", "zstd:3", "none:0"]
+CODECS = ["blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "blosc-zstd:9", "blosc-lz4:5", "zstd:1", "zstd:3", "none:0"]
 LOGIT_MODES = [("dense", "float16"), ("dense", "bfloat16"), ("dense", "float32"),
                ("topk:5", "float16"), ("topk:10", "float16"), ("sampled:50", "float16")]
 FEATURE_LAYERS = ("layer1", "layer2")
