@@ -51,19 +51,22 @@ def options(parser: argparse.ArgumentParser) -> None:
 def variants(layer: str, workers: int, quick: bool) -> dict[str, dict[str, Any]]:
     """Precompute settings measured against bare inference: name -> PrecomputeConfig overrides.
 
-    Each output setting runs serially (``workers=0``: rendering and writing on the teacher's own
-    time) and pipelined (views rendered in ``workers`` DataLoader workers, as on a GPU machine).
+    ``--quick`` runs each output setting once, with kdcache's default data path (``workers=None``:
+    rendering on a background thread on a CPU, in DataLoader workers beside a GPU). The full run
+    measures more outputs, each with ``workers=0`` (the background thread) and with views rendered
+    in ``workers`` DataLoader worker processes.
     """
     outputs: dict[str, dict[str, Any]] = {"dense": {}}
-    if quick:  # one run covers both the top-k and the feature path, in the default (attention) mode
+    if quick:  # top-k with each feature path that matters: the default (attention) and full maps
         outputs[f"topk:10 + {layer}:attention"] = {"logits": "topk:10", "features": (f"{layer}:attention",)}
-    else:
-        outputs |= {
-            "topk:10": {"logits": "topk:10"},
-            "sampled:50": {"logits": "sampled:50"},
-            f"dense + {layer}:full": {"features": (f"{layer}:full",)},
-            f"dense + {layer}:attention": {"features": (f"{layer}:attention",)},
-        }
+        outputs[f"topk:10 + {layer}:full"] = {"logits": "topk:10", "features": (f"{layer}:full",)}
+        return {name: {**overrides, "workers": None} for name, overrides in outputs.items()}
+    outputs |= {
+        "topk:10": {"logits": "topk:10"},
+        "sampled:50": {"logits": "sampled:50"},
+        f"dense + {layer}:full": {"features": (f"{layer}:full",)},
+        f"dense + {layer}:attention": {"features": (f"{layer}:attention",)},
+    }
     pipelined = f"{workers} worker{'s' * (workers != 1)}"
     out = {}
     for name, overrides in outputs.items():
