@@ -508,7 +508,9 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
                 if uniforms is not None:
                     uniforms = torch.as_tensor(uniforms).to(device)
                 out = batch_outputs(teacher, tap, logits, cache.manifest["outputs"], uniforms, params)
-                buf = buffers[shard] if shard in buffers else buffers.setdefault(shard, writer.buffers(shard))
+                if shard not in buffers:
+                    buffers[shard] = writer.buffers(shard)
+                buf = buffers[shard]
                 for name, values in out.items():
                     flat = buf[name].reshape(-1, *buf[name].shape[2:])
                     flat[lo : lo + len(values)] = values
