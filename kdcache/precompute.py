@@ -494,8 +494,7 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
     total = sum(hi - lo for _, _, lo, hi in batches)
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
-    if (threads := codec_threads(device)) is not None:
-        limit_codec_threads(threads)
+    limit_codec_threads(codec_threads(device))
     tap = FeatureTap(teacher, modes)
     writer = _ShardWriter(cache, specs)
     try:

@@ -220,15 +220,16 @@ def compressors(dtype: str, codec: str = DEFAULT_CODEC, level: int = DEFAULT_LEV
     return [*first, Crc32cCodec()]
 
 
-def limit_codec_threads(threads: int) -> None:
-    """Let Zarr encode and decode chunks on at most ``threads`` threads in this process.
+def limit_codec_threads(threads: int | None) -> None:
+    """Let Zarr encode and decode chunks on at most ``threads`` threads in this process (None: leave
+    Zarr's default).
 
     On a CPU the model's threads need the cores: Zarr's default pool (cores + 4 threads) compresses a
     shard in a burst that preempts them (docs/benchmarks.md). A limit the user set already (Zarr's
     ``threading.max_workers``, e.g. ``ZARR_THREADING__MAX_WORKERS``) is kept. Zarr builds its pool at
     the next read or write and keeps it for the life of the process.
     """
-    if zarr.config.get("threading.max_workers", None) is None:
+    if threads is not None and zarr.config.get("threading.max_workers", None) is None:
         zarr.config.set({"threading.max_workers": max(1, int(threads))})
 
 

@@ -321,8 +321,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.he_da:
         stream = heda.with_extra_views(stream, cache, source.train, size)
     workers = loader_workers(cfg.workers, device)
-    if (threads := codec_threads(device)) is not None:
-        limit_codec_threads(threads)
+    limit_codec_threads(codec_threads(device))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0)  # no restart cost per epoch; see TrainViews.set_epoch
     test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))
