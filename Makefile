@@ -15,10 +15,10 @@ quickstart: $(STAMP)
 	$(BIN)/kdcache quickstart --out quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not s3"
 
 docs: $(STAMP)
 	$(BIN)/typer kdcache_cli.main utils docs --name kdcache --title "kdcache command reference" \

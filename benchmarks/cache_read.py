@@ -2,7 +2,7 @@
 
 For each cache (made once with a cheap teacher; what is measured is reading, not the teacher):
 
-- ``block reader``: :class:`kdcache.views.TrainViews` with ``batch_size`` and ``render=False`` —
+- ``block reader``: :class:`kdcache.student.reader.TrainViews` with ``batch_size`` and ``render=False`` —
   chunk-sized ``Cache.read_block`` calls, window shuffle, batches of teacher arrays and params;
 - ``+ decode``: the same, then each batch turned into the float32 training target the trainer uses
   (``decode_logits`` for dense logits, ``Cache.teacher_probs`` for top-k/sampled) and features to
@@ -34,9 +34,12 @@ from torch.utils.data import DataLoader
 from benchmarks.common import Clock, device, emit, median, parse_args, table
 from kdcache import data, models
 from kdcache.augment import Recipe
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import Cache, decode_logits, open_cache
-from kdcache.views import Renderer, TrainViews
+from kdcache.cache.logits import decode_logits
+from kdcache.cache.store import Cache, open_cache
+from kdcache.student.reader import TrainViews
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
+from kdcache.views import Renderer
 
 NAME = "cache_read"
 TARGET = 50_000

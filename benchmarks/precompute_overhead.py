@@ -1,6 +1,6 @@
 """precompute_overhead: views/s of kdcache's precompute vs bare teacher inference on the same inputs.
 
-For each teacher, the real :func:`kdcache.precompute.precompute` writes a real cache to a temporary
+For each teacher, the real :func:`kdcache.teacher.precompute.precompute` writes a real cache to a temporary
 folder (weights file, hashing, rendering, teacher, targets, energies, features, Zarr writes); the
 bare run feeds the very inputs precompute rendered (captured through ``on_batch`` and already on the
 device) to the same model, batch size and threads under ``inference_mode``. Both are timed from the
@@ -30,8 +30,11 @@ import torch
 from benchmarks.common import Run, cpu_seconds, device, emit, interleave_runs, median, parse_args, ratios, sync, table
 from kdcache import data, models
 from kdcache.augment import Recipe
-from kdcache.precompute import PrecomputeConfig, energy, parse_logits, precompute, teacher_targets
-from kdcache.store import ArraySpec, create_cache, open_cache
+from kdcache.cache.arrays import ArraySpec
+from kdcache.cache.store import create_cache, open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.outputs import energy, parse_logits, teacher_targets
+from kdcache.teacher.precompute import precompute
 from kdcache.views import Renderer
 
 NAME = "precompute_overhead"

@@ -5,7 +5,7 @@ Precompute runs the real command line, ``kdcache precompute`` and ``kdcache prec
 (two torchrun ranks, each writing its own shards), into a fresh root each time; views/s is what the
 command reports (the precompute itself: planning, teacher, writing) and the wall time of the whole
 command, interpreter start and torchrun included, is recorded beside it. One process uses torch's
-default threads, each of the two processes an equal share. Training runs ``kdcache.train.train``
+default threads, each of the two processes an equal share. Training runs ``kdcache.student.train.train``
 with ``--cache`` a local path and then an ``s3://`` URL of the same cache; images/s is the
 trainer's own figure for its last epoch. The data path alone (the trainer's loader, no model) is
 timed too, as that is where the storage shows. Variants run interleaved; ratios are medians of
@@ -35,8 +35,10 @@ import torch
 from benchmarks.common import device, emit, interleave, median, paired_ratio, parse_args, table
 from benchmarks.train_throughput import loader_rate
 from kdcache import data, models
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.train import TrainConfig, train
+from kdcache.student.config import TrainConfig
+from kdcache.student.train import train
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 NAME = "sharing"
 TEACHER, STUDENT, AUGMENT = "resnet8x4", "resnet8", "rrc+flip"

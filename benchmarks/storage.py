@@ -1,12 +1,12 @@
 """storage: stored bytes per view of every logit mode, feature mode and codec, and codec decode speed.
 
 10 classes are the real outputs of a `cnn` teacher trained on mnist5k, cached by the real
-:func:`kdcache.precompute.precompute` (float32 logits and full feature maps). 100 and 1000 classes are
+:func:`kdcache.teacher.precompute.precompute` (float32 logits and full feature maps). 100 and 1000 classes are
 synthetic logits from a distribution fitted to that teacher: per view ``z = s·N(0, I_C)`` plus a margin
 on one random class chosen so that the top-1 probability equals ``p``, with ``(p, s)`` resampled from
 the real teacher's views (``p`` its top-1 probability, ``s`` the std of its other logits): the
 synthetic teacher is exactly as confident as the real one. Every mode is derived from those float32
-logits by the library's own code (:func:`kdcache.precompute.teacher_targets`, ``reduce_feature``) and
+logits by the library's own code (:func:`kdcache.teacher.outputs.teacher_targets`, ``reduce_feature``) and
 written as a Zarr v3 array chunked as a cache chunks it (``[S, 1, ...]``), with each codec followed by
 crc32c. Bytes are the chunk bytes only (no metadata).
 
@@ -27,11 +27,13 @@ import zarr.storage
 from zarr.core.sync import sync as zsync
 
 from benchmarks.common import device, emit, median, parse_args, table
-from kdcache.precompute import (
-    PrecomputeConfig, class_uniforms, parse_logits, precompute, reduce_feature, target_specs, teacher_targets,
-)
-from kdcache.store import ArraySpec, compressors, default_chunk_samples, open_cache
-from kdcache.train import TrainConfig, train
+from kdcache.cache.arrays import ArraySpec, compressors, default_chunk_samples
+from kdcache.cache.store import open_cache
+from kdcache.student.config import TrainConfig
+from kdcache.student.train import train
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.outputs import class_uniforms, parse_logits, reduce_feature, target_specs, teacher_targets
+from kdcache.teacher.precompute import precompute
 
 NAME = "storage"
 # blosc's clevel L runs zstd at level 2L-1 (L < 9) or 22 (L = 9); zstd:L is plain zstd without shuffle

@@ -1,5 +1,5 @@
 """train_throughput: images/s of student training (a) alone with CE, (b) from the cache with KD,
-(c) with an online teacher (classic KD), all through the real ``kdcache.train.train``.
+(c) with an online teacher (classic KD), all through the real ``kdcache.student.train.train``.
 
 Targets: (b)/(a) >= 0.95, and (b)/(c) >= 0.95·(1 + t_T/t_S) where t_T is the teacher's forward
 time and t_S the student's training-step time per image, both timed alone on an in-memory batch
@@ -29,10 +29,13 @@ import torch.nn.functional as F
 from benchmarks.common import device, emit, interleave, median, paired_ratio, parse_args, sync, table
 from kdcache import data, models
 from kdcache.augment import Recipe
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
-from kdcache.train import TrainConfig, train
-from kdcache.views import Renderer, TrainViews
+from kdcache.cache.store import open_cache
+from kdcache.student.config import TrainConfig
+from kdcache.student.reader import TrainViews
+from kdcache.student.train import train
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
+from kdcache.views import Renderer
 
 NAME = "train_throughput"
 TARGET = 0.95

@@ -35,3 +35,19 @@ def print_rows(rows: list[tuple[str, ...]]) -> None:
     width = max((len(r[0]) for r in rows), default=0)
     for first, *rest in rows:
         typer.echo(f"{first:<{width}}  {'  '.join(rest)}")
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows as left-aligned columns, the first row being the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def format_size(n: float) -> str:
+    """Bytes in B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

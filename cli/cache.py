@@ -7,23 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from kdcache_cli.app import app
+from kdcache_cli.app import app, format_size, print_table
 
-from kdcache.errors import InvalidSpec
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @app.command()
@@ -39,7 +24,7 @@ def info(
     Teacher top-1: argmax of the cached targets against the labels, over every cached view.
     Energy quantiles: the 0/20/50/80/100% points at each stored temperature.
     """
-    from kdcache.inspect import describe, modes
+    from kdcache.cache.info import describe, modes
 
     d = describe(cache, scan=not quick)
     if as_json:
@@ -60,7 +45,7 @@ def info(
         he, spec = d["extra_views"], rec["he_extra"]
         typer.echo(f"he-extra  {he['samples']} samples (top {spec['fraction']:g} by mean energy at "
                    f"T={spec['energy_temperature']:g}, >= {he['threshold_energy']:.3f}) x {he['views']} "
-                   f"{spec['augment']['spec']} views, {_size(he['stored_bytes'])}")
+                   f"{spec['augment']['spec']} views, {format_size(he['stored_bytes'])}")
     typer.echo(f"layout    chunks of {lay['chunk_samples']} samples x 1 view, shards of {lay['shard_samples']} "
                f"samples, Zarr sharding {'on' if lay.get('sharded') else 'off'}")
     p = m["provenance"]
@@ -69,11 +54,11 @@ def info(
     rows = [("array", "shape", "dtype", "stored", "raw", "ratio", "bytes/view")]
     for name, a in d["arrays"].items():
         ratio = f"{a['ratio']:.2f}" if a["ratio"] else "-"
-        rows.append((name, "x".join(map(str, a["shape"])), a["dtype"], _size(a["stored_bytes"]), _size(a["raw_bytes"]),
+        rows.append((name, "x".join(map(str, a["shape"])), a["dtype"], format_size(a["stored_bytes"]), format_size(a["raw_bytes"]),
                      ratio, f"{a['bytes_per_view']:.1f}"))
     rows.append(("total (per view, without labels)", "", "", "", "", "", f"{d['bytes_per_view']:.1f}"))
     typer.echo("")
-    _table(rows)
+    print_table(rows)
     if quick:
         return
     typer.echo("")
@@ -88,10 +73,10 @@ def verify(
     cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     recompute: Annotated[int, typer.Option(help="Also replay this many random (sample, view) pairs, rerun the teacher and compare with the cached outputs (0: no replay).")] = 0,
-    weights: Annotated[list[Path] | None, typer.Option(help="--recompute: teacher weights file, checked against the manifest's sha256; repeat per ensemble member, in order.")] = None,
+    weights: Annotated[list[Path] | None, typer.Option(help="--recompute: teacher weights file, checked against the manifest's sha256; repeat per ensemble member, in order (default: the paths the manifest records).")] = None,
     recompute_seed: Annotated[int, typer.Option(help="--recompute: seed choosing the pairs.")] = 0,
     dataset: Annotated[str | None, typer.Option(help="--recompute: dataset spec if it moved (default: the manifest's; fingerprint must match).")] = None,
-    device: Annotated[str, typer.Option(help="--recompute: auto, cpu or cuda[:N].")] = "cpu",
+    device: Annotated[str, typer.Option(help="--recompute: auto (CUDA if available), cpu or cuda[:N].")] = "auto",
 ) -> None:
     """Check a cache's integrity by reading every chunk; exit 1 naming each bad array and chunk.
 
@@ -100,13 +85,11 @@ def verify(
     resample bit for bit and outputs match within the tolerance of docs/format.md.
     Exit code 0: intact; 1: problems found; 2: the cache could not be opened.
     """
-    from kdcache.inspect import verify as run
-    from kdcache.replay import recompute as replay
+    from kdcache.audit import recompute as replay
+    from kdcache.cache.integrity import verify as run
 
-    if recompute and not weights:
-        raise InvalidSpec("--recompute reruns the teacher — pass its weights file with --weights")
     report = run(cache)
-    replayed = replay(cache, recompute, [str(w) for w in weights or ()], recompute_seed, dataset,
+    replayed = replay(cache, recompute, [str(w) for w in weights or ()] or None, recompute_seed, dataset,
                       device=device) if recompute and report.ok else None
     problems = [*report.problems, *(replayed.problems if replayed else ())]
     if as_json:
@@ -130,7 +113,7 @@ def list_caches(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
     """List the caches under ROOT: id, alias, teacher, dataset, views, outputs, size, status, creator."""
-    from kdcache.inspect import list_caches as scan
+    from kdcache.cache.info import list_caches as scan
 
     rows = scan(root)
     if as_json:
@@ -145,6 +128,6 @@ def list_caches(
             table.append((r["id"], "", "", "", "", "", "", r["status"], ""))
             continue
         alias = ",".join(a.rstrip("/").rpartition("/")[2] for a in r["alias"]) or "-"
-        table.append((r["id"], alias, r["teacher"], r["dataset"], str(r["views"]), r["modes"], _size(r["size_bytes"]),
+        table.append((r["id"], alias, r["teacher"], r["dataset"], str(r["views"]), r["modes"], format_size(r["size_bytes"]),
                       r["status"], f"{r['created_by']} {r['created']}"))
-    _table(table)
+    print_table(table)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from kdcache.errors import KdcacheError
-from kdcache_cli import cache, registry, report, stages  # noqa: F401  (importing a module registers its commands)
+from kdcache_cli import stages, cache, registry, report  # noqa: F401, I001  (importing registers commands: this order is --help's)
 from kdcache_cli.app import app, fail
 from kdcache_cli.config import with_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kdcache_cli.cache import _size, _table
+from kdcache_cli.app import format_size, print_table
 
 
 def _duration(seconds: float) -> str:
@@ -14,7 +14,7 @@ def _duration(seconds: float) -> str:
 
 def print_plan(cfg) -> None:
     """Estimate the run ``cfg`` describes (kdcache.plan) and print it; writes nothing."""
-    from kdcache.plan import plan
+    from kdcache.teacher.plan import plan
 
     p = plan(cfg)
     typer.echo(f"dry run: cache {p.cache_id} at {p.path} — nothing written")
@@ -23,9 +23,9 @@ def print_plan(cfg) -> None:
     typer.echo(f"teacher forward passes: {p.forward_passes:,} ({p.samples:,} samples x {p.views} views x "
                f"{p.members} member{'s' if p.members > 1 else ''})")
     rows = [("array", "shape", "dtype", "raw", "estimated")]
-    rows += [(name, "x".join(map(str, a["shape"])), a["dtype"], _size(a["raw_bytes"]), _size(a["estimated_bytes"]))
+    rows += [(name, "x".join(map(str, a["shape"])), a["dtype"], format_size(a["raw_bytes"]), format_size(a["estimated_bytes"]))
              for name, a in p.arrays.items()]
-    rows.append(("total", "", "", _size(sum(a["raw_bytes"] for a in p.arrays.values())), _size(p.total_bytes)))
-    _table(rows)
+    rows.append(("total", "", "", format_size(sum(a["raw_bytes"] for a in p.arrays.values())), format_size(p.total_bytes)))
+    print_table(rows)
     typer.echo(f"estimated time: {_duration(p.seconds)} at {p.views_per_second:,.0f} views/s "
                f"(timed on a warm-up of {p.warmup_views} views; bytes from encoding them with the real codecs)")

@@ -18,7 +18,7 @@ def report(
 ) -> None:
     """Plot several runs' train/test curves on one chart and tabulate their final metrics (markdown)."""
     from kdcache.report import write_report
-    from kdcache.store import open_cache
+    from kdcache.cache.store import open_cache
 
     for path in write_report(runs, out, open_cache(cache) if cache else None):
         typer.echo(str(path))

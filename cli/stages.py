@@ -9,6 +9,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from kdcache.student.config import TrainConfig
+from kdcache.teacher.config import PrecomputeConfig
 from kdcache_cli.app import app, parse_params
 
 NPROC_HELP = "Processes on this machine (re-runs the command under torchrun; each rank writes/trains its share)."
@@ -45,37 +47,38 @@ def precompute(
     teacher: Annotated[list[str], typer.Option(help="Teacher model spec (see `kdcache models`); repeat for an ensemble.")],
     weights: Annotated[list[Path], typer.Option(help="Teacher weights file (a state dict; loaded weights_only); one per --teacher, in order.")],
     out: Annotated[str, typer.Option(help="Root folder or fsspec URL; the cache goes to OUT/<cache id>, with a readable alias OUT/<alias>.")],
-    views: Annotated[int, typer.Option(help="Recorded augmented views per sample (K).")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the view plan; params are a pure function of (seed, i, v).")] = 0,
-    augment: Annotated[str, typer.Option(help="Augmentation recipe, ops joined by '+'.")] = "rrc+flip",
-    teacher_size: Annotated[Optional[int], typer.Option(help="Teacher input side in pixels (default: the dataset's).")] = None,
-    energy_t: Annotated[Optional[list[float]], typer.Option(help="Energy temperature; repeat for several.")] = None,
-    logits: Annotated[str, typer.Option(help="Teacher target: dense, topk:K (top-K log-probabilities) or sampled:N (N classes drawn from the teacher, ids + counts).")] = "dense",
-    logit_dtype: Annotated[str, typer.Option(help="Stored logit dtype (dense and topk): float16, bfloat16 or float32.")] = "float16",
+    views: Annotated[int, typer.Option(help="Recorded augmented views per sample (K).")] = PrecomputeConfig.views,
+    seed: Annotated[int, typer.Option(help="Seed of the view plan; params are a pure function of (seed, i, v).")] = PrecomputeConfig.seed,
+    augment: Annotated[str, typer.Option(help="Augmentation recipe, ops joined by '+'.")] = PrecomputeConfig.augment,
+    teacher_size: Annotated[Optional[int], typer.Option(help="Teacher input side in pixels (default: the dataset's).")] = PrecomputeConfig.teacher_size,
+    energy_t: Annotated[list[float], typer.Option(help="Energy temperature; repeat for several.")] = list(PrecomputeConfig.energy_t),
+    logits: Annotated[str, typer.Option(help="Teacher target: dense, topk:K (top-K log-probabilities) or sampled:N (N classes drawn from the teacher, ids + counts).")] = PrecomputeConfig.logits,
+    logit_dtype: Annotated[str, typer.Option(help="Stored logit dtype (dense and topk): float16, bfloat16 or float32.")] = PrecomputeConfig.logit_dtype,
     features: Annotated[Optional[list[str]], typer.Option(help="Teacher layer to store, LAYER[:full|pooled|attention] (default attention); repeatable. `kdcache layers MODEL` lists names.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = 256,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = PrecomputeConfig.batch_size,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = PrecomputeConfig.workers,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = PrecomputeConfig.device,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it (polls every second) instead of stopping.")] = False,
     break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
-    he_extra: Annotated[Optional[str], typer.Option(help="Energy-guided extra views R:K2[:cutmix|mixup]: the fraction R of samples with the highest mean teacher energy get K2 extra mixed views, cached too (e.g. 0.5:4).")] = None,
-    ensemble: Annotated[str, typer.Option(help="How several teachers combine: mean-prob (mean of softmax) or mean-logit.")] = "mean-prob",
+    extra_views: Annotated[Optional[str], typer.Option(help="Energy-guided extra views (HE-DA) R:K2[:cutmix|mixup]: the fraction R of samples with the highest mean teacher energy get K2 extra mixed views, cached too (e.g. 0.5:4).")] = PrecomputeConfig.extra_views,
+    he_extra: Annotated[Optional[str], typer.Option(hidden=True, help="Old name of --extra-views (kept for one release).")] = None,
+    ensemble: Annotated[str, typer.Option(help="How several teachers combine: mean-prob (mean of softmax) or mean-logit.")] = PrecomputeConfig.ensemble,
     keep_members: Annotated[bool, typer.Option("--keep-members", help="Also store each ensemble member's dense logits (members/<i>/logits).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing: print teacher passes, estimated bytes per array and time, from a short warm-up.")] = False,
 ) -> None:
     """Stage 1: run the teacher over K recorded views per sample and write the Zarr v3 cache."""
     from kdcache import distributed
-    from kdcache.precompute import PrecomputeConfig, check
-    from kdcache.precompute import precompute as run
+    from kdcache.teacher.precompute import check
+    from kdcache.teacher.precompute import precompute as run
 
     cfg = PrecomputeConfig(
         dataset=dataset, teacher=_one_or_all(teacher), weights=_one_or_all([str(w) for w in weights]), out=out,
         views=views, seed=seed, augment=augment,
-        teacher_size=teacher_size, energy_t=tuple(energy_t or (1.0, 4.0)), logits=logits, logit_dtype=logit_dtype,
+        teacher_size=teacher_size, energy_t=tuple(energy_t), logits=logits, logit_dtype=logit_dtype,
         features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
-        wait=wait, break_lock=break_lock, he_extra=he_extra, ensemble=ensemble,
+        wait=wait, break_lock=break_lock, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members)
     if not dry_run:
         _relaunch(nproc, lambda: check(cfg))
@@ -106,33 +109,35 @@ def train(
     student_layer: Annotated[Optional[list[str]], typer.Option(help="Feature losses: student layer paired with the cached teacher layers, in order; repeatable.")] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Classic online KD: run this teacher model on every batch (the cache's views, or live ones).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights file of --online-teacher (a state dict).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs; with a cache each epoch uses one stored view per sample.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Batch size (per process).")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
-    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.")] = "sgd",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    schedule: Annotated[str, typer.Option(help="cosine, step (x0.1 at 30/60/90%) or constant.")] = "cosine",
-    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = 0,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip gradient norm to this value.")] = None,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only; ignored on CPU).")] = True,
-    label_noise: Annotated[float, typer.Option(help="Fraction of training labels replaced by another class (seeded; 0: none).")] = 0.0,
-    imbalance: Annotated[float, typer.Option(help="Long-tailed training split with this n_max/n_min ratio (seeded; 1: all samples).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = 0,
-    size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size).")] = None,
-    augment: Annotated[str, typer.Option(help="Recipe without a cache (a cache replays its own).")] = "rrc+flip",
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading and rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    epochs: Annotated[int, typer.Option(help="Epochs; with a cache each epoch uses one stored view per sample.")] = TrainConfig.epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size (per process).")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.")] = TrainConfig.optimizer,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = TrainConfig.momentum,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = TrainConfig.weight_decay,
+    schedule: Annotated[str, typer.Option(help="cosine, step (x0.1 at 30/60/90%) or constant.")] = TrainConfig.schedule,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = TrainConfig.warmup_epochs,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip gradient norm to this value.")] = TrainConfig.grad_clip,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only; ignored on CPU).")] = TrainConfig.amp,
+    label_noise: Annotated[float, typer.Option(help="Fraction of training labels replaced by another class (seeded; 0: none).")] = TrainConfig.label_noise,
+    imbalance: Annotated[float, typer.Option(help="Long-tailed training split with this n_max/n_min ratio (seeded; 1: all samples).")] = TrainConfig.imbalance,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = TrainConfig.seed,
+    size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size).")] = TrainConfig.size,
+    augment: Annotated[str, typer.Option(help="Recipe without a cache (a cache replays its own).")] = TrainConfig.augment,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading and rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = TrainConfig.workers,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = TrainConfig.device,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP + " DDP; --batch-size is per process.")] = 1,
-    he_da: Annotated[bool, typer.Option("--he-da", help="Also train on the cache's energy-guided extra mixed views (precompute --he-extra), one per chosen sample per epoch.")] = False,
+    extra_views: Annotated[bool, typer.Option("--extra-views", help="Also train on the cache's energy-guided extra mixed views (precompute --extra-views), one per chosen sample per epoch.")] = TrainConfig.extra_views,
+    he_da: Annotated[bool, typer.Option("--he-da", hidden=True, help="Old name of --extra-views (kept for one release).")] = False,
 ) -> None:
     """Stage 2: train a student from a cache (teacher never loaded), with an online teacher, or alone with CE."""
-    options = dict(locals())
+    options = dict(locals()) | {"extra_views": extra_views or he_da}
+    options.pop("he_da")
     from kdcache import distributed
-    from kdcache.train import TrainConfig, check
-    from kdcache.train import train as run
+    from kdcache.student.train import check
+    from kdcache.student.train import train as run
 
     cfg = TrainConfig(
         dataset=dataset, model=model, out=str(out), cache=cache, loss=loss, loss_params=parse_params(loss_param),
@@ -141,7 +146,7 @@ def train(
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
-        he_da=he_da)
+        extra_views=extra_views or he_da)
     _relaunch(nproc, lambda: check(cfg))
     if distributed.is_main():
         _save_run_config(out, options)
@@ -168,7 +173,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Evaluate weights on a split: top-1, top-5 (%) and ECE (15 bins)."""
-    from kdcache.train import evaluate_weights
+    from kdcache.student.evaluate import evaluate_weights
 
     result = evaluate_weights(model, str(weights), dataset, split, size, batch_size, device)
     if as_json:
@@ -213,6 +218,7 @@ def extend(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it instead of stopping.")] = False,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
 ) -> None:
     """Grow a cache in place: more views (teacher runs only on them), new feature layers, or new ensemble members.
 
@@ -220,8 +226,8 @@ def extend(
     stays where it is, with aliases OUT/<new id> and a new readable alias naming it.
     """
     from kdcache.errors import InvalidSpec
-    from kdcache.extend import add_members
-    from kdcache.extend import extend as run
+    from kdcache.teacher.extend import add_members
+    from kdcache.teacher.extend import extend as run
 
     files = [str(w) for w in weights or []]
     if teacher and (views or features):
@@ -229,10 +235,10 @@ def extend(
                           "once with --views/--features")
     if teacher:
         result = add_members(cache, teacher, files, batch_size=batch_size, device=device, progress=not quiet,
-                             wait=wait)
+                             wait=wait, break_lock=break_lock)
     else:
         result = run(cache, views=views, features=tuple(features or ()), weights=files or None,
-                     batch_size=batch_size, device=device, progress=not quiet, wait=wait)
+                     batch_size=batch_size, device=device, progress=not quiet, wait=wait, break_lock=break_lock)
     typer.echo(f"cache {result.previous_id} extended to {result.cache_id} at {result.path}: "
                f"{result.views_computed} teacher views in {result.seconds:.1f} s")
     typer.echo(f"aliases {', '.join(result.aliases)}")

@@ -7,9 +7,18 @@ import torch
 from s3server import s3_root, s3_server  # noqa: F401  (a SeaweedFS S3 server on loopback, tests/s3server.py)
 from tests_support import save_cnn_teacher
 
-from kdcache.precompute import PrecomputeConfig, precompute
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 DATASET = "fake:64"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the S3 server carries the ``s3`` marker (``-m "not s3"`` runs without it)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if {"s3_root", "s3_server"} & set(getattr(item, "fixturenames", ())) or "s3" in params.values():
+            item.add_marker(pytest.mark.s3)
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-
-from kdcache.store import open_cache
 from tests_support import run_cli
+
+from kdcache.cache.store import open_cache
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader
 
 from kdcache import data
 from kdcache.augment import Recipe
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
-from kdcache.views import Renderer, TrainViews, row
+from kdcache.cache.store import open_cache
+from kdcache.student.reader import TrainViews
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
+from kdcache.views import Renderer, row
 
 DATASET = "fake:32"
 N = 32

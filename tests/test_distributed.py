@@ -11,9 +11,10 @@ import pytest
 import torch.distributed as dist
 
 from kdcache import distributed
+from kdcache.cache.store import open_cache
 from kdcache.errors import InvalidSpec
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -108,9 +109,11 @@ def test_two_ranks_split_the_shards_and_write_the_one_process_cache_then_train_w
     script.write_text(textwrap.dedent(f"""
         import hashlib, torch
         from kdcache import distributed
-        from kdcache.precompute import PrecomputeConfig, precompute
-        from kdcache.store import open_cache
-        from kdcache.train import TrainConfig, train
+        from kdcache.teacher.config import PrecomputeConfig
+        from kdcache.teacher.precompute import precompute
+        from kdcache.cache.store import open_cache
+        from kdcache.student.config import TrainConfig
+        from kdcache.student.train import train
         torch.set_num_threads(1)
         rank, world = distributed.rank_world()
         mine = []

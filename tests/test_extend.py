@@ -7,21 +7,21 @@ import json
 
 import numpy as np
 import pytest
+from kdcache_cli.main import app
+from tests_support import precompute_config
 from typer.testing import CliRunner
 
+from kdcache.cache.store import open_cache
 from kdcache.errors import InvalidSpec, WeightsMismatch
-from kdcache.extend import extend
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
-from kdcache_cli.main import app
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.extend import extend
+from kdcache.teacher.precompute import precompute
 
 DATASET = "fake:64"
 
 
 def config(out, weights, **kw) -> PrecomputeConfig:
-    base = dict(dataset=DATASET, teacher="cnn", weights=weights, out=str(out), views=2, batch_size=50,
-                chunk_samples=16, progress=False)
-    return PrecomputeConfig(**(base | kw))
+    return precompute_config(out, weights, **({"dataset": DATASET, "views": 2} | kw))
 
 
 def assert_same_arrays(a, b) -> None:
@@ -104,7 +104,7 @@ def test_adding_an_ensemble_member_runs_only_it_and_equals_a_one_shot_ensemble(t
     import torch
 
     from kdcache import models
-    from kdcache.extend import add_members
+    from kdcache.teacher.extend import add_members
 
     torch.manual_seed(7)
     third = tmp_path / "third.pt"
@@ -122,7 +122,7 @@ def test_adding_an_ensemble_member_runs_only_it_and_equals_a_one_shot_ensemble(t
 
 
 def test_adding_a_member_needs_kept_members(tmp_path, teacher_weights):
-    from kdcache.extend import add_members
+    from kdcache.teacher.extend import add_members
 
     small = precompute(config(tmp_path, teacher_weights))
     with pytest.raises(InvalidSpec, match="--keep-members"):

@@ -17,16 +17,15 @@ import numpy as np
 import pytest
 from tests_support import save_cnn_teacher
 
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.extend import add_members, extend
-from kdcache.store import open_cache
+from kdcache import PrecomputeConfig, open_cache, precompute
+from kdcache.teacher.extend import add_members, extend
 
 GOLDEN = Path(__file__).parent / "golden" / "caches.json"
 
 BUILDS = {
     "dense-mix-features-extra": dict(
         augment="rrc+flip+cutmix", views=3, logits="dense", features=("layer1:attention", "layer2:full"),
-        he_extra="0.5:2"),
+        extra_views="0.5:2"),
     "sampled-pooled": dict(augment="rrc+flip", views=2, logits="sampled:20", features=("layer2:pooled",)),
     "topk-ensemble-members": dict(augment="rrc+mixup", views=2, logits="topk:3", logit_dtype="bfloat16",
                                   keep_members=True),

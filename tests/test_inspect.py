@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from tests_support import precompute_config, run_cli
 
-from kdcache import store
-from kdcache.inspect import describe, list_caches, verify
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
-from tests_support import run_cli
+from kdcache.cache import store
+from kdcache.cache.info import describe, list_caches
+from kdcache.cache.integrity import verify
+from kdcache.cache.store import open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -22,9 +24,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def config(out, weights, **kw) -> PrecomputeConfig:
-    base = dict(dataset="fake:64", teacher="cnn", weights=weights, out=str(out), views=3, batch_size=64,
-                chunk_samples=16, progress=False)
-    return PrecomputeConfig(**(base | kw))
+    return precompute_config(out, weights, **({"batch_size": 64} | kw))
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import time
 import pytest
 from tests_support import storage_location
 
+from kdcache.cache.lock import WriterLock, read_lock
 from kdcache.errors import CacheLocked
-from kdcache.lock import WriterLock, read_lock
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -38,7 +38,7 @@ def hold_in_subprocess(path: str, heartbeat: float) -> subprocess.Popen:
     """Another process that takes the lock, says so on stdout, and holds it until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from kdcache.lock import WriterLock
+        from kdcache.cache.lock import WriterLock
         lock = WriterLock({path!r}, heartbeat={heartbeat}).acquire()
         print("held", flush=True)
         time.sleep(600)

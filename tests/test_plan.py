@@ -5,20 +5,20 @@ from __future__ import annotations
 import os
 
 import pytest
+from kdcache_cli.main import app
+from tests_support import precompute_config
 from typer.testing import CliRunner
 
-from kdcache.plan import plan
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
-from kdcache_cli.main import app
+from kdcache.cache.store import open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.plan import plan
+from kdcache.teacher.precompute import precompute
 
 DATASET = "fake:64"
 
 
 def config(out, weights, **kw) -> PrecomputeConfig:
-    base = dict(dataset=DATASET, teacher="cnn", weights=weights, out=str(out), views=3, batch_size=50,
-                chunk_samples=16, progress=False)
-    return PrecomputeConfig(**(base | kw))
+    return precompute_config(out, weights, **({"dataset": DATASET} | kw))
 
 
 def tree(path) -> list[tuple[str, int]]:

@@ -6,24 +6,26 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from tests_support import precompute_config
 
 from kdcache import data, models
 from kdcache.augment import Recipe
-from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, WeightsMismatch
-from kdcache.precompute import (
-    FeatureTap, PrecomputeConfig, _ShardWriter, class_uniforms, codec_threads, energy, loader_workers, precompute,
-    sample_counts,
-)
-from kdcache.store import ArraySpec, densify, open_cache
-from kdcache.views import Renderer, TrainViews, row
+from kdcache.cache.logits import densify
+from kdcache.cache.store import open_cache
+from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, MissingData, WeightsMismatch
+from kdcache.runtime import codec_threads, loader_workers
+from kdcache.student.reader import TrainViews
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.outputs import FeatureCapture, class_uniforms, energy, sample_counts
+from kdcache.teacher.passes import Shard, ShardWriter
+from kdcache.teacher.precompute import precompute
+from kdcache.views import Renderer, row
 
 DATASET = "fake:64"
 
 
 def config(out, weights, **kw) -> PrecomputeConfig:
-    base = dict(dataset=DATASET, teacher="cnn", weights=weights, out=str(out), views=3, batch_size=50,
-                chunk_samples=16, progress=False)
-    return PrecomputeConfig(**(base | kw))
+    return precompute_config(out, weights, **({"dataset": DATASET} | kw))
 
 
 def test_cache_is_a_zarr_v3_group_that_plain_zarr_reads(cache_path):
@@ -110,7 +112,7 @@ def test_interrupted_precompute_is_refused_for_training_and_resumes_only_missing
     (path,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
     partial = open_cache(str(path), allow_incomplete=True)
     assert partial.num_shards == 2 and not partial.complete and partial.shards_done().tolist() == [True, False]
-    with pytest.raises(Exception, match="incomplete"):
+    with pytest.raises(CacheCorrupt, match="incomplete"):
         open_cache(str(path))
     resumed = precompute(cfg)
     assert not resumed.reused and resumed.views_computed == 64 * 3 - partial.shard_samples * 3
@@ -330,24 +332,25 @@ def test_precompute_on_cpu_limits_zarrs_codec_threads_unless_the_user_did(tmp_pa
         assert zarr.config.get("threading.max_workers") == 5
 
 
-def test_shard_writer_hands_a_written_shards_buffers_out_again(tmp_path, teacher_weights):
-    cache = open_cache(precompute(config(tmp_path / "c", teacher_weights, dataset="fake:80")).path, mode="r+")
-    specs = [ArraySpec(a["name"], tuple(a["tail"]), a["dtype"]) for a in cache.manifest["layout"]["arrays"]]
-    assert cache.shard_range(1) == (64, 80)
-    writer = _ShardWriter(cache, specs)
+def test_shard_writer_hands_a_written_shards_buffers_out_again():
+    written: list[tuple[int, np.ndarray]] = []
+    writer = ShardWriter(lambda shard, arrays: written.append((shard.key, arrays["energy"].copy())))
+    views = np.arange(3)
+    full, short = Shard(0, 0, np.arange(64), views), Shard(1, 64, np.arange(64, 80), views)
+    like = {"energy": np.zeros((5, 2), np.float32)}
     try:
-        first = writer.buffers(0)
-        assert first["energy"].shape == (64, 3, 2)
-        for name, values in first.items():
-            values[...] = cache.read_samples(name, 0, 64)
-        writer.submit(0, first)
+        first = writer.buffers(full, like)
+        assert first["energy"].shape == (64, 3, 2) and first["energy"].dtype == np.float32
+        first["energy"][...] = 1.0
+        writer.submit(full, first)
         writer.wait()
-        assert writer.buffers(1)["energy"].shape == (16, 3, 2)  # a shorter shard gets its own
-        writer.submit(0, first)
+        assert writer.buffers(short, like)["energy"].shape == (16, 3, 2)  # a shorter shard gets its own
+        writer.submit(full, first)
         writer.wait()
-        assert writer.buffers(0) is first
+        assert writer.buffers(full, like) is first
     finally:
         writer.close()
+    assert [key for key, _ in written] == [0, 0] and (written[0][1] == 1.0).all()
 
 
 def test_shards_that_reuse_buffers_store_every_views_own_outputs(tmp_path, teacher_weights):
@@ -364,10 +367,10 @@ def test_shards_that_reuse_buffers_store_every_views_own_outputs(tmp_path, teach
                                energy(logits[i, v], (1.0, 4.0)).numpy(), rtol=1e-5)
 
 
-def test_feature_tap_reuses_full_maps_memory_only_when_given_back(teacher_weights):
+def test_feature_capture_reuses_full_maps_memory_only_when_given_back(teacher_weights):
     teacher = models.create_model("cnn", 10, 3)
     models.load_weights(teacher, teacher_weights, spec="cnn")
-    tap = FeatureTap(teacher.eval(), {"layer1": "full", "layer2": "pooled"})
+    tap = FeatureCapture(teacher.eval(), {"layer1": "full", "layer2": "pooled"})
     a, b = torch.rand(5, 3, 32, 32), torch.rand(5, 3, 32, 32)
     try:
         with torch.inference_mode():

@@ -14,10 +14,11 @@ import zarr
 import zarr.storage
 from tests_support import run_cli, storage_location
 
+from kdcache.cache.lock import INFO_SUFFIX, LockInfo, WriterLock, is_local, lock_path, read_lock
+from kdcache.cache.store import open_cache
 from kdcache.errors import CacheCorrupt, CacheLocked
-from kdcache.lock import INFO_SUFFIX, LockInfo, WriterLock, is_local, lock_path, read_lock
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tests_support import run_cli
+from tests_support import run_cli, save_cnn_teacher
 
 from kdcache import models
+from kdcache.audit import pick_pairs, recompute
+from kdcache.cache.store import open_cache
+from kdcache.cache.view_sets import view_sets
 from kdcache.errors import WeightsMismatch
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.replay import pick_pairs, recompute, view_sets
-from kdcache.store import open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 ALL = "1000"  # more pairs than the 64 x 3 views of the cache: every view is replayed
 
@@ -76,7 +78,7 @@ def test_another_weights_file_is_a_one_line_error_before_any_replay(cache_path, 
     with pytest.raises(WeightsMismatch):
         recompute(cache_path, 5, [str(other)])
     code, _, err = run_cli(["verify", cache_path, "--recompute", "5", "--weights", str(other)], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "are not those of teacher cnn" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pass the weights the cache was made with" in err
 
 
 def test_a_cache_of_float32_rrc_boxes_is_a_one_line_error(tampered, teacher_weights, capsys):
@@ -90,9 +92,15 @@ def test_a_cache_of_float32_rrc_boxes_is_a_one_line_error(tampered, teacher_weig
     assert "augmentation op 'rrc' was sampled by an older kdcache (op version 1" in err and "re-run precompute" in err
 
 
-def test_recompute_without_weights_is_a_one_line_error(cache_path, capsys):
-    code, _, err = run_cli(["verify", cache_path, "--recompute", "5"], capsys)
-    assert code == 2 and "--weights" in err and len(err.strip().splitlines()) == 1
+def test_recompute_without_weights_uses_the_recorded_files_and_names_a_missing_one(tmp_path, capsys):
+    weights = save_cnn_teacher(tmp_path, "gone.pt", seed=5, scale=10)
+    path = precompute(PrecomputeConfig(dataset="fake:64", teacher="cnn", weights=weights, out=str(tmp_path / "root"),
+                                       views=2, progress=False)).path
+    code, out, _ = run_cli(["verify", path, "--recompute", "5"], capsys)
+    assert code == 0 and "5 views replayed" in out
+    Path(weights).unlink()
+    code, _, err = run_cli(["verify", path, "--recompute", "5"], capsys)
+    assert code == 2 and "--weights" in err and "gone.pt" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_replayed_pairs_are_a_pure_function_of_the_seed(cache_path):

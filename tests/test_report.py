@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 
 import pytest
+from kdcache_cli.main import main
 
+from kdcache.cache.store import open_cache
 from kdcache.errors import MissingData, MissingDependency
 from kdcache.report import load_runs, summary_table, write_report
-from kdcache.store import open_cache
-from kdcache.train import TrainConfig, train
-from kdcache_cli.main import main
+from kdcache.student.config import TrainConfig
+from kdcache.student.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

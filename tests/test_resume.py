@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from kdcache import models
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import cache_exists, open_cache
+from kdcache.cache.store import cache_exists, open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 DATASET = "fake:96"
 VIEWS = 2
@@ -40,7 +41,8 @@ def start_paced_run(weights: str, out: str) -> subprocess.Popen:
         import time
         import torch
         from kdcache import models
-        from kdcache.precompute import PrecomputeConfig, precompute
+        from kdcache.teacher.config import PrecomputeConfig
+        from kdcache.teacher.precompute import precompute
         torch.set_num_threads(1)
         net = models.create_model("cnn", 10, 3)
         models.load_weights(net, {weights!r}, spec="cnn")

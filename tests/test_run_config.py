@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import torch
-
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
 from kdcache_cli.config import write_toml
 from tests_support import run_cli
+
+from kdcache.cache.store import open_cache
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 DATASET = "fake:32"
 NOT_OPTIONS = ("chunk_samples", "sharded", "progress")  # PrecomputeConfig fields the CLI does not take

@@ -6,14 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests_support import save_cnn_teacher
+from tests_support import precompute_config, save_cnn_teacher
 
 from kdcache import data, models
 from kdcache.augment import Recipe
+from kdcache.cache.logits import decode_logits
+from kdcache.cache.store import open_cache
 from kdcache.errors import InvalidSpec
-from kdcache.precompute import PrecomputeConfig, energy, precompute
-from kdcache.store import decode_logits, open_cache
-from kdcache.teachers import combine
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.ensemble import combine
+from kdcache.teacher.outputs import energy
+from kdcache.teacher.precompute import precompute
 from kdcache.views import Renderer
 
 DATASET = "fake:64"
@@ -26,9 +29,7 @@ def second_weights(tmp_path_factory) -> str:
 
 
 def config(out, teachers, weights, **kw) -> PrecomputeConfig:
-    base = dict(dataset=DATASET, teacher=tuple(teachers), weights=tuple(weights), out=str(out), views=2,
-                batch_size=50, chunk_samples=16, progress=False)
-    return PrecomputeConfig(**(base | kw))
+    return precompute_config(out, tuple(weights), **({"dataset": DATASET, "teacher": tuple(teachers), "views": 2} | kw))
 
 
 def member_logits(cache, weights: list[str], i: np.ndarray, v: np.ndarray) -> list[torch.Tensor]:

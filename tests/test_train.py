@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-import kdcache.train
-from kdcache import data, losses, models, robust
+import kdcache.student.train
+from kdcache import data, losses, models
 from kdcache.augment import Recipe
+from kdcache.cache.store import open_cache
 from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec
-from kdcache.precompute import PrecomputeConfig, precompute
-from kdcache.store import open_cache
-from kdcache.train import TrainConfig, evaluate_weights, expected_calibration_error, train
-from kdcache.views import Renderer, TrainViews, plan_epoch
+from kdcache.student import robust
+from kdcache.student.config import TrainConfig
+from kdcache.student.evaluate import evaluate_weights, expected_calibration_error
+from kdcache.student.reader import TrainViews, plan_epoch
+from kdcache.student.train import train
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
+from kdcache.views import Renderer
 
 DATASET = "fake:64"
 
@@ -109,7 +114,7 @@ def test_bad_training_options_are_clear_errors(tmp_path, change):
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, cache_path, monkeypatch):
     full = train(cfg(tmp_path / "full", cache=cache_path, epochs=3))
-    real_evaluate, calls = kdcache.train.evaluate, []
+    real_evaluate, calls = kdcache.student.train.evaluate, []
 
     def crash_in_third_epoch(*args):
         calls.append(1)
@@ -117,10 +122,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, cache_path, 
             raise KeyboardInterrupt
         return real_evaluate(*args)
 
-    monkeypatch.setattr(kdcache.train, "evaluate", crash_in_third_epoch)
+    monkeypatch.setattr(kdcache.student.train, "evaluate", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(tmp_path / "part", cache=cache_path, epochs=3))
-    monkeypatch.setattr(kdcache.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(kdcache.student.train, "evaluate", real_evaluate)
     resumed = train(cfg(tmp_path / "part", cache=cache_path, epochs=3, resume=True))
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key

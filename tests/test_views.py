@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests_support import precompute_config
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
+import kdcache
 from kdcache import data
 from kdcache.augment import Recipe
-from kdcache.store import open_cache
-from kdcache.views import Renderer, TrainViews, Window, _rebatch, row
+from kdcache.cache.store import open_cache
+from kdcache.errors import CacheMismatch
+from kdcache.student.reader import TrainViews, Window, rebatch
+from kdcache.views import Renderer, row
 
 DATASET = "fake:64"
 
@@ -100,7 +104,8 @@ def test_a_stream_read_in_the_main_process_reads_the_same_again_in_workers(cache
 
 
 def test_a_recipe_without_params_trains_from_a_cache_and_alone(tmp_path, teacher_weights):
-    from kdcache.precompute import PrecomputeConfig, precompute
+    from kdcache.teacher.config import PrecomputeConfig
+    from kdcache.teacher.precompute import precompute
 
     path = precompute(PrecomputeConfig(dataset=DATASET, teacher="cnn", weights=teacher_weights, out=str(tmp_path),
                                        views=1, augment="none", chunk_samples=16, progress=False)).path
@@ -120,7 +125,7 @@ def test_rebatching_keeps_row_order_and_sizes():
         idx = np.arange(lo, hi)
         return Window(idx, idx * 0, {"p": idx * 2}, {"t": idx[:, None] * 3}, idx * 0 - 1, np.ones(hi - lo, np.float32))
 
-    parts = list(_rebatch(iter([window(0, 5), window(5, 6), window(6, 13)]), 4))
+    parts = list(rebatch(iter([window(0, 5), window(5, 6), window(6, 13)]), 4))
     assert [len(p) for p in parts] == [4, 4, 4, 1]
     assert np.concatenate([p.index for p in parts]).tolist() == list(range(13))
     assert np.concatenate([p.params["p"] for p in parts]).tolist() == [2 * i for i in range(13)]
@@ -175,7 +180,7 @@ def test_a_pickled_stream_keeps_its_epoch():
 def test_prefetched_keeps_order_and_runs_on_another_thread():
     import threading
 
-    from kdcache.views import prefetched
+    from kdcache.runtime import prefetched
 
     threads = []
 
@@ -191,7 +196,7 @@ def test_prefetched_keeps_order_and_runs_on_another_thread():
 def test_prefetched_raises_the_producers_error_and_stops_when_closed():
     import threading
 
-    from kdcache.views import prefetched
+    from kdcache.runtime import prefetched
 
     def failing():
         yield 1
@@ -216,3 +221,22 @@ def test_prefetched_raises_the_producers_error_and_stops_when_closed():
     stream.close()
     assert not any(t.name == "kdcache-prefetch" for t in threading.enumerate())
     assert len(produced) <= 3 + 2 + 1  # it stopped, at most depth (+ the one being put) ahead
+
+
+def test_the_public_loader_hands_out_decoded_teacher_batches_of_any_logit_mode(tmp_path, teacher_weights):
+    sparse = kdcache.precompute(precompute_config(tmp_path, teacher_weights, logits="topk:3",
+                                                  features=("layer2:attention",))).path
+    loader = kdcache.loader(sparse, "fake:64", batch_size=16, energy=True, features=["layer2"])
+    loader.dataset.set_epoch(1)
+    batches = list(loader)
+    assert sum(len(b["label"]) for b in batches) == 64 and len(batches) == 4
+    batch = batches[0]
+    cache = kdcache.open_cache(sparse)
+    i, v = batch["index"].numpy(), batch["view"].numpy()
+    assert batch["input"].shape == (16, 3, 32, 32) and "logits" not in batch["teacher"]
+    np.testing.assert_allclose(batch["teacher"]["probs"].numpy(), cache.targets(i, v), rtol=1e-6)
+    np.testing.assert_array_equal(batch["teacher"]["energy"].numpy(), cache.energy(i, v))
+    np.testing.assert_array_equal(batch["teacher"]["features"]["layer2"].numpy(), cache.features("layer2", i, v))
+    assert not any(key.startswith("teacher/") for key in batch)
+    with pytest.raises(CacheMismatch, match="was made from dataset"):
+        kdcache.loader(sparse, "fake:65")

@@ -11,6 +11,7 @@ import torch
 from kdcache_cli.main import main
 
 from kdcache import models
+from kdcache.teacher.config import PrecomputeConfig
 
 
 def save_cnn_teacher(folder: Path, name: str, seed: int, scale: float) -> str:
@@ -47,3 +48,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def precompute_config(out, weights, **overrides) -> PrecomputeConfig:
+    """The tests' precompute settings: the `cnn` teacher on `fake:64`, 3 views, small chunks, no progress bar."""
+    base = dict(dataset="fake:64", teacher="cnn", weights=weights, out=str(out), views=3, batch_size=50,
+                chunk_samples=16, progress=False)
+    return PrecomputeConfig(**(base | overrides))

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from kdcache import losses
+from kdcache.cache.logits import decode_logits
+from kdcache.cache.manifest import energy_temperature
+from kdcache.cache.store import Cache
 from kdcache.errors import CacheMismatch, InvalidSpec
-from kdcache.store import Cache, decode_logits
 
 _MAP_WORDS = {"attention": "attention maps", "full": "full feature maps", "pooled": "pooled features"}
 
@@ -38,12 +40,6 @@ def teacher_inputs(cache: Cache) -> set[str]:
     for layer, info in cache.feature_layers().items():
         available.add(f"features:{info['mode']}:{layer}")
     return available
-
-
-def energy_temperature(cache: Cache) -> float:
-    """The energy temperature losses see: 4 when stored (the energy-KD default), else the first."""
-    temps = [float(t) for t in cache.manifest["outputs"]["energy"]["temperatures"]]
-    return 4.0 if 4.0 in temps else temps[0]
 
 
 def layer_pairs(loss: type[losses.Loss], params: Mapping[str, Any], student_layers: Sequence[str],
@@ -79,19 +75,29 @@ def layer_pairs(loss: type[losses.Loss], params: Mapping[str, Any], student_laye
 
 
 class CacheTargets:
-    """Turns the ``teacher/<array>`` entries of a loader batch into a :class:`losses.TeacherBatch`.
+    """Turns the ``teacher/<array>`` entries of a loader batch into the teacher's side of a loss.
 
-    Reads the teacher target (dense logits or sparse probabilities) and, when the loss needs them,
-    the energy and the feature maps of its layers.
+    Always reads the teacher target (dense logits or sparse probabilities: agreement with the teacher
+    is logged even for ce); ``energy`` adds the energy at :func:`energy_temperature`'s temperature (all
+    stored temperatures in :meth:`decode`), ``layers`` the cached maps of those teacher layers.
     """
 
-    def __init__(self, cache: Cache, criterion: losses.Loss):
+    def __init__(self, cache: Cache, energy: bool = False, layers: Sequence[str] = ()):
         self.cache = cache
         self.dense = cache.dense_logits
-        self.targets = list(cache.target_arrays())  # read even for ce: agreement with the teacher is logged
-        self.energy_column = cache.energy_column(energy_temperature(cache)) if "energy" in criterion.needs else None
+        self.targets = list(cache.target_arrays())
+        self.energy_column = cache.energy_column(energy_temperature(cache.manifest)) if energy else None
         cached = cache.feature_layers()
-        self.features = {layer: cached[layer]["array"] for _, layer in criterion.layer_pairs()}
+        missing = [layer for layer in layers if layer not in cached]
+        if missing:
+            raise CacheMismatch(f"cache {cache.path} has no features of layer {missing[0]!r} (it has: "
+                                f"{', '.join(cached) or 'none'}) — re-run precompute with --features {missing[0]}")
+        self.features = {layer: cached[layer]["array"] for layer in layers}
+
+    @classmethod
+    def for_loss(cls, cache: Cache, criterion: losses.Loss) -> CacheTargets:
+        """What ``criterion`` needs from ``cache``."""
+        return cls(cache, "energy" in criterion.needs, [layer for _, layer in criterion.layer_pairs()])
 
     def arrays(self) -> list[str]:
         """Cache array names the loader must read for every item."""
@@ -103,23 +109,34 @@ class CacheTargets:
         cached = self.cache.feature_layers()
         return {layer: tuple(cached[layer]["shape"]) for layer in self.features}
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> losses.TeacherBatch:
-        teacher = losses.TeacherBatch()
-        if self.targets:
-            block = {name: batch[f"teacher/{name}"].numpy() for name in self.targets}
-            if self.dense:
-                logits = decode_logits(block["logits"], self.cache.logit_dtype)
-                teacher.logits = torch.from_numpy(logits).to(device)
-            else:
-                teacher.probs = torch.from_numpy(np.asarray(self.cache.teacher_probs(block), np.float32)).to(device)
+    def decode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The teacher's side of a batch as float32 CPU tensors: ``logits`` or ``probs``, ``energy``
+        (every stored temperature), ``features`` by teacher layer."""
+        block = {name: batch[f"teacher/{name}"].numpy() for name in self.targets}
+        out: dict[str, Any] = {}
+        if self.dense:
+            out["logits"] = torch.from_numpy(decode_logits(block["logits"], self.cache.logit_dtype))
+        else:
+            out["probs"] = torch.from_numpy(np.asarray(self.cache.teacher_probs(block), np.float32))
         if self.energy_column is not None:
-            teacher.energy = batch["teacher/energy"][:, self.energy_column].float().to(device)
-        for layer, name in self.features.items():
-            teacher.features[layer] = batch[f"teacher/{name}"].to(device).float()
+            out["energy"] = batch["teacher/energy"].float()
+        out["features"] = {layer: batch[f"teacher/{name}"].float() for layer, name in self.features.items()}
+        return out
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> losses.TeacherBatch:
+        decoded = self.decode(batch)
+        teacher = losses.TeacherBatch()
+        if "logits" in decoded:
+            teacher.logits = decoded["logits"].to(device)
+        else:
+            teacher.probs = decoded["probs"].to(device)
+        if self.energy_column is not None:
+            teacher.energy = decoded["energy"][:, self.energy_column].to(device)
+        teacher.features = {layer: fmap.to(device) for layer, fmap in decoded["features"].items()}
         return teacher
 
 
-class FeatureTap:
+class StudentFeatures:
     """Forward hooks on the student's paired layers; ``features`` maps teacher layer -> last output."""
 
     def __init__(self, model: torch.nn.Module, pairs: Sequence[tuple[str, str]]):

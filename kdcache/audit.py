@@ -3,7 +3,7 @@
 ``kdcache verify CACHE --recompute N --weights W`` checks what a checksum cannot: that the numbers
 in the cache are still what the teacher says about the views the params describe. For each of N
 (sample, view) pairs, chosen as ``sorted(numpy.random.default_rng(SEED).choice(P, N, replace=False))``
-over the P pairs of written shards (regular views first, then HE extra views, in row-major order):
+over the P pairs of written shards (regular views first, then extra views, in row-major order):
 
 1. the params are sampled afresh from (seed, i, v) and must equal the stored ``aug/*`` rows bit for
    bit — a difference names the field and its op (a tampered row, or an op that samples differently);
@@ -27,30 +27,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdcache import data, models, teachers
+from kdcache import data
 from kdcache.augment import Recipe
-from kdcache.errors import CacheMismatch, InvalidSpec, WeightsMismatch
-from kdcache.inspect import Findings, Problem
-from kdcache.precompute import FeatureTap, class_uniforms, energy, pick_device, sample_counts, topk_log_probs
-from kdcache.store import Cache, decode_logits, open_cache
-from kdcache.teachers import state_sha256
+from kdcache.cache.integrity import Findings, Problem
+from kdcache.cache.logits import decode_logits
+from kdcache.cache.store import Cache, open_cache
+from kdcache.cache.view_sets import ViewSet, view_sets
+from kdcache.errors import InvalidSpec
+from kdcache.runtime import pick_device
+from kdcache.teacher.ensemble import load_recorded
+from kdcache.teacher.outputs import topk_log_probs
+from kdcache.teacher.passes import PassOutput, ViewBatch, run_teacher
 from kdcache.views import Renderer
 
 EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23}
+
+
 NOISE = 1e-4  # float32 difference between two batch compositions, relative
-
-
-@dataclass(frozen=True)
-class ViewSet:
-    """A family of cached views: arrays under ``prefix``, row r is sample ``samples[r]``, its view v was
-    sampled as view index ``view_base + v`` of ``recipe``."""
-
-    name: str
-    prefix: str
-    recipe: Recipe
-    samples: np.ndarray
-    views: int
-    view_base: int
 
 
 @dataclass
@@ -69,40 +62,6 @@ def tolerance(values: np.ndarray, dtype: str) -> np.ndarray:
     return max(4 * EPSILON[dtype], NOISE) * (np.abs(values) + 1.0)
 
 
-def view_sets(cache: Cache) -> list[ViewSet]:
-    """The regular views of the written shards and, when the cache has them, the HE extra views."""
-    from kdcache import heda
-
-    recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
-    done = np.repeat(cache.shards_done(), cache.shard_samples)[: cache.num_samples]
-    sets = [ViewSet("view", "", recipe, np.flatnonzero(done), cache.views, 0)]
-    extra = heda.view_set(cache)
-    return sets + ([extra] if extra is not None else [])
-
-
-def load_teacher(cache: Cache, weights: list[str]) -> torch.nn.Module:
-    """The cache's teacher (one model or its ensemble) from the manifest's specs and ``weights``, one file
-    per member in order; a file that does not hash as the manifest says is refused before any replay."""
-    members, ds = cache.manifest["teacher"]["members"], cache.manifest["dataset"]
-    if len(weights) != len(members):
-        raise InvalidSpec(f"cache {cache.id} was made by {len(members)} teacher(s), got {len(weights)} --weights "
-                          "— pass one weights file per teacher, in the manifest's order (`kdcache info`)")
-    for member, path in zip(members, weights):
-        sha = models.file_sha256(path)
-        if sha == member["sha256"]:
-            continue
-        model = models.create_model(member["spec"], int(ds["num_classes"]), int(ds["channels"]))
-        models.load_weights(model, path, spec=member["spec"])
-        if state_sha256(model) != member["sha256"]:  # a cache made from a module hashes its state instead
-            raise WeightsMismatch(f"weights {path} ({sha[:19]}…) are not those of teacher {member['spec']} that "
-                                  f"cache {cache.id} was made with ({member['sha256'][:19]}…) — pass that file")
-    keep = bool(cache.manifest["outputs"].get("members"))
-    teacher, _ = teachers.load_teachers([m["spec"] for m in members], list(weights), int(ds["num_classes"]),
-                                        int(ds["channels"]), cache.manifest["teacher"].get("ensemble") or "mean-prob",
-                                        keep)
-    return teacher.eval()
-
-
 def pick_pairs(sets: list[ViewSet], n: int, seed: int) -> list[tuple[ViewSet, np.ndarray, np.ndarray]]:
     """(view set, rows, views) of ``n`` pairs drawn without replacement over every set, in order."""
     sizes = [len(s.samples) * s.views for s in sets]
@@ -117,53 +76,46 @@ def pick_pairs(sets: list[ViewSet], n: int, seed: int) -> list[tuple[ViewSet, np
     return out
 
 
-def recompute(path: str, n: int, weights: list[str], seed: int = 0, dataset: str | None = None,
-              batch_size: int = 64, device: str = "cpu") -> Replay:
+def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0, dataset: str | None = None,
+              batch_size: int = 64, device: str = "auto") -> Replay:
     """Replay ``n`` seeded (sample, view) pairs of the cache at ``path`` and compare (module docstring).
 
+    ``weights`` default to the paths the manifest records (their hashes are checked either way);
     ``dataset`` overrides the manifest's dataset spec (an image folder that moved); its fingerprint
     must still match.
     """
     if n <= 0:
         raise InvalidSpec(f"--recompute needs a positive number of pairs, got {n}")
     cache = open_cache(path)
-    teacher = load_teacher(cache, list(weights))
-    made = cache.manifest["dataset"]
-    source = data.open_source(dataset or made["spec"])
-    if source.fingerprint != made["fingerprint"]:
-        raise CacheMismatch(f"dataset {source.spec} is not the one cache {cache.id} was made from ({made['spec']}) "
-                            "— pass that dataset with --dataset")
+    teacher = load_recorded(cache.manifest, weights)
+    source = data.open_source(dataset or cache.manifest["dataset"]["spec"])
+    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
     dev = pick_device(device)
     teacher = teacher.to(dev)
-    modes = {f["layer"]: f["mode"] for f in cache.manifest["outputs"].get("features", [])}
-    tap = FeatureTap(teacher, modes)
+    rec = cache.manifest["recipe"]
     report = Replay(cache.path, cache.id, 0, seed)
-    try:
-        for vset, rows, views in pick_pairs(view_sets(cache), n, seed):
-            for lo in range(0, len(rows), batch_size):
-                r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
-                report.problems += _check_batch(cache, vset, source, teacher, tap, r, v, dev)
-                report.pairs += len(r)
-    finally:
-        tap.close()
+    for vset, rows, views in pick_pairs(view_sets(cache), n, seed):
+        batches = []
+        for lo in range(0, len(rows), batch_size):
+            r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
+            stored = {name: cache.read_views(f"{vset.prefix}aug/{name}", r, v) for name in vset.recipe.fields()}
+            batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
+        renderer = Renderer(source.train, vset.recipe, int(rec["input_size"]), rec["mean"], rec["std"])
+        for out in run_teacher(teacher, renderer, batches, cache.manifest["outputs"], seed=int(rec["seed"]),
+                               num_samples=cache.num_samples, device=dev):
+            report.problems += _check_batch(cache, vset, out)
+            report.pairs += len(out.inputs)
     return report
 
 
-def _check_batch(cache: Cache, vset: ViewSet, source: data.Source, teacher: torch.nn.Module, tap: FeatureTap,
-                 rows: np.ndarray, views: np.ndarray, dev: torch.device) -> list[Problem]:
+def _check_batch(cache: Cache, vset: ViewSet, out: PassOutput) -> list[Problem]:
     recipe, prefix, seed = vset.recipe, vset.prefix, int(cache.manifest["recipe"]["seed"])
-    samples = vset.samples[rows]
-    stored = {name: cache.read_views(f"{prefix}aug/{name}", rows, views) for name in recipe.fields()}
-    fresh = recipe.sample(seed, samples, vset.view_base + views, cache.num_samples)
-    renderer = Renderer(source.train, recipe, int(cache.manifest["recipe"]["input_size"]),
-                        cache.manifest["recipe"]["mean"], cache.manifest["recipe"]["std"])
-    with torch.inference_mode():
-        logits = teacher(renderer.batch(samples, stored).to(dev)).float()
-        maps = {layer: t.float().cpu().numpy() for layer, t in tap.take().items()}
-    excess = _output_excess(cache, prefix, logits, maps, samples, vset.view_base + views, rows, views, seed)
-    if vset.prefix == "":  # kept ensemble members' logits exist for regular views only
+    (rows, views), samples, stored = out.batch.tag, out.batch.samples, out.batch.params
+    fresh = recipe.sample(seed, samples, out.batch.views, cache.num_samples)
+    excess = _output_excess(cache, prefix, out, rows, views)
+    if vset.prefix == "":  # kept ensemble members' logits are checked on regular views
         kept = cache.manifest["outputs"].get("members") or {"arrays": [], "dtype": "float16"}
-        for name, z in zip(kept["arrays"], getattr(teacher, "last", [])):
+        for name, z in zip(kept["arrays"], out.members):
             stored_z = decode_logits(cache.read_views(name, rows, views), kept["dtype"])
             excess[name] = _excess(stored_z, z.cpu().numpy(), kept["dtype"])
     owners = _field_ops(recipe)
@@ -210,33 +162,32 @@ def _excess(stored: np.ndarray, recomputed: np.ndarray, dtype: str) -> np.ndarra
     return np.where(over, delta.reshape(len(delta), -1).max(axis=1), 0.0)
 
 
-def _output_excess(cache: Cache, prefix: str, logits: torch.Tensor, maps: dict[str, np.ndarray], samples: np.ndarray,
-                   param_views: np.ndarray, rows: np.ndarray, views: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+def _output_excess(cache: Cache, prefix: str, out: PassOutput, rows: np.ndarray,
+                   views: np.ndarray) -> dict[str, np.ndarray]:
     """Per cached output array, per pair: max ``|Δ|`` where it exceeds the tolerance (``inf`` for an
     exact mismatch), else 0."""
     def read(name: str) -> np.ndarray:
         return cache.read_views(prefix + name, rows, views)
 
     entry = cache.manifest["outputs"]["logits"]
-    z = logits.cpu().numpy()
-    out: dict[str, np.ndarray] = {}
+    logits = out.logits
+    result: dict[str, np.ndarray] = {}
     if entry["mode"] == "dense":
-        out[prefix + "logits"] = _excess(decode_logits(read("logits"), entry["dtype"]), z, entry["dtype"])
+        result[prefix + "logits"] = _excess(decode_logits(read("logits"), entry["dtype"]), logits.cpu().numpy(),
+                                            entry["dtype"])
     elif entry["mode"] == "topk":
         values = decode_logits(read("topk/values"), entry["dtype"])
         logp = torch.log_softmax(logits, dim=1).cpu().numpy()
         at_stored = np.take_along_axis(logp, read("topk/indices").astype(np.int64), axis=1)
         top = topk_log_probs(logits, entry["k"])[0].cpu().numpy()
-        out[prefix + "topk/indices"] = _excess(values, at_stored, entry["dtype"])
-        out[prefix + "topk/values"] = _excess(values, top, entry["dtype"])
+        result[prefix + "topk/indices"] = _excess(values, at_stored, entry["dtype"])
+        result[prefix + "topk/values"] = _excess(values, top, entry["dtype"])
     else:
-        uniforms = torch.as_tensor(class_uniforms(seed, samples, param_views, entry["draws"])).to(logits.device)
-        ids, counts = sample_counts(logits, uniforms, entry["width"])
-        for name, again in (("sampled/ids", ids), ("sampled/counts", counts)):
-            same = (read(name).astype(np.int64) == again.cpu().numpy()).all(axis=1)
-            out[prefix + name] = np.where(same, 0.0, np.inf)
-    temps = tuple(float(t) for t in cache.manifest["outputs"]["energy"]["temperatures"])
-    out[prefix + "energy"] = _excess(read("energy"), energy(logits, temps).cpu().numpy(), "float32")
+        for name in ("sampled/ids", "sampled/counts"):
+            same = (read(name).astype(np.int64) == out.arrays[name].astype(np.int64)).all(axis=1)
+            result[prefix + name] = np.where(same, 0.0, np.inf)
+    result[prefix + "energy"] = _excess(read("energy"), out.arrays["energy"], "float32")
     for f in cache.manifest["outputs"].get("features", []):
-        out[prefix + f["array"]] = _excess(read(f["array"]).astype(np.float32), maps[f["layer"]], "float16")
-    return out
+        result[prefix + f["array"]] = _excess(read(f["array"]).astype(np.float32),
+                                              out.arrays[f["array"]].astype(np.float32), "float16")
+    return result

@@ -22,21 +22,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from kdcache import data
+from kdcache.cache.arrays import ArraySpec, layout_entry
+from kdcache.cache.lock import WriterLock
+from kdcache.cache.logits import decode_logits, storage_dtype
+from kdcache.cache.manifest import cache_id, provenance
+from kdcache.cache.roots import alias_name, write_alias
+from kdcache.cache.store import Cache, open_cache
 from kdcache.augment import Recipe
-from kdcache.errors import CacheMismatch, InvalidSpec, WeightsMismatch
-from kdcache.lock import WriterLock
-from kdcache.precompute import (
-    FeatureTap, _map_codec, batch_outputs, class_uniforms, energy, feature_entries, parse_features, pick_device,
-    teacher_targets,
-)
-from kdcache.roots import alias_name, write_alias
-from kdcache.store import ArraySpec, Cache, cache_id, decode_logits, open_cache, provenance, storage_dtype
-from kdcache.teachers import combine, load_teachers, member_pairs, stored_logits
+from kdcache.errors import InvalidSpec
+from kdcache.runtime import loader_workers, pick_device
+from kdcache.teacher.ensemble import combine, load_recorded, load_teachers, member_pairs
+from kdcache.teacher.outputs import feature_entries, feature_specs, parse_features
+from kdcache.teacher.passes import Shard, ViewBatch, run_shards
 from kdcache.views import Renderer
 
+OnBatch = Callable[[torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class ExtendResult:
@@ -47,28 +49,6 @@ class ExtendResult:
     seconds: float
     aliases: list[str] = field(default_factory=list)
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def _teacher(manifest: dict[str, Any], source: data.Source, weights: Sequence[str] | None,
-             modules: torch.nn.Module | Sequence[torch.nn.Module] | None) -> torch.nn.Module:
-    """The cache's teacher rebuilt from its manifest, refusing weights whose hash is not the recorded one."""
-    members = manifest["teacher"]["members"]
-    files = list(weights) if weights else [m.get("weights") for m in members]
-    if modules is None and any(f is None for f in files):
-        raise InvalidSpec("the cache was made from teacher modules, not weights files — pass the modules "
-                          "(extend(..., teacher=...)) or --weights FILE per member")
-    if modules is None and len(files) != len(members):
-        raise InvalidSpec(f"the cache has {len(members)} teachers but {len(files)} --weights were given — "
-                          "give one --weights per teacher, in the manifest's order")
-    module, section = load_teachers([m["spec"] for m in members], None if modules is not None else files,
-                                    source.num_classes, source.channels, manifest["teacher"]["ensemble"] or "mean-prob",
-                                    "members" in manifest["outputs"], modules=modules)
-    for have, want in zip(section["members"], members):
-        if have["sha256"] != want["sha256"]:
-            raise WeightsMismatch(f"teacher {want['spec']} weights {have.get('weights') or '(module)'} hash to "
-                                  f"{have['sha256'][:19]}…, the cache was made with {want['sha256'][:19]}… — "
-                                  "pass the weights the cache was made with (--weights)")
-    return module
 
 
 def extend(
@@ -93,17 +73,16 @@ def extend(
         raise InvalidSpec("nothing to extend — give --views K2 (more than the cache's) or --features LAYER[:MODE]")
     if batch_size <= 0:
         raise InvalidSpec(f"--batch-size must be at least 1, got {batch_size}")
-    net = _teacher(old, source, weights, teacher)
+    net = load_recorded(old, weights, teacher)
     size = int(old["recipe"]["input_size"])
     spec = "+".join(m["spec"] for m in old["teacher"]["members"])
     entries = feature_entries(net, spec, modes, (source.channels, size, size))
-    added = [ArraySpec(f["array"], tuple(f["shape"]), "float16", **_map_codec(f["mode"])) for f in entries]
+    added = feature_specs(entries)
 
     new = copy.deepcopy(old)
     new["recipe"]["views"] = k2
     new["outputs"]["features"] = [*old["outputs"]["features"], *entries]
-    new["layout"]["arrays"] += [{"name": s.name, "tail": list(s.tail), "dtype": s.dtype, "logical_dtype": s.dtype,
-                                 "codec": f"{s.codec}:{s.level}"} for s in added]
+    new["layout"]["arrays"] += [layout_entry(s) for s in added]
     if "config" in new:  # the settings a one-shot build of the extended cache takes
         new["config"].update(views=k2, features=[*new["config"].get("features", []), *features])
     change = {"views": [k, k2]} if k2 > k else {}
@@ -117,7 +96,7 @@ def extend(
             cache.grow_views(k2)
         for s in added:
             cache.add_array(s, k2)
-        computed = _compute(cache, net, source, new, modes, k, k2, [s.name for s in added], batch_size,
+        computed = _compute(cache, net, source, new, k, k2, [s.name for s in added], batch_size,
                             pick_device(device), progress, on_batch, lock)
         cache.save_manifest(new)
     finally:
@@ -131,12 +110,10 @@ def _open(path: str) -> tuple[Cache, data.Source]:
     cache = open_cache(path, mode="r+")
     m = cache.manifest
     if "he_extra" in m["recipe"]:
-        raise InvalidSpec("extend cannot grow a cache with --he-extra views (their choice depends on every view) "
+        raise InvalidSpec("extend cannot grow a cache with --extra-views (their choice depends on every view) "
                           "— precompute the larger cache instead")
     source = data.open_source(m["dataset"]["spec"])
-    if source.fingerprint != m["dataset"]["fingerprint"]:
-        raise CacheMismatch(f"dataset {source.spec} has fingerprint {source.fingerprint[:19]}…, the cache was made "
-                            f"from {m['dataset']['fingerprint'][:19]}… — extend needs the same data")
+    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
     return cache, source
 
 
@@ -190,8 +167,7 @@ def add_members(
     new = copy.deepcopy(old)
     new["teacher"]["members"] += entries
     new["outputs"]["members"]["arrays"] += names
-    new["layout"]["arrays"] += [{"name": s.name, "tail": list(s.tail), "dtype": s.dtype,
-                                 "logical_dtype": s.logical or s.dtype, "codec": f"{s.codec}:{s.level}"} for s in added]
+    new["layout"]["arrays"] += [layout_entry(s) for s in added]
     if "config" in new:
         listed = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
         new["config"].update(teacher=listed(new["config"]["teacher"]) + list(teacher),
@@ -210,92 +186,65 @@ def add_members(
                         _publish(cache.path, new), new)
 
 
-def _recombine(cache: Cache, nets: list[torch.nn.Module], source: data.Source, manifest: dict[str, Any],
-               batch_size: int, device: torch.device, progress: bool,
-               on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None, lock: WriterLock) -> int:
-    """Run the new members on every view; write their logits, and the target and energy of the grown ensemble."""
+def _shards(cache: Cache, views: np.ndarray) -> list[Shard]:
+    """Every shard of the cache, with the views ``views`` of each sample."""
+    return [Shard(s, cache.shard_range(s)[0], np.arange(*cache.shard_range(s), dtype=np.int64), views)
+            for s in range(cache.num_shards)]
+
+
+def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], outputs: dict[str, Any],
+         views: np.ndarray, write: Callable[[Shard, dict[str, np.ndarray]], None], batch_size: int,
+         device: torch.device, progress: bool, on_batch: OnBatch | None, lock: WriterLock,
+         forward: Callable[[torch.Tensor, ViewBatch], tuple[torch.Tensor, list[torch.Tensor]]] | None = None) -> int:
+    """The teacher pass over ``views`` of every shard, with the cache's recipe; ``write`` takes each shard."""
     recipe = Recipe.from_manifest(manifest["recipe"]["augment"])
-    seed, n, k = int(manifest["recipe"]["seed"]), cache.num_samples, cache.views
-    outputs, kept = manifest["outputs"], manifest["outputs"]["members"]
-    draws = outputs["logits"]["draws"] if outputs["logits"]["mode"] == "sampled" else 0
-    stored, fresh = kept["arrays"][: -len(nets)], kept["arrays"][-len(nets) :]
     renderer = Renderer(source.train, recipe, int(manifest["recipe"]["input_size"]), source.mean, source.std)
+    return run_shards(teacher, renderer, _shards(cache, views), outputs, write, batch_size=batch_size,
+                      before_write=lock.check, seed=int(manifest["recipe"]["seed"]), num_samples=cache.num_samples,
+                      device=device, workers=loader_workers(None, device), forward=forward, progress=progress,
+                      desc="extend", on_batch=on_batch)
+
+
+def _recombine(cache: Cache, nets: list[torch.nn.Module], source: data.Source, manifest: dict[str, Any],
+               batch_size: int, device: torch.device, progress: bool, on_batch: OnBatch | None,
+               lock: WriterLock) -> int:
+    """Run the new members on every view; write their logits, and the target and energy of the grown ensemble."""
+    kept = manifest["outputs"]["members"]
+    stored, fresh = kept["arrays"][: -len(nets)], kept["arrays"][-len(nets) :]
     nets = [net.to(device).eval() for net in nets]
-    computed = 0
-    with torch.inference_mode(), tqdm(total=n * k, unit="view", desc="extend", disable=not progress,
-                                      dynamic_ncols=True) as bar:
-        for shard in range(cache.num_shards):
-            start, stop = cache.shard_range(shard)
-            old_logits = [torch.from_numpy(decode_logits(cache.read_samples(name, start, stop), kept["dtype"]))
-                          .reshape((stop - start) * k, -1) for name in stored]
-            idx_all, vs_all = np.repeat(np.arange(start, stop), k), np.tile(np.arange(k), stop - start)
-            parts = []
-            for lo in range(0, len(idx_all), batch_size):
-                idx, vs = idx_all[lo : lo + batch_size], vs_all[lo : lo + batch_size]
-                inputs = renderer.batch(idx, recipe.sample(seed, idx, vs, n)).to(device)
-                new_logits = [net(inputs).float() for net in nets]
-                logits = combine([z[lo : lo + len(idx)].to(device) for z in old_logits] + new_logits,
-                                 manifest["teacher"]["ensemble"])
-                if on_batch is not None:
-                    on_batch(inputs, logits)
-                uniforms = torch.as_tensor(class_uniforms(seed, idx, vs, draws)).to(device) if draws else None
-                part = {**teacher_targets(logits, outputs["logits"], uniforms),
-                        "energy": energy(logits, tuple(outputs["energy"]["temperatures"])).cpu().numpy()}
-                part.update({name: stored_logits(z, kept["dtype"]) for name, z in zip(fresh, new_logits)})
-                parts.append(part)
-                bar.update(len(idx))
-                computed += len(idx)
-            lock.check()
-            for name in parts[0]:
-                values = np.concatenate([p[name] for p in parts])
-                cache.write_views(name, start, 0, values.reshape(stop - start, k, *values.shape[1:]))
-    return computed
+
+    def forward(inputs: torch.Tensor, batch: ViewBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        old = [torch.from_numpy(decode_logits(cache.read_views(name, batch.samples, batch.views), kept["dtype"]))
+               .to(device) for name in stored]
+        new = [net(inputs).float() for net in nets]
+        return combine(old + new, manifest["teacher"]["ensemble"]), new
+
+    outputs = {**manifest["outputs"], "features": [], "members": {**kept, "arrays": fresh}}
+    names = [*cache.target_arrays(), "energy", *fresh]
+
+    def write(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
+        for name in names:
+            cache.write_views(name, shard.first, 0, arrays[name])
+
+    return _run(cache, nets[0], source, manifest, outputs, np.arange(cache.views, dtype=np.int64), write, batch_size,
+                device, progress, on_batch, lock, forward)
 
 
-def _compute(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any],
-             modes: dict[str, str], k: int, k2: int, added: list[str], batch_size: int, device: torch.device,
-             progress: bool, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None, lock: WriterLock) -> int:
-    """Run the teacher shard by shard on the views that need it and write what is new; the views computed.
+def _compute(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], k: int, k2: int,
+             added: list[str], batch_size: int, device: torch.device, progress: bool, on_batch: OnBatch | None,
+             lock: WriterLock) -> int:
+    """Run the teacher on the views that need it and write what is new; the views computed.
 
     New views get every array; with new feature layers, existing views get those arrays too.
     """
-    recipe = Recipe.from_manifest(manifest["recipe"]["augment"])
-    seed, n = int(manifest["recipe"]["seed"]), cache.num_samples
-    outputs = manifest["outputs"]
-    draws = outputs["logits"]["draws"] if outputs["logits"]["mode"] == "sampled" else 0
-    renderer = Renderer(source.train, recipe, int(manifest["recipe"]["input_size"]), source.mean, source.std)
     first = 0 if added else k
-    views = np.arange(first, k2)
-    teacher = teacher.to(device).eval()
-    tap = FeatureTap(teacher, {f["layer"]: f["mode"] for f in outputs["features"]})
-    computed = 0
-    try:
-        with torch.inference_mode(), tqdm(total=n * len(views), unit="view", desc="extend", disable=not progress,
-                                          dynamic_ncols=True) as bar:
-            for shard in range(cache.num_shards):
-                start, stop = cache.shard_range(shard)
-                idx_all = np.repeat(np.arange(start, stop), len(views))
-                vs_all = np.tile(views, stop - start)
-                parts = []
-                for lo in range(0, len(idx_all), batch_size):
-                    idx, vs = idx_all[lo : lo + batch_size], vs_all[lo : lo + batch_size]
-                    params = recipe.sample(seed, idx, vs, n)
-                    inputs = renderer.batch(idx, params)
-                    logits = teacher(inputs.to(device)).float()
-                    if on_batch is not None:
-                        on_batch(inputs, logits)
-                    uniforms = torch.as_tensor(class_uniforms(seed, idx, vs, draws)).to(device) if draws else None
-                    parts.append(batch_outputs(teacher, tap, logits, outputs, uniforms, params))
-                    bar.update(len(idx))
-                    computed += len(idx)
-                lock.check()
-                for name in parts[0]:
-                    values = np.concatenate([p[name] for p in parts])
-                    block = values.reshape(stop - start, len(views), *values.shape[1:])
-                    if k2 > k:
-                        cache.write_views(name, start, k, block[:, k - first :])
-                    if name in added and k > 0:
-                        cache.write_views(name, start, 0, block[:, : k - first])
-    finally:
-        tap.close()
-    return computed
+
+    def write(shard: Shard, arrays: dict[str, np.ndarray]) -> None:
+        for name, block in arrays.items():
+            if k2 > k:
+                cache.write_views(name, shard.first, k, block[:, k - first :])
+            if name in added and k > 0:
+                cache.write_views(name, shard.first, 0, block[:, : k - first])
+
+    return _run(cache, teacher.to(device).eval(), source, manifest, manifest["outputs"],
+                np.arange(first, k2, dtype=np.int64), write, batch_size, device, progress, on_batch, lock)

@@ -1,174 +1,46 @@
-"""The cache: a Zarr v3 group holding teacher outputs per (sample, view), and its manifest.
+"""Opening, creating and writing caches: a Zarr v3 group holding teacher outputs per (sample, view).
 
-Nothing outside this module touches Zarr or the storage behind it. Layout (docs/format.md is the
+Nothing outside ``kdcache.cache`` touches Zarr or the storage behind it. Layout (docs/format.md is the
 complete specification):
 
 - ``labels [N]`` and, per stored output, an array ``[N, K, ...]`` chunked ``[S, 1, ...]`` along the
-  sample and view axes, so that an epoch that reads one view per block of S samples decodes each
-  stored byte once. With more than ``MAX_CHUNK_FILES`` chunks per array, chunks are packed into
-  Zarr shards of exactly one writer shard (``[shard_samples, K, ...]``).
+  sample and view axes (kdcache/cache/arrays.py). With more than ``MAX_CHUNK_FILES`` chunks per array,
+  chunks are packed into Zarr shards of exactly one writer shard (``[shard_samples, K, ...]``).
 - ``status/shards [num_shards]``: one uint8 per shard, set to 1 only after every array of that
   shard is written. Each element is its own chunk, so writers of different shards never touch the
   same object.
-- group attribute ``kdcache``: the JSON manifest. ``status`` becomes ``complete`` only after the
-  last shard is marked done.
+- group attribute ``kdcache``: the JSON manifest (kdcache/cache/manifest.py). ``status`` becomes
+  ``complete`` only after the last shard is marked done.
 
-A cache lives at ``ROOT/<cache id>`` with an alias beside it (kdcache/roots.py).
+A cache lives at ``ROOT/<cache id>`` with an alias beside it (kdcache/cache/roots.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import getpass
-import hashlib
 import itertools
-import json
-import platform
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
-from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, MissingData, UnsupportedFormat
-from kdcache.roots import resolve, where_caches_are
+from kdcache.cache.arrays import (
+    MAX_CHUNK_FILES, ArraySpec, create_sample_array, create_status_array, create_view_array, default_chunk_samples,
+    layout_entry, spec_from_entry,
+)
+from kdcache.cache.logits import TARGET_ARRAYS, decode_logits, densify
+from kdcache.cache.manifest import FORMAT_VERSION, cache_id, check_dataset
+from kdcache.cache.roots import resolve, where_caches_are
+from kdcache.errors import CacheCorrupt, CacheMismatch, MissingData, UnsupportedFormat
 
-FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
-MAX_CHUNK_FILES = 10_000  # per array; above it the layout switches to Zarr sharding
-CHUNK_BYTES = 1 << 20  # target bytes of a chunk of the largest per-view array (uncompressed)
-MAX_CHUNK_SAMPLES = 1024
-
-#: Manifest sections whose canonical JSON defines a cache's identity.
-IDENTITY_KEYS = ("teacher", "dataset", "recipe", "outputs")
-
-#: The arrays holding the teacher target, per logit mode.
-TARGET_ARRAYS = {
-    "dense": ("logits",),
-    "topk": ("topk/values", "topk/indices"),
-    "sampled": ("sampled/ids", "sampled/counts"),
-}
-
-#: Compressors measured by benchmarks/storage.py; the defaults are chosen from those numbers
-#: (docs/format.md): blosc-zstd 5 with shuffle is the smallest codec that still encodes at tens of
-#: MB/s; full feature maps, thousands of bytes per view, take plain zstd 1: as small on them as
-#: blosc-zstd 5 and about 6x faster to encode.
-CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
-DEFAULT_CODEC, DEFAULT_LEVEL = "blosc-zstd", 5
-MAP_CODEC, MAP_LEVEL = "zstd", 1
 
 
-@dataclass(frozen=True)
-class ArraySpec:
-    """One per-view array of the cache: ``name`` with shape ``[N, K, *tail]``.
-
-    ``dtype`` is the Zarr data type; ``logical`` what the values mean when it differs
-    (``bfloat16`` values are stored as their uint16 bit patterns); ``codec``/``level`` its compressor.
-    """
-
-    name: str
-    tail: tuple[int, ...]
-    dtype: str
-    logical: str | None = None
-    codec: str = DEFAULT_CODEC
-    level: int = DEFAULT_LEVEL
-
-
-def storage_dtype(dtype: str) -> str:
-    """The Zarr dtype a logical dtype is stored as: bfloat16 as its uint16 bit pattern."""
-    return "uint16" if dtype == "bfloat16" else dtype
-
-
-def decode_logits(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored logits (any logical dtype) as float32."""
-    if dtype == "bfloat16":
-        bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32) << np.uint32(16)
-        return bits.view(np.float32)
-    return values.astype(np.float32)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def densify(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, np.ndarray],
-            temperature: float = 1.0) -> np.ndarray:
-    """Dense teacher probabilities ``[..., C]`` float32 from the target arrays of one logit mode.
-
-    - dense: ``softmax(z / T)``;
-    - topk: the stored values are log-probabilities, so ``exp(v)`` are the exact top-k
-      probabilities; the missing mass ``1 - Σ exp(v)`` is spread uniformly over the other classes;
-    - sampled: ``counts / N``, the unbiased sparse estimate of the teacher distribution.
-
-    For sparse modes ``T != 1`` tempers the densified distribution, ``p^(1/T)`` renormalised: exact
-    on the stored classes' ratios, approximate on the tail (and no longer unbiased for sampled).
-    """
-    mode = spec["mode"]
-    if mode == "dense":
-        z = decode_logits(block["logits"], spec["dtype"]).astype(np.float64)
-        return _softmax(z / temperature).astype(np.float32)
-    if mode == "topk":
-        p = np.exp(decode_logits(block["topk/values"], spec["dtype"]).astype(np.float64))
-        k = p.shape[-1]
-        rest = np.clip(1.0 - p.sum(axis=-1, keepdims=True), 0.0, None) / max(num_classes - k, 1)
-        probs = np.repeat(rest, num_classes, axis=-1)
-        np.put_along_axis(probs, block["topk/indices"].astype(np.int64), p, axis=-1)
-    elif mode == "sampled":
-        ids = block["sampled/ids"].astype(np.int64)
-        probs = np.zeros((*ids.shape[:-1], num_classes + 1))  # the last column absorbs the -1 padding
-        np.put_along_axis(probs, np.where(ids >= 0, ids, num_classes), block["sampled/counts"].astype(np.float64),
-                          axis=-1)
-        probs = probs[..., :num_classes]
-    else:
-        raise UnsupportedFormat(f"logit mode {mode!r} is unknown to this kdcache — upgrade kdcache")
-    if temperature != 1.0:
-        probs = probs ** (1.0 / temperature)
-    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal content gives equal bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def cache_id(manifest: Mapping[str, Any]) -> str:
-    """Content id of a cache: a hash of what determines its contents, nothing else."""
-    identity = json.loads(canonical_json({key: manifest[key] for key in IDENTITY_KEYS}))
-    for member in identity["teacher"]["members"]:
-        member.pop("weights", None)  # where the weights file lay does not change the outputs
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
-
-
-def provenance() -> dict[str, str]:
-    """Versions, host and time of the run that writes a cache."""
-    import numcodecs
-    import torch
-
-    from kdcache import __version__
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return {
-        "kdcache": __version__,
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "user": user,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-# ---- opening storage: local paths and fsspec URLs alike --------------------------------------
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -202,24 +74,6 @@ def cache_exists(path: str) -> bool:
     return _exists(str(path))
 
 
-# ---- codecs and layout ---------------------------------------------------------------------
-def compressors(dtype: str, codec: str = DEFAULT_CODEC, level: int = DEFAULT_LEVEL) -> list:
-    """The bytes-to-bytes codecs of an array: a compressor, then the crc32c checksum of each chunk."""
-    # Byte shuffle groups the high bytes of numbers together, which is where their redundancy lies.
-    shuffle = "shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle"
-    if codec == "blosc-zstd":
-        first = [BloscCodec(cname="zstd", clevel=level, shuffle=shuffle)]
-    elif codec == "blosc-lz4":
-        first = [BloscCodec(cname="lz4", clevel=level, shuffle=shuffle)]
-    elif codec == "zstd":
-        first = [ZstdCodec(level=level)]
-    elif codec == "none":
-        first = []
-    else:
-        raise InvalidSpec(f"codec {codec!r} is not one of {', '.join(CODECS)}")
-    return [*first, Crc32cCodec()]
-
-
 def limit_codec_threads(threads: int | None) -> None:
     """Let Zarr encode and decode chunks on at most ``threads`` threads in this process (None: leave
     Zarr's default).
@@ -231,20 +85,6 @@ def limit_codec_threads(threads: int | None) -> None:
     """
     if threads is not None and zarr.config.get("threading.max_workers", None) is None:
         zarr.config.set({"threading.max_workers": max(1, int(threads))})
-
-
-def default_chunk_samples(specs: Iterable[ArraySpec]) -> int:
-    """Samples per chunk: about 1 MiB of the largest per-view array, a power of two in [64, 1024].
-
-    Large enough that Zarr's fixed cost per chunk read is small beside decoding it (benchmarks/
-    cache_read.py); at most 1024 samples because training shuffles within a window of a few chunks.
-    """
-    largest = max(
-        (int(np.prod(s.tail, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in specs),
-        default=1,
-    )
-    target = max(1, CHUNK_BYTES // max(largest, 1))
-    return int(min(MAX_CHUNK_SAMPLES, max(64, 2 ** int(np.floor(np.log2(target))))))
 
 
 class Cache:
@@ -314,6 +154,34 @@ class Cache:
         """Logical dtype of stored logits (dense values or top-k log-probabilities); None for sampled."""
         return self.manifest["outputs"]["logits"].get("dtype")
 
+    def array_specs(self) -> list[ArraySpec]:
+        """The per-view arrays ``[N, K, ...]`` the manifest's layout lists."""
+        return [spec_from_entry(entry) for entry in self.manifest["layout"]["arrays"]]
+
+    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], str, str]]:
+        """name -> (shape, Zarr dtype, logical dtype) of ``labels`` and every per-view array the layout lists."""
+        n, k = self.num_samples, self.views
+        out = {"labels": ((n,), "int64", "int64")}
+        for spec in self.array_specs():
+            out[spec.name] = ((n, k, *spec.tail), spec.dtype, spec.logical or spec.dtype)
+        return out
+
+    def expected_extra_arrays(self) -> dict[str, tuple[tuple[int, ...], str, str]]:
+        """The same for the extra views (``he/indices`` and ``he/<array>``); empty without them."""
+        he = self.manifest.get("he")
+        if not he:
+            return {}
+        m, k2 = int(he["samples"]), int(he["views"])
+        out = {"he/indices": ((m,), "int64", "int64")}
+        for entry in he["arrays"]:
+            spec = spec_from_entry(entry)
+            out[spec.name] = ((m, k2, *spec.tail), spec.dtype, spec.logical or spec.dtype)
+        return out
+
+    def check_dataset(self, spec: str, fingerprint: str, num_classes: int, num_samples: int) -> None:
+        """Refuse a dataset other than the one this cache was made from (CacheMismatch, one line)."""
+        check_dataset(self.manifest, self.path, spec, fingerprint, num_classes, num_samples)
+
     def target_arrays(self) -> list[str]:
         """Names of the arrays that hold the teacher target in this cache's logit mode."""
         return list(TARGET_ARRAYS[self.logit_mode])
@@ -345,8 +213,6 @@ class Cache:
         Every (array, block) read is issued at once, so storage latency (S3 requests, disk seeks) and
         Zarr's per-call overhead are paid once per round rather than once per array and block.
         """
-        from zarr.core.sync import sync
-
         arrays = [self._array(name).async_array for name in names]
 
         async def gather() -> list[Any]:
@@ -437,8 +303,6 @@ class Cache:
 
     def array_bytes(self, name: str) -> tuple[int, int]:
         """(stored bytes of its chunks, uncompressed bytes) of array ``name``; metadata not counted."""
-        from zarr.core.sync import sync
-
         arr = self.group[name]
         return int(sync(self.group.store.getsize_prefix(f"{name}/c/"))), int(arr.nbytes)
 
@@ -453,10 +317,9 @@ class Cache:
             key += f" (inner chunk {inner})"
         return key
 
-    def missing_chunks(self, name: str) -> list[str]:
-        """Keys of chunk (or shard) objects of ``name`` that done shards should have but storage lacks."""
-        from zarr.core.sync import sync
-
+    def missing_chunks(self, name: str, every: bool = False) -> list[str]:
+        """Keys of chunk (or shard) objects of ``name`` that storage lacks: of done shards only, or with
+        ``every`` of the whole array (the extra-view arrays, whose shards have their own status)."""
         arr = self.group[name]
         outer = arr.shards or arr.chunks
         prefix = f"{name}/c/"
@@ -465,10 +328,10 @@ class Cache:
             return {key async for key in self.group.store.list_prefix(prefix)}
 
         present = sync(listing())
-        done = self.shards_done()
+        done = None if every else self.shards_done()
         missing = []
         for coords in itertools.product(*(range(-(-n // s)) for n, s in zip(arr.shape, outer))):
-            if name != "labels" and not done[coords[0] * outer[0] // self.shard_samples]:
+            if not every and name != "labels" and not done[coords[0] * outer[0] // self.shard_samples]:
                 continue
             key = prefix + "/".join(map(str, coords))
             if key not in present:
@@ -513,7 +376,7 @@ class Cache:
         """Create per-view array ``spec`` with ``views`` views, laid out like the others (not yet in the manifest)."""
         layout = self.manifest["layout"]
         self._arrays.pop(spec.name, None)
-        _create_view_array(self.group, spec, self.num_samples, views, self.chunk_samples, self.shard_samples,
+        create_view_array(self.group, spec, self.num_samples, views, self.chunk_samples, self.shard_samples,
                            bool(layout.get("sharded")))
 
     def add_view_group(self, prefix: str, specs: Sequence[ArraySpec], indices: np.ndarray, views: int, chunk: int,
@@ -524,12 +387,12 @@ class Cache:
         m = len(indices)
         for spec in specs:
             self._arrays.pop(prefix + spec.name, None)
-            _create_view_array(self.group, dataclasses.replace(spec, name=prefix + spec.name), m, views, chunk,
+            create_view_array(self.group, dataclasses.replace(spec, name=prefix + spec.name), m, views, chunk,
                                shard, sharded=False)
         for name in ("indices", "status"):
             self._arrays.pop(prefix + name, None)
-        _create_sample_array(self.group, prefix + "indices", np.asarray(indices), chunk, shard, sharded=False)
-        _create_status_array(self.group, prefix + "status", -(-m // shard))
+        create_sample_array(self.group, prefix + "indices", np.asarray(indices), chunk, shard, sharded=False)
+        create_status_array(self.group, prefix + "status", -(-m // shard))
 
     def mark_done(self, status: str, shard: int) -> None:
         """Set flag ``shard`` of the status array ``status``: the last write of a shard."""
@@ -543,36 +406,6 @@ class Cache:
         """Replace the manifest: the last step of an extension."""
         self.manifest = manifest
         self.group.attrs[MANIFEST_KEY] = manifest
-
-
-def _create_view_array(group: zarr.Group, spec: ArraySpec, num_samples: int, views: int, chunk: int,
-                       shard_samples: int, sharded: bool) -> None:
-    """A per-view array ``[N, K, *tail]`` in chunks ``[S, 1, *tail]`` (inside shards ``[H, K, *tail]``)."""
-    group.create_array(
-        spec.name,
-        shape=(num_samples, views, *spec.tail),
-        dtype=spec.dtype,
-        chunks=(chunk, 1, *spec.tail),
-        shards=(shard_samples, views, *spec.tail) if sharded else None,
-        compressors=compressors(spec.dtype, spec.codec, spec.level),
-        fill_value=0,
-        config={"write_empty_chunks": True},  # so a missing chunk file is always damage, never zeros
-        overwrite=True,
-    )
-
-
-def _create_sample_array(group: zarr.Group, name: str, values: np.ndarray, chunk: int, shard: int,
-                         sharded: bool) -> None:
-    """A per-sample int64 array ``name [M]`` (labels, chosen sample ids) holding ``values``."""
-    group.create_array(name, shape=values.shape, dtype="int64", chunks=(chunk,), shards=(shard,) if sharded else None,
-                       compressors=compressors("int64"), fill_value=0,
-                       config={"write_empty_chunks": True}, overwrite=True)[:] = np.asarray(values, dtype=np.int64)
-
-
-def _create_status_array(group: zarr.Group, name: str, num_shards: int) -> None:
-    """Done flags ``name [num_shards]``, one uint8 chunk each, so writers of different shards never share one."""
-    group.create_array(name, shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
-                       compressors=compressors("uint8"), overwrite=True)
 
 
 def create_cache(
@@ -609,16 +442,15 @@ def create_cache(
         "shard_samples": shard_samples,
         "num_shards": num_shards,
         "sharded": bool(sharded),
-        "arrays": [{"name": s.name, "tail": list(s.tail), "dtype": s.dtype, "logical_dtype": s.logical or s.dtype,
-                    "codec": f"{s.codec}:{s.level}"} for s in specs],
+        "arrays": [layout_entry(s) for s in specs],
     }
     manifest["cache_id"] = cache_id(manifest)
 
     group = zarr.open_group(_open_store(path, read_only=False), mode="a", zarr_format=3)
-    _create_sample_array(group, "labels", np.asarray(labels), chunk, shard_samples, sharded)
+    create_sample_array(group, "labels", np.asarray(labels), chunk, shard_samples, sharded)
     for spec in specs:
-        _create_view_array(group, spec, num_samples, views, chunk, shard_samples, sharded)
-    _create_status_array(group, STATUS_ARRAY, num_shards)
+        create_view_array(group, spec, num_samples, views, chunk, shard_samples, sharded)
+    create_status_array(group, STATUS_ARRAY, num_shards)
     group.attrs[MANIFEST_KEY] = manifest
     return Cache(path, group, manifest)
 

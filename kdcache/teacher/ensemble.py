@@ -1,8 +1,8 @@
-"""Teachers of a precompute run: one model, or an ensemble whose members' outputs are combined.
+"""The teacher of a cache: one model, or an ensemble whose members' outputs are combined.
 
 ``--teacher A --weights WA --teacher B --weights WB`` builds the members in order, hashes each
 weights file for the cache id, and wraps them in :class:`Ensemble`, whose forward pass returns the
-combined logits the rest of precompute stores (docs/format.md, "Teacher ensembles"):
+combined logits the rest of stage 1 stores (docs/format.md, "Teacher ensembles"):
 
 - ``mean-prob`` (the default, as dataset reinforcement does): the target is the mean of the members'
   softmax at T = 1. Its logits are ``log(mean_m softmax(z_m)) + mean_m logsumexp(z_m)``: their
@@ -12,6 +12,9 @@ combined logits the rest of precompute stores (docs/format.md, "Teacher ensemble
 - ``mean-logit``: the mean of the members' logits.
 
 With ``--keep-members`` each member's own dense logits are stored too (``members/<i>/logits``).
+
+A cache records each member's spec and sha256; :func:`load_recorded` rebuilds that teacher for
+``extend`` and ``verify --recompute`` and applies the one rule of which weights are the recorded ones.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from kdcache import models
-from kdcache.errors import InvalidSpec, MissingData
-from kdcache.store import ArraySpec, storage_dtype
+from kdcache.errors import InvalidSpec, MissingData, WeightsMismatch
 
 ENSEMBLE_MODES = ("mean-prob", "mean-logit")
 
@@ -132,23 +133,31 @@ def members_entry(num_members: int, keep_members: bool, dtype: str) -> dict[str,
     return {"members": {"dtype": dtype, "arrays": [f"members/{i}/logits" for i in range(num_members)]}}
 
 
-def member_specs(outputs: dict[str, Any], num_classes: int) -> list[ArraySpec]:
-    """The arrays of kept member logits, ``members/<i>/logits [N, K, C]``."""
-    kept = outputs.get("members")
-    if not kept:
-        return []
-    return [ArraySpec(name, (num_classes,), storage_dtype(kept["dtype"]), kept["dtype"]) for name in kept["arrays"]]
+def load_recorded(manifest: Mapping[str, Any], weights: Sequence[str] | None = None,
+                  modules: nn.Module | Sequence[nn.Module] | None = None) -> nn.Module:
+    """The teacher a cache was made with, rebuilt from its manifest, in eval mode.
 
-
-def member_outputs(teacher: nn.Module, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The kept member logits of the teacher's last forward pass, cast to the stored dtype."""
-    kept = outputs.get("members")
-    if not kept or not isinstance(teacher, Ensemble):
-        return {}
-    return {name: stored_logits(z, kept["dtype"]) for name, z in zip(kept["arrays"], teacher.last)}
-
-
-def stored_logits(z: torch.Tensor, dtype: str) -> np.ndarray:
-    """Logits cast to their stored dtype; bfloat16, which numpy lacks, as its uint16 bit pattern."""
-    t = z.to(getattr(torch, dtype)).cpu()
-    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    Weights come from ``weights`` (one file per member, in the manifest's order), else from the recorded
+    paths; ``modules`` may stand in for files. A member is accepted when the sha256 of its weights file,
+    or of its loaded parameters and buffers (what a cache made from a module records), is the recorded
+    one; anything else is refused before the teacher runs.
+    """
+    members, ds = manifest["teacher"]["members"], manifest["dataset"]
+    files = [str(w) for w in weights] if weights else [m.get("weights") for m in members]
+    if modules is None and any(f is None for f in files):
+        raise InvalidSpec("the cache was made from teacher modules, not weights files — pass the modules "
+                          "(teacher=...) or --weights FILE per member")
+    if modules is None and len(files) != len(members):
+        raise InvalidSpec(f"the cache was made by {len(members)} teacher(s) but {len(files)} --weights were given — "
+                          "give one --weights per teacher, in the manifest's order (`kdcache info`)")
+    teacher, section = load_teachers([m["spec"] for m in members], None if modules is not None else files,
+                                     int(ds["num_classes"]), int(ds["channels"]),
+                                     manifest["teacher"].get("ensemble") or "mean-prob",
+                                     "members" in manifest["outputs"], modules=modules)
+    nets = list(teacher.members) if isinstance(teacher, Ensemble) else [teacher]
+    for net, have, want in zip(nets, section["members"], members):
+        if have["sha256"] != want["sha256"] and state_sha256(net) != want["sha256"]:
+            raise WeightsMismatch(f"teacher {want['spec']} weights {have.get('weights') or '(module)'} hash to "
+                                  f"{have['sha256'][:19]}…, the cache was made with {want['sha256'][:19]}… — "
+                                  "pass the weights the cache was made with (--weights)")
+    return teacher.eval()

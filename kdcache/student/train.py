@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache import data, distributed, heda, losses, models, robust
+from kdcache import data, distributed, losses, models
 from kdcache.augment import Recipe
-from kdcache.errors import CacheMismatch, InvalidSpec
-from kdcache.online import OnlineTeacher, check_online
-from kdcache.precompute import codec_threads, loader_workers, pick_device
-from kdcache.store import Cache, limit_codec_threads, open_cache
-from kdcache.targets import CacheTargets, FeatureTap, energy_temperature, layer_pairs, teacher_inputs
-from kdcache.views import EvalViews, Renderer, TrainViews, prefetched
+from kdcache.cache.manifest import energy_temperature
+from kdcache.cache.store import Cache, limit_codec_threads, open_cache
+from kdcache.errors import InvalidSpec
+from kdcache.runtime import codec_threads, loader_workers, pick_device, prefetched
+from kdcache.student import robust
+from kdcache.student.config import TrainConfig
+from kdcache.student.evaluate import eval_loader, evaluate
+from kdcache.student.extra_views import with_extra_views
+from kdcache.student.online import OnlineTeacher, check_online
+from kdcache.student.reader import TrainViews
+from kdcache.student.targets import CacheTargets, StudentFeatures, layer_pairs, teacher_inputs
+from kdcache.views import Renderer
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -37,42 +42,7 @@ SCHEDULES = ("cosine", "step", "constant")
 _RESUMABLE = {"resume", "progress", "workers", "device"}
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one training run; the CLI fills it from flags."""
-
-    dataset: str
-    model: str
-    out: str
-    cache: str | None = None
-    loss: str | None = None  # default: kd with a teacher (cache or online), ce without
-    loss_params: dict[str, Any] = field(default_factory=dict)
-    student_layers: tuple[str, ...] = ()  # feature losses: student layers paired with the teacher's, in order
-    online_teacher: str | None = None  # model spec of a teacher run on every batch (classic online KD)
-    teacher_weights: str | None = None  # its weights file
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    grad_clip: float | None = None
-    label_noise: float = 0.0  # fraction of training labels replaced by another class (seeded)
-    imbalance: float = 1.0  # long-tail imbalance factor n_max/n_min of the kept training split; 1 = all
-    seed: int = 0
-    size: int | None = None  # student input side; default: the cache's teacher size or the data's
-    augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
-    workers: int | None = None  # None: see kdcache.precompute.loader_workers
-    device: str = "auto"
-    amp: bool = True  # only on CUDA
-    resume: bool = False
-    progress: bool = True
-    he_da: bool = False  # also train on the cache's energy-guided extra mixed views (kdcache/heda.py)
-
-
-@dataclass
+@dataclasses.dataclass
 class TrainResult:
     out: str
     metrics: list[dict[str, Any]]
@@ -105,79 +75,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise InvalidSpec("--weights is the online teacher's weights file — add --online-teacher MODEL")
 
 
-def check_cache_matches(cache: Cache, source: data.Source) -> None:
-    """Refuse a cache made from other data than ``source``: its teacher outputs would be lies."""
-    made = cache.manifest["dataset"]
-    if made["fingerprint"] != source.fingerprint:
-        raise CacheMismatch(
-            f"cache {cache.path} was made from dataset {made['spec']} ({made['fingerprint'][:19]}…), "
-            f"not from {source.spec} ({source.fingerprint[:19]}…) — pass the dataset the cache was made "
-            "from, or precompute a cache for this one"
-        )
-    if made["num_classes"] != source.num_classes or made["num_samples"] != len(source.train):
-        raise CacheMismatch(
-            f"cache {cache.path} has {made['num_classes']} classes and {made['num_samples']} samples, "
-            f"dataset {source.spec} has {source.num_classes} and {len(source.train)} — use the matching dataset"
-        )
-
-
-# ---- evaluation ------------------------------------------------------------------------------
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE with ``bins`` equal-width confidence bins (Guo et al., 2017)."""
-    confidence, predicted = probs.max(dim=1)
-    correct = predicted.eq(labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > lo) & (confidence <= hi)
-        if in_bin.any():
-            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
-    return float(ece)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Top-1, top-5 (in %), ECE and mean CE of ``model`` over ``loader``."""
-    was_training = model.training
-    model.eval()
-    all_probs, all_labels = [], []
-    for inputs, labels in loader:
-        logits = model(inputs.to(device)).float()
-        all_probs.append(logits.softmax(dim=1).cpu())
-        all_labels.append(labels)
-    model.train(was_training)
-    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
-    k = min(5, probs.shape[1])
-    top = probs.topk(k, dim=1).indices
-    return {
-        "top1": 100.0 * float(top[:, 0].eq(labels).float().mean()),
-        "top5": 100.0 * float(top.eq(labels[:, None]).any(dim=1).float().mean()),
-        "ece": expected_calibration_error(probs, labels),
-        "loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),
-    }
-
-
-def eval_loader(source: data.Source, split: str, size: int, batch_size: int, workers: int = 0) -> DataLoader:
-    """Un-augmented views of ``split`` (train or test) at ``size``."""
-    if split not in ("train", "test"):
-        raise InvalidSpec(f"--split {split!r} is not train or test")
-    images = source.train if split == "train" else source.test
-    renderer = Renderer(images, Recipe.parse("rrc"), size, source.mean, source.std)
-    return DataLoader(EvalViews(renderer), batch_size=batch_size, num_workers=workers)
-
-
-def evaluate_weights(model_spec: str, weights: str, dataset: str, split: str = "test",
-                     size: int | None = None, batch_size: int = 256, device: str = "auto") -> dict[str, float]:
-    """``kdcache eval``: load a weights file into ``model_spec`` and evaluate it on ``dataset``."""
-    source = data.open_source(dataset)
-    model = models.create_model(model_spec, source.num_classes, source.channels)
-    models.load_weights(model, weights, spec=model_spec)
-    dev = pick_device(device)
-    loader = eval_loader(source, split, size or source.image_size, batch_size)
-    return evaluate(model.to(dev), loader, dev)
-
-
-# ---- the pieces of a run ---------------------------------------------------------------------
 def _criterion(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
     """The loss, its ``layers`` filled for feature losses, checked against what the teacher offers."""
     online = cfg.online_teacher is not None
@@ -266,7 +163,6 @@ def _check_resumable(out: Path, run: dict[str, Any]) -> None:
                           "— repeat the original options, or train into a new --out")
 
 
-# ---- training --------------------------------------------------------------------------------
 def check(cfg: TrainConfig) -> None:
     """Raise what :func:`train` would raise about ``cfg`` before it trains: options, dataset, cache,
     student model, loss and online teacher. ``--nproc`` runs it once before starting the ranks."""
@@ -274,7 +170,7 @@ def check(cfg: TrainConfig) -> None:
     source = data.open_source(cfg.dataset)
     cache = open_cache(cfg.cache) if cfg.cache else None
     if cache is not None:
-        check_cache_matches(cache, source)
+        cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
     models.create_model(cfg.model, source.num_classes, source.channels)
     _criterion(cfg, cache)
     if cfg.online_teacher:
@@ -293,7 +189,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     source = data.open_source(cfg.dataset)
     cache = open_cache(cfg.cache) if cfg.cache else None
     if cache is not None:
-        check_cache_matches(cache, source)
+        cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
         recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
         seed, views = int(cache.manifest["recipe"]["seed"]), cache.views
         size = cfg.size or int(cache.manifest["recipe"]["input_size"])
@@ -308,9 +204,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     criterion = _criterion(cfg, cache)
     online = (OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source.num_classes, source.channels, device)
               if cfg.online_teacher else None)
-    targets = CacheTargets(cache, criterion) if cache is not None and online is None else None
+    targets = CacheTargets.for_loss(cache, criterion) if cache is not None and online is None else None
     if targets is not None and "energy" in criterion.needs:
-        criterion.prepare(torch.from_numpy(cache.all_energy(energy_temperature(cache)).reshape(-1)))
+        criterion.prepare(torch.from_numpy(cache.all_energy(energy_temperature(cache.manifest)).reshape(-1)))
 
     renderer = Renderer(source.train, recipe, size, source.mean, source.std)
     keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
@@ -318,8 +214,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                         batch_size=cfg.batch_size, keep=keep, rank=rank, world=world)
     if len(stream) == 0:
         raise InvalidSpec(f"rank {rank} of {world} has no training samples — use fewer processes")
-    if cfg.he_da:
-        stream = heda.with_extra_views(stream, cache, source.train, size)
+    if cfg.extra_views:
+        stream = with_extra_views(stream, cache, source.train, size)
     workers = loader_workers(cfg.workers, device)
     limit_codec_threads(codec_threads(device))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -328,14 +224,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # model, feature hooks, adaptors, optimizer
     model = models.create_model(cfg.model, source.num_classes, source.channels).to(device)
-    tap = FeatureTap(model, criterion.layer_pairs()) if criterion.layer_pairs() else None
+    tap = StudentFeatures(model, criterion.layer_pairs()) if criterion.layer_pairs() else None
     if tap is not None:
         criterion.build(tap.shapes(model, (source.channels, size, size), device), targets.teacher_shapes())
     criterion.to(device)
     net = distributed.wrap(model, device, extras=criterion)  # DDP with several ranks, else the model
     params = [*model.parameters(), *criterion.parameters()]
     optimizer = _optimizer(params, cfg)
-    steps_per_epoch = stream.num_batches()  # with --he-da, both streams' batches
+    steps_per_epoch = stream.num_batches()  # with --extra-views, both streams' batches
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

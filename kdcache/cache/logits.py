@@ -1,0 +1,80 @@
+"""The stored teacher target: the arrays of each logit mode, the bfloat16 codec, densified probabilities.
+
+numpy has no bfloat16, so bfloat16 values are stored as their uint16 bit patterns: :func:`to_stored`
+and :func:`decode_logits` are the one place that knows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from kdcache.errors import UnsupportedFormat
+
+#: The arrays holding the teacher target, per logit mode.
+TARGET_ARRAYS = {
+    "dense": ("logits",),
+    "topk": ("topk/values", "topk/indices"),
+    "sampled": ("sampled/ids", "sampled/counts"),
+}
+
+
+def storage_dtype(dtype: str) -> str:
+    """The Zarr dtype a logical dtype is stored as: bfloat16 as its uint16 bit pattern."""
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def decode_logits(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored logits (any logical dtype) as float32."""
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32)
+    return values.astype(np.float32)
+
+
+def to_stored(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """``values`` cast to the logical ``dtype`` (float16, bfloat16, float32) as the numpy array that is stored."""
+    t = values.to(getattr(torch, dtype)).cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def densify(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, np.ndarray],
+            temperature: float = 1.0) -> np.ndarray:
+    """Dense teacher probabilities ``[..., C]`` float32 from the target arrays of one logit mode.
+
+    - dense: ``softmax(z / T)``;
+    - topk: the stored values are log-probabilities, so ``exp(v)`` are the exact top-k
+      probabilities; the missing mass ``1 - Σ exp(v)`` is spread uniformly over the other classes;
+    - sampled: ``counts / N``, the unbiased sparse estimate of the teacher distribution.
+
+    For sparse modes ``T != 1`` tempers the densified distribution, ``p^(1/T)`` renormalised: exact
+    on the stored classes' ratios, approximate on the tail (and no longer unbiased for sampled).
+    """
+    mode = spec["mode"]
+    if mode == "dense":
+        z = decode_logits(block["logits"], spec["dtype"]).astype(np.float64)
+        return _softmax(z / temperature).astype(np.float32)
+    if mode == "topk":
+        p = np.exp(decode_logits(block["topk/values"], spec["dtype"]).astype(np.float64))
+        k = p.shape[-1]
+        rest = np.clip(1.0 - p.sum(axis=-1, keepdims=True), 0.0, None) / max(num_classes - k, 1)
+        probs = np.repeat(rest, num_classes, axis=-1)
+        np.put_along_axis(probs, block["topk/indices"].astype(np.int64), p, axis=-1)
+    elif mode == "sampled":
+        ids = block["sampled/ids"].astype(np.int64)
+        probs = np.zeros((*ids.shape[:-1], num_classes + 1))  # the last column absorbs the -1 padding
+        np.put_along_axis(probs, np.where(ids >= 0, ids, num_classes), block["sampled/counts"].astype(np.float64),
+                          axis=-1)
+        probs = probs[..., :num_classes]
+    else:
+        raise UnsupportedFormat(f"logit mode {mode!r} is unknown to this kdcache — upgrade kdcache")
+    if temperature != 1.0:
+        probs = probs ** (1.0 / temperature)
+    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)

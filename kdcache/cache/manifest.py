@@ -1,0 +1,81 @@
+"""The manifest: the JSON that makes a cache self-describing — its identity, provenance, the rule for
+which energy temperature losses and the extra views use, and the check that data matches a cache.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import platform
+import time
+from typing import Any, Mapping
+
+import zarr
+
+from kdcache.errors import CacheMismatch
+
+FORMAT_VERSION = 1
+
+#: Manifest sections whose canonical JSON defines a cache's identity.
+IDENTITY_KEYS = ("teacher", "dataset", "recipe", "outputs")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal content gives equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def cache_id(manifest: Mapping[str, Any]) -> str:
+    """Content id of a cache: a hash of what determines its contents, nothing else."""
+    identity = json.loads(canonical_json({key: manifest[key] for key in IDENTITY_KEYS}))
+    for member in identity["teacher"]["members"]:
+        member.pop("weights", None)  # where the weights file lay does not change the outputs
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def provenance() -> dict[str, str]:
+    """Versions, host and time of the run that writes a cache."""
+    import numcodecs
+    import torch
+
+    from kdcache import __version__
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {
+        "kdcache": __version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "user": user,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def energy_temperature(manifest: Mapping[str, Any]) -> float:
+    """The energy temperature that energy-based losses and the choice of extra views use: 4 when stored
+    (the energy-KD default), else the first stored one."""
+    temps = [float(t) for t in manifest["outputs"]["energy"]["temperatures"]]
+    return 4.0 if 4.0 in temps else temps[0]
+
+
+def check_dataset(manifest: Mapping[str, Any], path: str, spec: str, fingerprint: str, num_classes: int,
+                  num_samples: int) -> None:
+    """Refuse data other than what the cache at ``path`` was made from: its teacher outputs would be lies."""
+    made = manifest["dataset"]
+    if made["fingerprint"] != fingerprint:
+        raise CacheMismatch(
+            f"cache {path} was made from dataset {made['spec']} ({made['fingerprint'][:19]}…), "
+            f"not from {spec} ({fingerprint[:19]}…) — pass the dataset the cache was made "
+            "from, or precompute a cache for this one"
+        )
+    if made["num_classes"] != num_classes or made["num_samples"] != num_samples:
+        raise CacheMismatch(
+            f"cache {path} has {made['num_classes']} classes and {made['num_samples']} samples, "
+            f"dataset {spec} has {num_classes} and {num_samples} — use the matching dataset"
+        )

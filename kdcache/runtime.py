@@ -1,0 +1,94 @@
+"""Where and on how many threads work runs: the device, DataLoader worker counts, Zarr's codec threads
+beside a model, and a background thread that produces batches ahead of their consumer.
+
+Both stages use these; they know nothing of caches or models.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import torch
+
+from kdcache.errors import InvalidSpec
+
+T = TypeVar("T")
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InvalidSpec(f"unknown device {device!r} — use auto, cpu or cuda[:N]") from exc
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: ``requested``, or by default up to 4 beside a CUDA device and none
+    on CPU, where a worker takes its core from the model's own threads."""
+    if requested is not None:
+        if requested < 0:
+            raise InvalidSpec(f"--workers must be 0 or more, got {requested}")
+        return requested
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def codec_threads(device: torch.device) -> int | None:
+    """Threads Zarr may compress and decompress on beside a model on ``device``: on a CPU the cores
+    the model's threads leave free, at least one; beside a GPU, Zarr's own default (None)."""
+    if device.type == "cuda":
+        return None
+    return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced on a background thread up to ``depth`` ahead of the consumer.
+
+    Reading, decoding and rendering spend most of their time in kernels that release the GIL, as
+    does the model's step, so without DataLoader worker processes this still overlaps the data
+    path with the model (on a spare core, or a GPU) — with no fork and no inter-process copy of
+    each batch. The order of ``items`` is kept; an error raised while producing is raised here.
+    """
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((False, exc))
+            return
+        put((True, done))
+
+    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,44 @@
+"""The settings of a training run: a plain dataclass that CLI flags, a ``--config`` file or Python fill.
+
+Kept free of heavy imports so that the command line takes its defaults from here at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; the CLI fills it from flags."""
+
+    dataset: str
+    model: str
+    out: str
+    cache: str | None = None
+    loss: str | None = None  # default: kd with a teacher (cache or online), ce without
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    student_layers: tuple[str, ...] = ()  # feature losses: student layers paired with the teacher's, in order
+    online_teacher: str | None = None  # model spec of a teacher run on every batch (classic online KD)
+    teacher_weights: str | None = None  # its weights file
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    label_noise: float = 0.0  # fraction of training labels replaced by another class (seeded)
+    imbalance: float = 1.0  # long-tail imbalance factor n_max/n_min of the kept training split; 1 = all
+    seed: int = 0
+    size: int | None = None  # student input side; default: the cache's teacher size or the data's
+    augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
+    workers: int | None = None  # None: see kdcache.runtime.loader_workers
+    device: str = "auto"
+    amp: bool = True  # only on CUDA
+    resume: bool = False
+    progress: bool = True
+    extra_views: bool = False  # also train on the cache's energy-guided extra mixed views (kdcache/student/extra_views.py)

@@ -1,0 +1,80 @@
+"""Evaluation as torchvision and timm do it: un-augmented views of a split, top-1, top-5, ECE and CE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from kdcache import data, models
+from kdcache.augment import Recipe
+from kdcache.errors import InvalidSpec
+from kdcache.runtime import pick_device
+from kdcache.views import Renderer
+
+class EvalViews(Dataset):
+    """Un-augmented views of a split, for evaluation: (input, label)."""
+
+    def __init__(self, renderer: Renderer):
+        self.renderer = renderer
+
+    def __len__(self) -> int:
+        return len(self.renderer.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.renderer.plain(index), int(self.renderer.images.labels[index])
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins (Guo et al., 2017)."""
+    confidence, predicted = probs.max(dim=1)
+    correct = predicted.eq(labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+    return float(ece)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Top-1, top-5 (in %), ECE and mean CE of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    all_probs, all_labels = [], []
+    for inputs, labels in loader:
+        logits = model(inputs.to(device)).float()
+        all_probs.append(logits.softmax(dim=1).cpu())
+        all_labels.append(labels)
+    model.train(was_training)
+    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
+    k = min(5, probs.shape[1])
+    top = probs.topk(k, dim=1).indices
+    return {
+        "top1": 100.0 * float(top[:, 0].eq(labels).float().mean()),
+        "top5": 100.0 * float(top.eq(labels[:, None]).any(dim=1).float().mean()),
+        "ece": expected_calibration_error(probs, labels),
+        "loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),
+    }
+
+
+def eval_loader(source: data.Source, split: str, size: int, batch_size: int, workers: int = 0) -> DataLoader:
+    """Un-augmented views of ``split`` (train or test) at ``size``."""
+    if split not in ("train", "test"):
+        raise InvalidSpec(f"--split {split!r} is not train or test")
+    images = source.train if split == "train" else source.test
+    renderer = Renderer(images, Recipe.parse("rrc"), size, source.mean, source.std)
+    return DataLoader(EvalViews(renderer), batch_size=batch_size, num_workers=workers)
+
+
+def evaluate_weights(model_spec: str, weights: str, dataset: str, split: str = "test",
+                     size: int | None = None, batch_size: int = 256, device: str = "auto") -> dict[str, float]:
+    """``kdcache eval``: load a weights file into ``model_spec`` and evaluate it on ``dataset``."""
+    source = data.open_source(dataset)
+    model = models.create_model(model_spec, source.num_classes, source.channels)
+    models.load_weights(model, weights, spec=model_spec)
+    dev = pick_device(device)
+    loader = eval_loader(source, split, size or source.image_size, batch_size)
+    return evaluate(model.to(dev), loader, dev)

@@ -1,0 +1,37 @@
+"""The settings of a precompute run: a plain dataclass that CLI flags, a ``--config`` file or Python fill.
+
+Kept free of heavy imports so that the command line takes its defaults from here at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PrecomputeConfig:
+    """Everything that decides what a precompute run stores (and where)."""
+
+    dataset: str
+    teacher: str | tuple[str, ...]  # several specs: an ensemble (kdcache/teacher/ensemble.py)
+    out: str
+    weights: str | tuple[str, ...] | None = None  # one file per teacher spec, in order
+    ensemble: str = "mean-prob"  # mean-prob | mean-logit, for two or more teachers
+    keep_members: bool = False  # also store each ensemble member's dense logits
+    views: int = 8
+    seed: int = 0
+    augment: str = "rrc+flip"
+    teacher_size: int | None = None
+    energy_t: tuple[float, ...] = (1.0, 4.0)
+    logits: str = "dense"  # dense | topk:K | sampled:N
+    logit_dtype: str = "float16"
+    features: tuple[str, ...] = ()  # LAYER[:full|pooled|attention], mode attention by default
+    batch_size: int = 256
+    workers: int | None = None  # None: see kdcache.runtime.loader_workers
+    device: str = "auto"
+    chunk_samples: int | None = None
+    sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files
+    progress: bool = True
+    wait: bool = False  # another writer holds the cache: wait for it instead of stopping
+    break_lock: bool = False  # remove the lock of a writer whose heartbeat stopped (kdcache/cache/lock.py)
+    extra_views: str | None = None  # R:K2[:cutmix|mixup], energy-guided extra mixed views (kdcache/teacher/extra_views.py)

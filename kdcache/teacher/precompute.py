@@ -1,0 +1,266 @@
+"""Stage 1: run the teacher once over K recorded views per sample and write the cache.
+
+Work is planned in whole shards; a shard's arrays are written together and only then is the shard
+marked done, so an interrupted run resumes by skipping done shards without running the teacher on
+them. The cache goes to ``ROOT/<cache id>``: a second run with the same inputs finds it and runs no
+teacher forward at all.
+
+Several processes (``torchrun`` or ``--nproc``) split the shards: rank r of W writes shards r,
+r+W, …, so no shard ever has two writers. Rank 0 holds the writer lock (kdcache/cache/lock.py),
+creates or resumes the layout before the other ranks open it, and marks the cache complete after
+all of them are done. What is stored per view is kdcache/teacher/outputs.py's business.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kdcache import data, distributed
+from kdcache.augment import Recipe
+from kdcache.cache.arrays import ArraySpec
+from kdcache.cache.lock import WriterLock
+from kdcache.cache.manifest import cache_id, provenance
+from kdcache.cache.roots import alias_name, join, write_alias
+from kdcache.cache.store import Cache, cache_exists, create_cache, limit_codec_threads, open_cache
+from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, KdcacheError, MissingData
+from kdcache.runtime import codec_threads, loader_workers, pick_device
+from kdcache.teacher import extra_views
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.ensemble import load_teachers, members_entry
+from kdcache.teacher.outputs import (
+    LOGIT_DTYPES, feature_entries, feature_specs, member_specs, parse_features, parse_logits, target_specs,
+)
+from kdcache.teacher.passes import Shard, run_shards
+from kdcache.views import Renderer
+
+@dataclass
+class PrecomputeResult:
+    path: str  # the cache itself, ROOT/<cache id>: what `train --cache` takes
+    cache_id: str
+    reused: bool
+    views_computed: int  # by every rank together
+    seconds: float
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+    alias: str | None = None  # ROOT/<alias>, a readable name that opens the same cache
+
+    @property
+    def views_per_second(self) -> float:
+        return self.views_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def _validate(cfg: PrecomputeConfig) -> None:
+    if cfg.views <= 0:
+        raise InvalidSpec(f"--views must be at least 1, got {cfg.views}")
+    if cfg.batch_size <= 0:
+        raise InvalidSpec(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.logit_dtype not in LOGIT_DTYPES:
+        raise InvalidSpec(f"--logit-dtype {cfg.logit_dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
+    if not cfg.energy_t or any(t <= 0 for t in cfg.energy_t):
+        raise InvalidSpec(f"--energy-t needs positive temperatures, got {list(cfg.energy_t)}")
+    if cfg.teacher_size is not None and cfg.teacher_size <= 0:
+        raise InvalidSpec(f"--teacher-size must be positive, got {cfg.teacher_size}")
+    loader_workers(cfg.workers, torch.device("cpu"))  # a negative count is refused before anything is written
+    parse_logits(cfg.logits, 1 << 20, cfg.logit_dtype)  # syntax only; the class count is checked later
+    parse_features(tuple(cfg.features))
+    if cfg.extra_views is not None:
+        extra_views.parse(cfg.extra_views)
+
+
+def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The fully resolved settings of a run, as JSON (the manifest's ``config``; not part of the cache id):
+    ``PrecomputeConfig(**run_config(cfg))`` reruns it."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(cfg).items()}
+
+
+def build_manifest(
+    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, teacher: dict[str, Any], size: int,
+    features: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The manifest of the cache ``cfg`` describes (id and layout are added by the store);
+    ``teacher`` is its teacher section (members and ensemble, see kdcache/teacher/ensemble.py)."""
+    return {
+        "teacher": teacher,
+        "dataset": {
+            "spec": source.spec,
+            "split": "train",
+            "fingerprint": source.fingerprint,
+            "num_samples": len(source.train),
+            "num_classes": source.num_classes,
+            "channels": source.channels,
+            "classes": list(source.classes),
+        },
+        "recipe": {
+            "views": cfg.views,
+            "seed": cfg.seed,
+            "augment": recipe.to_manifest(),
+            "input_size": size,
+            "mean": list(source.mean),
+            "std": list(source.std),
+        },
+        "outputs": {
+            "logits": parse_logits(cfg.logits, source.num_classes, cfg.logit_dtype),
+            "energy": {"temperatures": [float(t) for t in cfg.energy_t]},
+            "features": features or [],
+            **members_entry(len(teacher["members"]), cfg.keep_members, cfg.logit_dtype),
+        },
+        "provenance": provenance(),
+        "config": run_config(cfg),
+    }
+
+
+def prepare(
+    cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
+) -> tuple[data.Source, Recipe, int, torch.nn.Module, dict[str, Any], list[ArraySpec]]:
+    """Everything a run needs before it touches storage: source, recipe, teacher input size, the
+    teacher to run (loaded, see kdcache/teacher/ensemble.py), manifest and array specs."""
+    _validate(cfg)
+    source = data.open_source(cfg.dataset)
+    recipe = Recipe.parse(cfg.augment)
+    size = cfg.teacher_size or source.image_size
+    teacher, section = load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
+                                              cfg.ensemble, cfg.keep_members, modules=teacher)
+    modes = parse_features(tuple(cfg.features))
+    spec = "+".join(m["spec"] for m in section["members"])
+    features = feature_entries(teacher, spec, modes, (source.channels, size, size))
+    manifest = build_manifest(cfg, source, recipe, section, size, features)
+    extra_views.add_to_manifest(manifest, cfg.extra_views, recipe)
+    entry = manifest["outputs"]["logits"]
+    specs = [
+        *target_specs(entry, source.num_classes),
+        ArraySpec("energy", (len(cfg.energy_t),), "float32"),
+        *feature_specs(features),
+        *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in recipe.fields().items()],
+        *member_specs(manifest["outputs"], source.num_classes),
+    ]
+    return source, recipe, size, teacher, manifest, specs
+
+
+def check(cfg: PrecomputeConfig) -> None:
+    """Raise what :func:`precompute` would raise about ``cfg`` before it touches storage: options,
+    dataset, recipe, teachers and their weights. ``--nproc`` runs it once before starting the ranks."""
+    prepare(cfg)
+
+
+def precompute(
+    cfg: PrecomputeConfig,
+    teacher: torch.nn.Module | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> PrecomputeResult:
+    """Run stage 1 as ``cfg`` says and return where the cache is.
+
+    The cache goes to ``cfg.out/<cache id>`` with a readable alias beside it. ``teacher`` may be
+    given as a module instead of ``cfg.teacher``/``cfg.weights`` (its parameters are hashed for the
+    cache id). A complete cache with the same id is reused without running the teacher; an
+    incomplete one is resumed. ``on_batch(inputs, logits)`` sees every teacher batch (for tests and
+    custom logging).
+    """
+    began = time.perf_counter()
+    source, recipe, size, teacher, manifest, specs = prepare(cfg, teacher)
+
+    rank, _ = distributed.rank_world()
+    device = distributed.init_if_needed(pick_device(cfg.device))
+    cache, alias, lock = _claim(cfg, manifest, source, specs)
+    try:
+        if cache.complete:
+            return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
+        computed = _compute(cfg, cache, teacher, source, recipe, size, device, lock, on_batch)
+        distributed.barrier()
+        if rank == 0:  # the extra views need every sample's energy: one writer, after all shards
+            computed += extra_views.add_extra_views(cache, teacher.to(device).eval(), source.train, device,
+                                                    cfg.batch_size, loader_workers(cfg.workers, device), cfg.progress)
+        total = int(distributed.all_sum([computed], device)[0])
+        if rank == 0:
+            cache.finish()
+        distributed.barrier()  # every rank returns once the cache is complete
+    finally:
+        if lock is not None:
+            lock.release()
+    manifest = cache.manifest if rank == 0 else open_cache(cache.path).manifest
+    return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, manifest, alias)
+
+
+def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, source: data.Source, recipe: Recipe,
+             size: int, device: torch.device, lock: WriterLock | None,
+             on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None) -> int:
+    """Run the teacher over this rank's unfinished shards and write each as it completes; the views computed.
+
+    Rank r owns shards r, r+W, …: a fixed split, so ranks that read the done flags at different
+    moments still never share a shard.
+    """
+    rank, world = distributed.rank_world()
+    done = cache.shards_done()
+    views = np.arange(cache.views, dtype=np.int64)
+    shards = [Shard(s, cache.shard_range(s)[0], np.arange(*cache.shard_range(s), dtype=np.int64), views)
+              for s in range(rank, cache.num_shards, world) if not done[s]]
+    limit_codec_threads(codec_threads(device))
+    return run_shards(
+        teacher.to(device).eval(), Renderer(source.train, recipe, size, source.mean, source.std), shards,
+        cache.manifest["outputs"], lambda shard, arrays: cache.write_shard(shard.key, arrays),
+        batch_size=cfg.batch_size,
+        before_write=lock.check if lock is not None else None,  # stop before writing if --break-lock took it over
+        seed=cfg.seed, num_samples=len(source.train), device=device, workers=loader_workers(cfg.workers, device),
+        progress=cfg.progress and rank == 0, desc="precompute", on_batch=on_batch,
+    )
+
+
+def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
+           specs: list[ArraySpec]) -> tuple[Cache, str, WriterLock | None]:
+    """The cache to reuse or write, and the writer lock that rank 0 holds while it is incomplete.
+
+    A complete cache is reused without locking (readers never lock, and may lack write permission).
+    Otherwise rank 0 takes the lock, then creates or resumes the layout — it may have been
+    completed by the writer it waited for — and only then do the other ranks open it.
+    """
+    rank, _ = distributed.rank_world()
+    path = join(cfg.out, cache_id(manifest))
+    lock = None
+    if rank == 0:
+        if not _complete(path):
+            lock = WriterLock(path, wait=cfg.wait, break_stale=cfg.break_lock).acquire()
+        try:
+            cache, alias = _open_or_create(cfg, manifest, source, specs)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if cache.complete and lock is not None:
+            lock.release()
+            lock = None
+    distributed.barrier()
+    if rank > 0:
+        cache = open_cache(path, mode="r+", allow_incomplete=True)
+        alias = join(cfg.out, alias_name(manifest, cache.id))
+    return cache, alias, lock
+
+
+def _complete(path: str) -> bool:
+    try:
+        return open_cache(path, allow_incomplete=True).complete
+    except KdcacheError:
+        return False
+
+
+def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
+                    specs: list[ArraySpec]) -> tuple[Cache, str]:
+    """The cache at ``cfg.out/<id>``: found (to reuse or resume) or created, and its alias path."""
+    if cache_exists(cfg.out):
+        raise InvalidSpec(f"--out {cfg.out} is itself a cache; --out is the root folder caches are kept under "
+                          "— pass its parent folder")
+    wanted = cache_id(manifest)
+    path = join(cfg.out, wanted)
+    try:
+        cache = open_cache(path, mode="r+", allow_incomplete=True)
+    except (MissingData, CacheCorrupt):  # nothing there yet, or a layout whose creation was interrupted
+        cache = create_cache(path, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples,
+                             sharded=cfg.sharded)
+    if cache.id != wanted and any(h.get("previous_id") == wanted for h in cache.manifest.get("history", [])):
+        raise CacheMismatch(f"{path} was extended into cache {cache.id} ({cache.views} views), which holds every view "
+                            f"of {wanted} — train from it, or precompute into another --out to rebuild {wanted}")
+    if cache.id != wanted:
+        raise CacheCorrupt(f"{path} holds cache {cache.id}, not {wanted} as its name says — delete that folder")
+    return cache, write_alias(cfg.out, alias_name(manifest, wanted), wanted)
