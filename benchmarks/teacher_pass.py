@@ -4,7 +4,7 @@ All three writers go through the one teacher pass (kdcache/teacher/passes.py), s
 precompute's pipelined speed: the targets are extend ÷ precompute and extra views ÷ precompute ≥ 0.95.
 Variants are interleaved (A, B, C, A, B, C, …) in one process; ratios are of medians.
 
-    python -m benchmarks.teacher_pass --quick --threads 1
+    python -m benchmarks.teacher_pass --quick --threads 1 [--teacher cnn]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from kdcache.teacher import extra_views
 from kdcache.teacher.extend import extend
 
 NAME = "teacher_pass"
-TEACHER = "resnet8x4"
 
 
 def _timed_extra_views(seconds: list[float]):
@@ -40,15 +39,17 @@ def _timed_extra_views(seconds: list[float]):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv, lambda p: p.add_argument(
+        "--teacher", default="resnet8x4", help="teacher model spec, randomly initialised (cnn: rendering matters)"))
+    teacher = args.teacher
     dev = device(args.device)
     n, views = (512, 2) if args.quick else (2048, 4)
     dataset = f"fake:{n}"
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-pass-"))
     torch.manual_seed(0)
     weights = work / "teacher.pt"
-    torch.save(models.create_model(TEACHER, 10, 3).state_dict(), weights)
-    base = dict(dataset=dataset, teacher=TEACHER, weights=str(weights), views=views, batch_size=128,
+    torch.save(models.create_model(teacher, 10, 3).state_dict(), weights)
+    base = dict(dataset=dataset, teacher=teacher, weights=str(weights), views=views, batch_size=128,
                 device=str(dev), progress=False)
     seed_cache = precompute(PrecomputeConfig(out=str(work / "seed"), **base)).path
     count = [0]
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ratio_to_precompute": round(rates[name] / rates["precompute"], 3),
                 "runs_views_per_s": [round(r.rate, 1) for r in measured]} for name, measured in runs.items()]
     text = table(results, ["writer", "views_per_s", "ratio_to_precompute"])
-    return emit(NAME, args, dev, {"dataset": dataset, "teacher": TEACHER, "views": views, "results": results}, text)
+    return emit(NAME, args, dev, {"dataset": dataset, "teacher": teacher, "views": views, "results": results}, text)
 
 
 if __name__ == "__main__":

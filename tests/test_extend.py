@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 from kdcache_cli.main import app
-from tests_support import precompute_config
+from tests_support import forge_stale_lock, precompute_config, run_cli
 from typer.testing import CliRunner
 
+from kdcache.cache.lock import WriterLock
 from kdcache.cache.store import open_cache
 from kdcache.errors import InvalidSpec, WeightsMismatch
 from kdcache.teacher.config import PrecomputeConfig
@@ -127,3 +128,31 @@ def test_adding_a_member_needs_kept_members(tmp_path, teacher_weights):
     small = precompute(config(tmp_path, teacher_weights))
     with pytest.raises(InvalidSpec, match="--keep-members"):
         add_members(small.path, ["cnn"], [teacher_weights], progress=False)
+
+
+def test_cli_extend_stops_for_a_live_writer_and_break_lock_takes_over_a_stale_one(tmp_path, teacher_weights, capsys):
+    path = precompute(config(tmp_path, teacher_weights)).path
+    holder = WriterLock(path, heartbeat=3600).acquire()  # a writer that will stop beating
+    try:
+        code, _, err = run_cli(["extend", path, "--views", "3", "--quiet"], capsys)
+        assert code == 2 and "is being written by" in err and len(err.strip().splitlines()) == 1
+        forge_stale_lock(path)
+        code, out, err = run_cli(["extend", path, "--views", "3", "--quiet", "--break-lock"], capsys)
+        assert code == 0 and "extended to" in out, err
+    finally:
+        holder.release()
+    assert open_cache(path).views == 3
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["precompute", "--he-extra", "2:1"], "--extra-views '2:1' needs 0 < R <= 1"),
+    (["train", "--he-da"], "no energy-guided extra views"),
+])
+def test_the_old_extra_view_flags_still_work_as_hidden_aliases(argv, says, cache_path, teacher_weights, tmp_path,
+                                                                capsys):
+    common = {"precompute": ["--dataset", "fake:64", "--teacher", "cnn", "--weights", teacher_weights,
+                             "--out", str(tmp_path)],
+              "train": ["--dataset", "fake:64", "--model", "cnn", "--out", str(tmp_path / "run"), "--cache", cache_path,
+                        "--epochs", "1"]}[argv[0]]
+    code, _, err = run_cli([argv[0], *common, *argv[1:], "--quiet"], capsys)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tests_support import precompute_config, run_cli
+from tests_support import precompute_config, run_cli, save_cnn_teacher
 
 from kdcache import data, models
 from kdcache.audit import recompute
 from kdcache.augment import Recipe
+from kdcache.cache.integrity import verify
 from kdcache.cache.logits import decode_logits
 from kdcache.cache.store import open_cache
 from kdcache.cache.view_sets import EXTRA_VIEW_BASE
@@ -197,3 +198,13 @@ def test_the_he_da_stream_counts_its_batches_as_it_yields_them(he_cache):
     _, regular, stream = he_da_stream(he_cache, 20)
     assert stream.num_batches() == len(list(stream)) == 5
     assert regular.num_batches() == 4
+
+
+def test_extra_views_of_an_ensemble_with_kept_members_store_the_members_logits_too(tmp_path, teacher_weights):
+    second = save_cnn_teacher(tmp_path, "second.pt", seed=77, scale=10)
+    cfg = config(tmp_path / "root", (teacher_weights, second), teacher=("cnn", "cnn"), keep_members=True, views=2,
+                 extra_views="0.25:2")
+    cache = open_cache(precompute(cfg).path)
+    assert verify(cache.path).ok  # before the one teacher pass, he/members/* were laid out but never written
+    members = cache.read_array("he/members/1/logits")
+    assert members.shape == (16, 2, 10) and np.abs(decode_logits(members, "float16")).sum() > 0

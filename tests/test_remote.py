@@ -6,15 +6,14 @@ import json
 import os
 import threading
 
-import fsspec
 import numpy as np
 import pytest
 import s3server
 import zarr
 import zarr.storage
-from tests_support import run_cli, storage_location
+from tests_support import forge_stale_lock, run_cli, storage_location
 
-from kdcache.cache.lock import INFO_SUFFIX, LockInfo, WriterLock, is_local, lock_path, read_lock
+from kdcache.cache.lock import WriterLock, read_lock
 from kdcache.cache.store import open_cache
 from kdcache.errors import CacheCorrupt, CacheLocked
 from kdcache.teacher.config import PrecomputeConfig
@@ -101,15 +100,6 @@ def test_readers_see_the_finished_shards_of_a_cache_being_written(root, teacher_
         reader_done.set()
         writer.join()
     assert open_cache(path).complete and read_lock(path) is None
-
-
-def forge_stale_lock(path: str) -> None:
-    """Make the lock of ``path`` look like one whose writer stopped beating two minutes ago."""
-    info = read_lock(path)
-    stale = LockInfo(info.owner, info.host, info.pid, info.started - 120, info.heartbeat - 120, info.token)
-    target = lock_path(path) + (INFO_SUFFIX if is_local(path) else "")
-    fs, fpath = fsspec.core.url_to_fs(target)
-    fs.pipe_file(fpath, stale.to_json())
 
 
 def test_a_second_writer_stops_with_exit_2_and_break_lock_takes_over_only_a_stale_lock(root, teacher_weights,

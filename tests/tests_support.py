@@ -6,11 +6,13 @@ import sys
 import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from kdcache_cli.main import main
 
 from kdcache import models
+from kdcache.cache.lock import INFO_SUFFIX, LockInfo, is_local, lock_path, read_lock
 from kdcache.teacher.config import PrecomputeConfig
 
 
@@ -55,3 +57,12 @@ def precompute_config(out, weights, **overrides) -> PrecomputeConfig:
     base = dict(dataset="fake:64", teacher="cnn", weights=weights, out=str(out), views=3, batch_size=50,
                 chunk_samples=16, progress=False)
     return PrecomputeConfig(**(base | overrides))
+
+
+def forge_stale_lock(path: str) -> None:
+    """Make the lock of ``path`` look like one whose writer stopped beating two minutes ago."""
+    info = read_lock(path)
+    stale = LockInfo(info.owner, info.host, info.pid, info.started - 120, info.heartbeat - 120, info.token)
+    target = lock_path(path) + (INFO_SUFFIX if is_local(path) else "")
+    fs, fpath = fsspec.core.url_to_fs(target)
+    fs.pipe_file(fpath, stale.to_json())
