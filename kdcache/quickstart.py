@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.teacher.config import PrecomputeConfig
-from kdcache.teacher.precompute import precompute
 from kdcache.student.config import TrainConfig
 from kdcache.student.train import train
+from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.precompute import precompute
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, MissingDependency
 from kdcache.cache.store import Cache
+from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, MissingDependency
 
 # Settings that do not change what a run computes, or that differ on purpose between repeats.
 _NOT_A_SETTING = {"out", "seed", "resume", "progress", "workers", "device", "online_teacher_sha256", "train_samples"}

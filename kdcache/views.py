@@ -16,6 +16,7 @@ import torch
 from kdcache.augment import Recipe, resize_view
 from kdcache.data import ImageSet
 
+
 @dataclass
 class Renderer:
     """Turns (sample index, params of one view) into a normalised float32 model input [C, size, size]."""

@@ -29,8 +29,14 @@ import zarr.storage
 from zarr.core.sync import sync
 
 from kdcache.cache.arrays import (
-    MAX_CHUNK_FILES, ArraySpec, create_sample_array, create_status_array, create_view_array, default_chunk_samples,
-    layout_entry, spec_from_entry,
+    MAX_CHUNK_FILES,
+    ArraySpec,
+    create_sample_array,
+    create_status_array,
+    create_view_array,
+    default_chunk_samples,
+    layout_entry,
+    spec_from_entry,
 )
 from kdcache.cache.logits import TARGET_ARRAYS, decode_logits, densify
 from kdcache.cache.manifest import FORMAT_VERSION, cache_id, check_dataset
@@ -160,23 +166,14 @@ class Cache:
 
     def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], str, str]]:
         """name -> (shape, Zarr dtype, logical dtype) of ``labels`` and every per-view array the layout lists."""
-        n, k = self.num_samples, self.views
-        out = {"labels": ((n,), "int64", "int64")}
-        for spec in self.array_specs():
-            out[spec.name] = ((n, k, *spec.tail), spec.dtype, spec.logical or spec.dtype)
-        return out
+        return _expected("labels", self.num_samples, self.views, self.array_specs())
 
     def expected_extra_arrays(self) -> dict[str, tuple[tuple[int, ...], str, str]]:
         """The same for the extra views (``he/indices`` and ``he/<array>``); empty without them."""
         he = self.manifest.get("he")
         if not he:
             return {}
-        m, k2 = int(he["samples"]), int(he["views"])
-        out = {"he/indices": ((m,), "int64", "int64")}
-        for entry in he["arrays"]:
-            spec = spec_from_entry(entry)
-            out[spec.name] = ((m, k2, *spec.tail), spec.dtype, spec.logical or spec.dtype)
-        return out
+        return _expected("he/indices", int(he["samples"]), int(he["views"]), [spec_from_entry(e) for e in he["arrays"]])
 
     def check_dataset(self, spec: str, fingerprint: str, num_classes: int, num_samples: int) -> None:
         """Refuse a dataset other than the one this cache was made from (CacheMismatch, one line)."""
@@ -406,6 +403,15 @@ class Cache:
         """Replace the manifest: the last step of an extension."""
         self.manifest = manifest
         self.group.attrs[MANIFEST_KEY] = manifest
+
+
+def _expected(rows_array: str, rows: int, views: int,
+              specs: Sequence[ArraySpec]) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """name -> (shape, Zarr dtype, logical dtype): the int64 per-row array and the per-view ``specs``."""
+    out = {rows_array: ((rows,), "int64", "int64")}
+    for spec in specs:
+        out[spec.name] = ((rows, views, *spec.tail), spec.dtype, spec.logical or spec.dtype)
+    return out
 
 
 def create_cache(

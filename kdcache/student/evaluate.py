@@ -12,6 +12,7 @@ from kdcache.errors import InvalidSpec
 from kdcache.runtime import pick_device
 from kdcache.views import Renderer
 
+
 class EvalViews(Dataset):
     """Un-augmented views of a split, for evaluation: (input, label)."""
 

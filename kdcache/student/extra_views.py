@@ -21,6 +21,7 @@ from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.student.reader import Block, TrainViews, plan_epoch
 from kdcache.views import Renderer
 
+
 class ExtraViews(TrainViews):
     """The extra views of a cache, one per chosen sample per epoch (cycling through the K2), read and
     batched like :class:`TrainViews` reads the regular ones. Teacher arrays keep their plain names, so

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from multiprocessing.context import get_spawning_popen
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from kdcache.augment import Recipe
 from kdcache.cache.store import Cache, open_cache
 from kdcache.student.targets import CacheTargets
 from kdcache.views import Renderer, row
+
 
 @dataclass(frozen=True)
 class Block:

@@ -24,18 +24,18 @@ import numpy as np
 import torch
 
 from kdcache import data
+from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec, layout_entry
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.logits import decode_logits, storage_dtype
 from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, write_alias
 from kdcache.cache.store import Cache, open_cache
-from kdcache.augment import Recipe
 from kdcache.errors import InvalidSpec
 from kdcache.runtime import loader_workers, pick_device
 from kdcache.teacher.ensemble import combine, load_recorded, load_teachers, member_pairs
 from kdcache.teacher.outputs import feature_entries, feature_specs, parse_features
-from kdcache.teacher.passes import Shard, ViewBatch, run_shards
+from kdcache.teacher.passes import Shard, ViewBatch, cache_shards, run_shards
 from kdcache.views import Renderer
 
 OnBatch = Callable[[torch.Tensor, torch.Tensor], None]
@@ -186,12 +186,6 @@ def add_members(
                         _publish(cache.path, new), new)
 
 
-def _shards(cache: Cache, views: np.ndarray) -> list[Shard]:
-    """Every shard of the cache, with the views ``views`` of each sample."""
-    return [Shard(s, cache.shard_range(s)[0], np.arange(*cache.shard_range(s), dtype=np.int64), views)
-            for s in range(cache.num_shards)]
-
-
 def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], outputs: dict[str, Any],
          views: np.ndarray, write: Callable[[Shard, dict[str, np.ndarray]], None], batch_size: int,
          device: torch.device, progress: bool, on_batch: OnBatch | None, lock: WriterLock,
@@ -199,7 +193,7 @@ def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: 
     """The teacher pass over ``views`` of every shard, with the cache's recipe; ``write`` takes each shard."""
     recipe = Recipe.from_manifest(manifest["recipe"]["augment"])
     renderer = Renderer(source.train, recipe, int(manifest["recipe"]["input_size"]), source.mean, source.std)
-    return run_shards(teacher, renderer, _shards(cache, views), outputs, write, batch_size=batch_size,
+    return run_shards(teacher, renderer, cache_shards(cache, views), outputs, write, batch_size=batch_size,
                       before_write=lock.check, seed=int(manifest["recipe"]["seed"]), num_samples=cache.num_samples,
                       device=device, workers=loader_workers(None, device), forward=forward, progress=progress,
                       desc="extend", on_batch=on_batch)
@@ -213,9 +207,16 @@ def _recombine(cache: Cache, nets: list[torch.nn.Module], source: data.Source, m
     stored, fresh = kept["arrays"][: -len(nets)], kept["arrays"][-len(nets) :]
     nets = [net.to(device).eval() for net in nets]
 
+    held: dict[str, Any] = {"shard": None, "logits": []}  # the stored members' logits of the current shard
+
     def forward(inputs: torch.Tensor, batch: ViewBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        old = [torch.from_numpy(decode_logits(cache.read_views(name, batch.samples, batch.views), kept["dtype"]))
-               .to(device) for name in stored]
+        shard, lo = batch.tag
+        if held["shard"] != shard.key:  # read each shard once, not once per batch
+            start, stop = shard.first, shard.first + len(shard.samples)
+            held["shard"], held["logits"] = shard.key, [
+                torch.from_numpy(decode_logits(cache.read_samples(name, start, stop), kept["dtype"]))
+                .reshape(shard.size, -1) for name in stored]
+        old = [z[lo : lo + len(inputs)].to(device) for z in held["logits"]]
         new = [net(inputs).float() for net in nets]
         return combine(old + new, manifest["teacher"]["ensemble"]), new
 

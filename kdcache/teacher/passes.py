@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from kdcache.cache.store import Cache
 from kdcache.runtime import prefetched
 from kdcache.teacher.ensemble import Ensemble
 from kdcache.teacher.outputs import FeatureCapture, batch_outputs, class_uniforms
@@ -132,6 +133,15 @@ class Shard:
     def size(self) -> int:
         """Views in the shard."""
         return len(self.samples) * len(self.views)
+
+
+def cache_shards(cache: Cache, views: np.ndarray, numbers: Iterable[int] | None = None) -> list[Shard]:
+    """Shards ``numbers`` (default: all) of the cache's regular views, each with the views ``views``."""
+    shards = []
+    for s in range(cache.num_shards) if numbers is None else numbers:
+        start, stop = cache.shard_range(s)
+        shards.append(Shard(s, start, np.arange(start, stop, dtype=np.int64), views))
+    return shards
 
 
 def shard_batches(shards: Sequence[Shard], batch_size: int) -> list[ViewBatch]:

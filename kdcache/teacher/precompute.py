@@ -33,10 +33,17 @@ from kdcache.teacher import extra_views
 from kdcache.teacher.config import PrecomputeConfig
 from kdcache.teacher.ensemble import load_teachers, members_entry
 from kdcache.teacher.outputs import (
-    LOGIT_DTYPES, feature_entries, feature_specs, member_specs, parse_features, parse_logits, target_specs,
+    LOGIT_DTYPES,
+    feature_entries,
+    feature_specs,
+    member_specs,
+    parse_features,
+    parse_logits,
+    target_specs,
 )
-from kdcache.teacher.passes import Shard, run_shards
+from kdcache.teacher.passes import cache_shards, run_shards
 from kdcache.views import Renderer
+
 
 @dataclass
 class PrecomputeResult:
@@ -194,9 +201,8 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
     """
     rank, world = distributed.rank_world()
     done = cache.shards_done()
-    views = np.arange(cache.views, dtype=np.int64)
-    shards = [Shard(s, cache.shard_range(s)[0], np.arange(*cache.shard_range(s), dtype=np.int64), views)
-              for s in range(rank, cache.num_shards, world) if not done[s]]
+    shards = cache_shards(cache, np.arange(cache.views, dtype=np.int64),
+                          [s for s in range(rank, cache.num_shards, world) if not done[s]])
     limit_codec_threads(codec_threads(device))
     return run_shards(
         teacher.to(device).eval(), Renderer(source.train, recipe, size, source.mean, source.std), shards,
