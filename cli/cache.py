@@ -31,15 +31,19 @@ def info(
         typer.echo(json.dumps(d, indent=2))
         return
     m = d["manifest"]
-    members = ", ".join(f"{t['spec']} ({t['sha256'][:19]}…)" for t in m["teacher"]["members"])
+    members = ", ".join(f"{t['spec']}{' ' + t['tag'] if t.get('tag') else ''} ({t['sha256'][:19]}…)"
+                        for t in m["teacher"]["members"])
     lay, ds, rec = m["layout"], m["dataset"], m["recipe"]
     typer.echo(f"cache {d['cache_id']} at {d['path']}  format {m['format_version']}  status {m['status']} "
                f"({d['shards_done']}/{d['num_shards']} shards)")
     typer.echo(f"teacher   {members}")
+    if m["teacher"].get("class_map"):
+        cmap = m["teacher"]["class_map"]
+        typer.echo(f"class map {len(cmap['indices'])} of the teacher's {cmap['teacher_classes']} classes")
     typer.echo(f"dataset   {ds['spec']} train split: {ds['num_samples']} samples, {ds['num_classes']} classes, "
                f"{ds['fingerprint'][:23]}…")
     typer.echo(f"recipe    {rec['augment']['spec']}  views {rec['views']}  seed {rec['seed']}  "
-               f"input {rec['input_size']}px")
+               f"input {rec['input_size']}px {rec.get('interpolation', 'bilinear')}, mean {rec['mean']} std {rec['std']}")
     typer.echo(f"outputs   {modes(m)}  energy T={m['outputs']['energy']['temperatures']}")
     if "extra_views" in d:
         he, spec = d["extra_views"], rec["he_extra"]

@@ -45,12 +45,14 @@ def _save_run_config(out: Path, options: dict[str, object]) -> None:
 def precompute(
     dataset: Annotated[str, typer.Option(help="Dataset spec (see `kdcache datasets`).")],
     teacher: Annotated[list[str], typer.Option(help="Teacher model spec (see `kdcache models`); repeat for an ensemble.")],
-    weights: Annotated[list[Path], typer.Option(help="Teacher weights file (a state dict; loaded weights_only); one per --teacher, in order.")],
     out: Annotated[str, typer.Option(help="Root folder or fsspec URL; the cache goes to OUT/<cache id>, with a readable alias OUT/<alias>.")],
+    weights: Annotated[Optional[list[str]], typer.Option(help="Teacher weights, one per --teacher, in order: a file (state dict or .safetensors, never unpickled code), torchvision:TAG (e.g. IMAGENET1K_V1, DEFAULT; from the torch hub cache) or pretrained (timm, from the Hugging Face cache); none for hf:PATH. See docs/teachers.md.")] = None,
     views: Annotated[int, typer.Option(help="Recorded augmented views per sample (K).")] = PrecomputeConfig.views,
     seed: Annotated[int, typer.Option(help="Seed of the view plan; params are a pure function of (seed, i, v).")] = PrecomputeConfig.seed,
     augment: Annotated[str, typer.Option(help="Augmentation recipe, ops joined by '+'.")] = PrecomputeConfig.augment,
-    teacher_size: Annotated[Optional[int], typer.Option(help="Teacher input side in pixels (default: the dataset's).")] = PrecomputeConfig.teacher_size,
+    teacher_size: Annotated[Optional[int], typer.Option(help="Teacher input side in pixels (default: the weights' input size, else the dataset's).")] = PrecomputeConfig.teacher_size,
+    teacher_norm: Annotated[Optional[str], typer.Option(help="Teacher normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the weights' own, else the dataset's statistics).")] = PrecomputeConfig.teacher_norm,
+    class_map: Annotated[Optional[str], typer.Option(help="File with one line per dataset class (in class order): the teacher's class index or name; the cache keeps those teacher logits.")] = PrecomputeConfig.class_map,
     energy_t: Annotated[list[float], typer.Option(help="Energy temperature; repeat for several.")] = list(PrecomputeConfig.energy_t),
     logits: Annotated[str, typer.Option(help="Teacher target: dense, topk:K (top-K log-probabilities) or sampled:N (N classes drawn from the teacher, ids + counts).")] = PrecomputeConfig.logits,
     logit_dtype: Annotated[str, typer.Option(help="Stored logit dtype (dense and topk): float16, bfloat16 or float32.")] = PrecomputeConfig.logit_dtype,
@@ -74,9 +76,9 @@ def precompute(
     from kdcache.teacher.precompute import precompute as run
 
     cfg = PrecomputeConfig(
-        dataset=dataset, teacher=_one_or_all(teacher), weights=_one_or_all([str(w) for w in weights]), out=out,
-        views=views, seed=seed, augment=augment,
-        teacher_size=teacher_size, energy_t=tuple(energy_t), logits=logits, logit_dtype=logit_dtype,
+        dataset=dataset, teacher=_one_or_all(teacher), weights=_one_or_all(list(weights)) if weights else None,
+        out=out, views=views, seed=seed, augment=augment, teacher_size=teacher_size, teacher_norm=teacher_norm,
+        class_map=class_map, energy_t=tuple(energy_t), logits=logits, logit_dtype=logit_dtype,
         features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
         wait=wait, break_lock=break_lock, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members)
@@ -108,7 +110,8 @@ def train(
     loss_param: Annotated[Optional[list[str]], typer.Option("--loss-param", "-p", help="Loss hyper-parameter KEY=VALUE; repeatable.")] = None,
     student_layer: Annotated[Optional[list[str]], typer.Option(help="Feature losses: student layer paired with the cached teacher layers, in order; repeatable.")] = None,
     online_teacher: Annotated[Optional[str], typer.Option(help="Classic online KD: run this teacher model on every batch (the cache's views, or live ones).")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Weights file of --online-teacher (a state dict).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights of --online-teacher: a file, torchvision:TAG or pretrained (see precompute --weights).")] = None,
+    class_map: Annotated[Optional[str], typer.Option(help="The --online-teacher's class of each dataset class, one line per class (see precompute --class-map).")] = TrainConfig.class_map,
     epochs: Annotated[int, typer.Option(help="Epochs; with a cache each epoch uses one stored view per sample.")] = TrainConfig.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size (per process).")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
@@ -123,6 +126,7 @@ def train(
     imbalance: Annotated[float, typer.Option(help="Long-tailed training split with this n_max/n_min ratio (seeded; 1: all samples).")] = TrainConfig.imbalance,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = TrainConfig.seed,
     size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size).")] = TrainConfig.size,
+    norm: Annotated[Optional[str], typer.Option(help="Student normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the dataset's statistics).")] = TrainConfig.norm,
     augment: Annotated[str, typer.Option(help="Recipe without a cache (a cache replays its own).")] = TrainConfig.augment,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading and rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = TrainConfig.workers,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = TrainConfig.device,
@@ -142,7 +146,7 @@ def train(
     cfg = TrainConfig(
         dataset=dataset, model=model, out=str(out), cache=cache, loss=loss, loss_params=parse_params(loss_param),
         student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
-        teacher_weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        teacher_weights=weights, class_map=class_map, norm=norm, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
@@ -164,18 +168,21 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model spec.")],
-    weights: Annotated[Path, typer.Option(help="Weights file (state dict).")],
     dataset: Annotated[str, typer.Option(help="Dataset spec.")],
-    split: Annotated[str, typer.Option(help="train or test.")] = "test",
-    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the dataset's).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights: a file, torchvision:TAG or pretrained (see precompute --weights); none for hf:PATH.")] = None,
+    split: Annotated[str, typer.Option(help="train, test or val (the same as test).")] = "test",
+    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the weights' input size, else the dataset's).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="Normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the weights' own, else the dataset's).")] = None,
+    class_map: Annotated[Optional[str], typer.Option(help="The model's class of each dataset class, one line per class (see precompute --class-map).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
-    """Evaluate weights on a split: top-1, top-5 (%) and ECE (15 bins)."""
+    """Evaluate weights on a split: top-1, top-5 (%) and ECE (15 bins); images larger than the input are
+    resized (shorter side to size / crop_pct) and center-cropped, as torchvision and timm evaluate."""
     from kdcache.student.evaluate import evaluate_weights
 
-    result = evaluate_weights(model, str(weights), dataset, split, size, batch_size, device)
+    result = evaluate_weights(model, weights, dataset, split, size, batch_size, device, norm, class_map)
     if as_json:
         typer.echo(json.dumps(result))
     else:

@@ -34,6 +34,7 @@ from kdcache.cache.logits import decode_logits
 from kdcache.cache.store import Cache, open_cache
 from kdcache.cache.view_sets import ViewSet, view_sets
 from kdcache.errors import InvalidSpec
+from kdcache.preprocess import Preprocess
 from kdcache.runtime import pick_device
 from kdcache.teacher.ensemble import load_recorded
 from kdcache.teacher.outputs import topk_log_probs
@@ -100,7 +101,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
             r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
             stored = {name: cache.read_views(f"{vset.prefix}aug/{name}", r, v) for name in vset.recipe.fields()}
             batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
-        renderer = Renderer(source.train, vset.recipe, int(rec["input_size"]), rec["mean"], rec["std"])
+        renderer = Renderer.for_model(source.train, vset.recipe, Preprocess.from_manifest(rec))
         for out in run_teacher(teacher, renderer, batches, cache.manifest["outputs"], seed=int(rec["seed"]),
                                num_samples=cache.num_samples, device=dev):
             report.problems += _check_batch(cache, vset, out)

@@ -184,8 +184,11 @@ BUILTINS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 def available() -> list[tuple[str, str]]:
     """(name, description) of every built-in model and spec form, for ``kdcache models``."""
     return [(name, description) for name, (_, description) in BUILTINS.items()] + [
-        ("torchvision:NAME", "any torchvision classification model, e.g. torchvision:resnet18"),
-        ("timm:NAME", "any timm model (pip install timm)"),
+        ("torchvision:NAME", "any torchvision classification model, e.g. torchvision:resnet18; pretrained "
+                             "with --weights torchvision:TAG (docs/teachers.md)"),
+        ("timm:NAME[.TAG]", "any timm model (pip install 'kdcache[timm]'); pretrained with --weights pretrained"),
+        ("hf:PATH", "a Hugging Face image classifier folder or cached hub id, with its weights "
+                    "(pip install 'kdcache[hf]'); teachers and eval only"),
         ("module.path:callable", "callable(num_classes=, in_channels=) returning an nn.Module"),
     ]
 
@@ -203,6 +206,9 @@ def create_model(spec: str, num_classes: int, in_channels: int = 3) -> nn.Module
         return _torchvision(name, num_classes, in_channels)
     if kind == "timm":
         return _timm(name, num_classes, in_channels)
+    if kind == "hf":
+        raise InvalidSpec(f"{spec} is a pretrained Hugging Face model, loaded with its weights — use it as "
+                          "--teacher, --online-teacher or in eval, and pick another spec for a student")
     return _imported(spec, kind, name, num_classes, in_channels)
 
 
@@ -220,7 +226,7 @@ def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise MissingDependency(f"model timm:{name} needs timm — pip install timm") from None
+        raise MissingDependency(f"model timm:{name} needs timm — pip install 'kdcache[timm]' (or timm)") from None
     if not timm.is_model(name):
         raise InvalidSpec(f"unknown timm model {name!r} — see timm.list_models()")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
@@ -272,28 +278,54 @@ def _set_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, spec: str | None = None) -> None:
-    """Load a weights file into ``model``: a state dict, or a dict holding one under ``state_dict``
-    or ``model``; DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes are stripped.
-    Any missing, unexpected or mis-shaped entry is a one-line WeightsMismatch."""
-    name = spec or type(model).__name__
+    """Load a weights file into ``model``: a state dict (``torch.save`` or ``.safetensors``), or a dict
+    holding one under ``state_dict`` or ``model``; DDP (``module.``) and torch.compile (``_orig_mod.``)
+    prefixes are stripped. Any missing, unexpected or mis-shaped entry is a one-line WeightsMismatch."""
+    apply_state(model, read_state_dict(path), f"weights {path}", spec or type(model).__name__)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file, read without running pickled code (``weights_only`` or
+    safetensors); unreadable files are one-line WeightsMismatch errors that never suggest
+    ``weights_only=False``."""
     if not Path(path).is_file():
         raise MissingData(f"weights file {path} not found — pass the path of a saved state dict")
+    how = "save it with torch.save(model.state_dict(), path)"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise MissingDependency(f"weights file {path} is safetensors — pip install safetensors") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsMismatch(f"cannot read weights file {path}: {reason} — save it with "
-                              "torch.save(model.state_dict(), path)") from None
+        raise WeightsMismatch(f"cannot read weights file {path}: {_reason(e)} — {how}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsMismatch(f"cannot read weights file {path}: it holds no state dict — "
-                              "save it with torch.save(model.state_dict(), path)")
-    state = {_strip_prefixes(k): v for k, v in obj.items()}
+        raise WeightsMismatch(f"cannot read weights file {path}: it holds no state dict — {how}")
+    return {_strip_prefixes(k): v for k, v in obj.items()}
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a loading error, without torch's advice to unpickle untrusted code."""
+    text = str(error).strip()
+    if "Unsupported global" in text:
+        return "it is not a plain state dict (it holds pickled code or objects, which kdcache never runs)"
+    if ("weights_only" in text or isinstance(error, (EOFError, OSError)) or "PytorchStreamReader" in text
+            or "zip archive" in text):
+        return "the file is truncated or not a PyTorch/safetensors file"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def apply_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, name: str) -> None:
+    """Load ``state`` into ``model`` after checking every entry fits (one-line WeightsMismatch)."""
     problem = _first_mismatch(model.state_dict(), state)
     if problem:
-        raise WeightsMismatch(f"weights {path} do not fit {name}: {problem}")
+        raise WeightsMismatch(f"{what} do not fit {name}: {problem}")
     model.load_state_dict(state, strict=False)
 
 

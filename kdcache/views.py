@@ -13,19 +13,35 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdcache.augment import Recipe, resize_view
+from kdcache.augment import Recipe
 from kdcache.data import ImageSet
+from kdcache.preprocess import DEFAULT_CROP_PCT, Preprocess, eval_view
 
 
 @dataclass
 class Renderer:
-    """Turns (sample index, params of one view) into a normalised float32 model input [C, size, size]."""
+    """Turns (sample index, params of one view) into a normalised float32 model input [C, size, size].
+
+    Teacher and student each have one, with their own size, interpolation and statistics
+    (kdcache/preprocess.py): the stored params are shared, the pixels each model sees are its own.
+    """
 
     images: ImageSet
     recipe: Recipe
     size: int
     mean: Sequence[float]
     std: Sequence[float]
+    interpolation: str = "bilinear"
+    crop_pct: float = DEFAULT_CROP_PCT
+
+    @classmethod
+    def for_model(cls, images: ImageSet, recipe: Recipe, pre: Preprocess) -> Renderer:
+        """The renderer of a model whose preprocessing is ``pre`` (its size set)."""
+        return cls(images, recipe, int(pre.size), pre.mean, pre.std, pre.interpolation, pre.crop_pct)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(tuple(self.mean), tuple(self.std), self.size, self.interpolation, self.crop_pct)
 
     def __post_init__(self) -> None:
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
@@ -38,7 +54,8 @@ class Renderer:
         return (view - self._mean) / self._std
 
     def __call__(self, index: int, params: Mapping[str, np.ndarray]) -> torch.Tensor:
-        view = self.recipe.apply(self._image(index), params, self.size, partner=self._image)
+        view = self.recipe.apply(self._image(index), params, self.size, partner=self._image,
+                                 interpolation=self.interpolation)
         return self.normalise(view)
 
     def batch(self, indices: Sequence[int] | np.ndarray, params: Mapping[str, np.ndarray]) -> torch.Tensor:
@@ -52,15 +69,17 @@ class Renderer:
             raise ValueError("Renderer.batch needs at least one view")
         out: torch.Tensor | None = None
         for j, index in enumerate(indices):
-            view = self.recipe.apply(self._image(index), row(params, j), self.size, partner=self._image)
+            view = self.recipe.apply(self._image(index), row(params, j), self.size, partner=self._image,
+                                     interpolation=self.interpolation)
             if out is None:
                 out = torch.empty((len(indices), *view.shape), dtype=view.dtype)
             out[j] = view
         return out.sub_(self._mean).div_(self._std)
 
     def plain(self, index: int) -> torch.Tensor:
-        """The un-augmented evaluation view of a sample."""
-        return self.normalise(resize_view(self._image(index), self.size))
+        """The un-augmented evaluation view of a sample (resize shorter side + center crop, see
+        kdcache.preprocess.eval_view)."""
+        return eval_view(self._image(index), self.preprocess)
 
 
 def row(params: Mapping[str, np.ndarray], j: int) -> dict[str, np.ndarray]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,3 +28,26 @@ def test_relative_links_in_docs_and_readme_point_to_files():
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+@pytest.mark.slow
+def test_the_worked_example_of_teachers_md_runs(tmp_path):
+    """docs/teachers.md's example, run by bash as written, on a generated Imagenette-style folder with
+    random ResNet-18 weights in a temporary torch hub."""
+    from zoo_support import jpeg_folder, torchvision_hub
+
+    text = (ROOT / "docs" / "teachers.md").read_text()
+    block = re.search(r"## Worked example.*?```bash\n(.*?)```", text, re.S).group(1)
+    folder = jpeg_folder(tmp_path / "imagenette", classes=3, train=4, val=2)
+    for k, wnid in enumerate(("n01440764", "n02102040", "n02979186")):
+        for split in ("train", "val"):
+            (folder / split / f"c{k}").rename(folder / split / wnid)
+    torchvision_hub(tmp_path / "torch", "resnet18", "IMAGENET1K_V1")
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torchvision:resnet18 on imagefolder:imagenette/val: top-1" in done.stdout
+    assert "resnet8x4 on imagefolder:imagenette/val: top-1" in done.stdout
+    assert (tmp_path / "runs" / "r8x4" / "model.pt").is_file()

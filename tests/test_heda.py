@@ -165,7 +165,7 @@ def he_da_stream(he_cache, batch_size: int):
     source = data.open_source(DATASET)
     regular = TrainViews(Renderer(source.train, Recipe.parse("rrc+flip"), 32, source.mean, source.std),
                          source.train.labels, 16, 0, cache.path, ["logits"], 3, batch_size=batch_size)
-    return cache, regular, with_extra_views(regular, cache, source.train, 32)
+    return cache, regular, with_extra_views(regular, cache, source.train, regular.renderer.preprocess)
 
 
 def test_the_he_da_stream_adds_one_mixed_view_per_chosen_sample_with_soft_label_info(he_cache):

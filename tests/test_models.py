@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import sys
 
 import pytest
 import torch
@@ -82,11 +82,11 @@ def test_unknown_model_spec_is_invalid(spec):
     one_line_error(excinfo)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
-def test_timm_model_without_timm_names_the_install():
+def test_timm_model_without_timm_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` does where it is not installed
     with pytest.raises(MissingDependency) as excinfo:
         create_model("timm:resnet18", 10)
-    assert "pip install timm" in one_line_error(excinfo)
+    assert "pip install 'kdcache[timm]'" in one_line_error(excinfo)
 
 
 def trained_pair(num_classes: int = 10) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -187,3 +187,36 @@ def test_list_layers_follows_execution_order_without_duplicates():
     assert len(names) == len(set(names))
     assert names.index("layer1") < names.index("layer2") < names.index("layer3") < names.index("fc")
     assert names.index("layer1.0.conv1") < names.index("layer1")
+
+
+class _Payload:
+    """An object torch.save pickles as code to import and call: what an untrusted weights file may hold."""
+
+
+@pytest.mark.parametrize("kind", ["pickled-object", "truncated", "garbage"])
+def test_unreadable_weights_are_one_line_and_never_advise_unpickling(tmp_path, kind):
+    model = create_model("cnn", 10)
+    path = tmp_path / "w.pt"
+    if kind == "pickled-object":
+        torch.save({"state_dict": _Payload()}, path)
+    elif kind == "truncated":
+        torch.save(model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(WeightsMismatch) as excinfo:
+        load_weights(model, path)
+    message = one_line_error(excinfo)
+    assert "weights_only" not in message and "will likely succeed" not in message
+    assert ("pickled code" in message) if kind == "pickled-object" else ("truncated" in message)
+
+
+def test_safetensors_weights_load(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source = create_model("cnn", 10)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    target = create_model("cnn", 10)
+    load_weights(target, tmp_path / "w.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))

@@ -77,10 +77,16 @@ class RandomResizedCrop(Op):
         return {"rrc": quantise_box(x0, y0, w, h)}
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
+        return self.crop(image, row, size, F.InterpolationMode.BILINEAR)
+
+    def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
+             interpolation: F.InterpolationMode) -> torch.Tensor:
+        """:meth:`apply` with the resize's interpolation chosen (the model's own)."""
         x0, y0, w, h = box_row(row, "rrc")
         left, width = pixel_span(x0, w, image.shape[-1], 1)
         top, height = pixel_span(y0, h, image.shape[-2], 1)
-        return F.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+        return F.resized_crop(image, top, left, height, width, [size, size], interpolation=interpolation,
+                              antialias=True)
 
 
 @dataclasses.dataclass(frozen=True)

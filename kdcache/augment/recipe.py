@@ -155,12 +155,14 @@ class Recipe:
         params: Mapping[str, np.ndarray],
         size: int,
         partner: Callable[[int], torch.Tensor] | None = None,
+        interpolation: str = "bilinear",
     ) -> torch.Tensor:
         """Replay one view: uint8 [C,H,W] + that view's params -> float32 [C,size,size] in [0,1].
 
-        ``partner(j)`` returns the uint8 image of sample j; only mixed views call it.
+        ``partner(j)`` returns the uint8 image of sample j; only mixed views call it. ``interpolation``
+        (the model's own, see kdcache/preprocess.py) is used where the view is resized to ``size``.
         """
-        view = self._render(image, params, size, "")
+        view = self._render(image, params, size, "", interpolation)
         mix = self._mix
         if mix is None:
             return view
@@ -169,15 +171,20 @@ class Recipe:
             return view
         if partner is None:
             raise ValueError(f"this view mixes with sample {j}: pass partner=<callable returning its uint8 image>")
-        return mix.mix(view, self._render(partner(j), params, size, PARTNER), params)
+        return mix.mix(view, self._render(partner(j), params, size, PARTNER, interpolation), params)
 
-    def _render(self, image: torch.Tensor, params: Mapping[str, np.ndarray], size: int, prefix: str) -> torch.Tensor:
+    def _render(self, image: torch.Tensor, params: Mapping[str, np.ndarray], size: int, prefix: str,
+                interpolation: str) -> torch.Tensor:
         _check_image(image)
+        mode = F.InterpolationMode(interpolation)
         row = {key[len(prefix) :]: value for key, value in params.items() if key.startswith(prefix)}
         if not any(isinstance(op, RandomResizedCrop) for op in self.ops):
-            image = F.resize(image, [size, size], antialias=True)
+            image = F.resize(image, [size, size], interpolation=mode, antialias=True)
         for op in self._view_ops:
-            image = op.apply(image, row, size)
+            if isinstance(op, RandomResizedCrop):
+                image = op.crop(image, row, size, mode)
+            else:
+                image = op.apply(image, row, size)
         return F.to_dtype(image, torch.float32, scale=True)
 
     def mixing(self, params: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,8 @@ def cache_id(manifest: Mapping[str, Any]) -> str:
     identity = json.loads(canonical_json({key: manifest[key] for key in IDENTITY_KEYS}))
     for member in identity["teacher"]["members"]:
         member.pop("weights", None)  # where the weights file lay does not change the outputs
+        if str(member.get("spec", "")).startswith("hf:"):
+            member["spec"] = "hf"  # nor where a Hugging Face folder lay: its sha256 covers config and weights
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,8 @@ class TrainConfig:
     loss_params: dict[str, Any] = field(default_factory=dict)
     student_layers: tuple[str, ...] = ()  # feature losses: student layers paired with the teacher's, in order
     online_teacher: str | None = None  # model spec of a teacher run on every batch (classic online KD)
-    teacher_weights: str | None = None  # its weights file
+    teacher_weights: str | None = None  # its weights: a file, torchvision:TAG or pretrained (kdcache/zoo.py)
+    class_map: str | None = None  # the online teacher's class of each dataset class (kdcache/class_map.py)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
@@ -35,6 +36,7 @@ class TrainConfig:
     imbalance: float = 1.0  # long-tail imbalance factor n_max/n_min of the kept training split; 1 = all
     seed: int = 0
     size: int | None = None  # student input side; default: the cache's teacher size or the data's
+    norm: str | None = None  # student normalisation: dataset (default) | imagenet | clip | inception | M,M,M/S,S,S
     augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
     workers: int | None = None  # None: see kdcache.runtime.loader_workers
     device: str = "auto"

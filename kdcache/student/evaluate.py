@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache import data, models
+from kdcache import data, preprocess
 from kdcache.augment import Recipe
+from kdcache.class_map import apply_class_map, check_classes, read_class_map
 from kdcache.errors import InvalidSpec
+from kdcache.preprocess import Preprocess
 from kdcache.runtime import pick_device
 from kdcache.views import Renderer
+from kdcache.zoo import load_model
 
 
 class EvalViews(Dataset):
@@ -61,21 +64,44 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
     }
 
 
-def eval_loader(source: data.Source, split: str, size: int, batch_size: int, workers: int = 0) -> DataLoader:
-    """Un-augmented views of ``split`` (train or test) at ``size``."""
-    if split not in ("train", "test"):
-        raise InvalidSpec(f"--split {split!r} is not train or test")
-    images = source.train if split == "train" else source.test
-    renderer = Renderer(images, Recipe.parse("rrc"), size, source.mean, source.std)
+SPLITS = ("train", "test", "val")  # val is the test split: image folders call it val/
+
+
+def split_images(source: data.Source, split: str) -> data.ImageSet:
+    """The images of a named split; ``val`` is accepted as ``test``."""
+    if split not in SPLITS:
+        raise InvalidSpec(f"--split {split!r} is not train, test or val (the same as test)")
+    return source.train if split == "train" else source.test
+
+
+def eval_loader(source: data.Source, split: str, pre: Preprocess | int, batch_size: int,
+                workers: int = 0) -> DataLoader:
+    """Un-augmented views of ``split`` (train, test or val) with the model's preprocessing ``pre``
+    (an int: the dataset's statistics at that size)."""
+    images = split_images(source, split)
+    if isinstance(pre, int):
+        pre = preprocess.resolve(None, source.mean, source.std, source.channels, pre)
+    renderer = Renderer.for_model(images, Recipe.parse("none"), pre)
     return DataLoader(EvalViews(renderer), batch_size=batch_size, num_workers=workers)
 
 
-def evaluate_weights(model_spec: str, weights: str, dataset: str, split: str = "test",
-                     size: int | None = None, batch_size: int = 256, device: str = "auto") -> dict[str, float]:
-    """``kdcache eval``: load a weights file into ``model_spec`` and evaluate it on ``dataset``."""
+def evaluate_weights(model_spec: str, weights: str | None, dataset: str, split: str = "test",
+                     size: int | None = None, batch_size: int = 256, device: str = "auto",
+                     norm: str | None = None, class_map: str | None = None, workers: int = 0) -> dict[str, float]:
+    """``kdcache eval``: ``model_spec`` with ``weights`` (a file, torchvision:TAG, pretrained, or none for
+    hf:PATH) evaluated on ``split`` of ``dataset`` with the model's own preprocessing."""
     source = data.open_source(dataset)
-    model = models.create_model(model_spec, source.num_classes, source.channels)
-    models.load_weights(model, weights, spec=model_spec)
+    split_images(source, split)
+    if norm is not None:
+        preprocess.parse_norm(norm, None)
+    loaded = load_model(model_spec, weights, source.num_classes, source.channels)
+    if class_map is not None:
+        apply_class_map(loaded.module, read_class_map(class_map, source.classes, loaded.classes, loaded.num_classes))
+    else:
+        check_classes(model_spec, loaded.num_classes, source.num_classes, has_map=False)
+    own = loaded.preprocess
+    pre = preprocess.resolve(own, source.mean, source.std, source.channels,
+                             size or (own.size if own is not None else None) or source.image_size, norm)
     dev = pick_device(device)
-    loader = eval_loader(source, split, size or source.image_size, batch_size)
-    return evaluate(model.to(dev), loader, dev)
+    loader = eval_loader(source, split, pre, batch_size, workers)
+    return evaluate(loaded.module.to(dev), loader, dev)

@@ -20,6 +20,7 @@ from kdcache.data import ImageSet
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.student.reader import Block, TrainViews, plan_epoch
 from kdcache.views import Renderer
+from kdcache.preprocess import Preprocess
 
 
 class ExtraViews(TrainViews):
@@ -80,16 +81,16 @@ class Interleaved(IterableDataset):
                 streams[k] = None
 
 
-def with_extra_views(stream: TrainViews, cache: Cache | None, images: ImageSet, size: int) -> Interleaved:
-    """``stream`` plus the cache's extra views (``train --extra-views``); a one-line error when there are none."""
+def with_extra_views(stream: TrainViews, cache: Cache | None, images: ImageSet, pre: Preprocess) -> Interleaved:
+    """``stream`` plus the cache's extra views (``train --extra-views``), rendered with the student's
+    preprocessing ``pre``; a one-line error when there are none."""
     if cache is None:
         raise InvalidSpec("--extra-views trains on the extra views a cache stores — pass --cache PATH")
     found = extra_views(cache)
     if found is None:
         raise CacheMismatch(f"cache {cache.path} has no energy-guided extra views — precompute it with "
                             "--extra-views 0.5:4, or train without --extra-views")
-    rec = cache.manifest["recipe"]
-    renderer = Renderer(images, found.recipe, size, rec["mean"], rec["std"])
+    renderer = Renderer.for_model(images, found.recipe, pre)
     extra = ExtraViews(renderer, stream.labels, found.samples, found.chunk_samples, stream.seed, stream.cache_path,
                        stream.teacher_arrays, found.views, stream.batch_size, stream.keep, stream.rank, stream.world)
     return Interleaved(stream, extra)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache import data, distributed
+from kdcache import data, distributed, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.store import Cache, open_cache
 from kdcache.student.targets import CacheTargets
@@ -318,7 +318,7 @@ class TeacherViews(TrainViews):
 def loader(
     cache: str | Cache, dataset: str, *, size: int | None = None, batch_size: int = 128, rank: int | None = None,
     world: int | None = None, workers: int = 0, energy: bool = False, features: Sequence[str] = (),
-    pin_memory: bool = False,
+    pin_memory: bool = False, norm: str | None = None,
 ) -> DataLoader:
     """A DataLoader over one epoch of a cache's views, for any training loop.
 
@@ -326,7 +326,8 @@ def loader(
     "partner_label", "lam"}``; ``teacher`` holds ``logits`` (float32, dense caches) or ``probs`` (float32,
     densified, sparse caches), ``energy`` [B, nT] with ``energy=True``, and ``features[layer]`` for each
     cached layer named in ``features``. Inputs are the cache's recorded views replayed at ``size`` (default:
-    the teacher's input size), normalised with the dataset's statistics. Each rank of ``world`` (default:
+    the teacher's input size), normalised with ``norm`` (kdcache.preprocess presets or M,M,M/S,S,S; default:
+    the dataset's statistics). Each rank of ``world`` (default:
     this process's, see kdcache.distributed) reads its own blocks. Call ``loader.dataset.set_epoch(e)``
     before epoch ``e``, as with a ``DistributedSampler``: each epoch replays another stored view per sample.
     """
@@ -336,7 +337,8 @@ def loader(
     own_rank, own_world = distributed.rank_world()
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     side = size or int(cache.manifest["recipe"]["input_size"])
-    renderer = Renderer(source.train, recipe, side, source.mean, source.std)
+    pre = preprocess.resolve(None, source.mean, source.std, source.channels, side, norm)
+    renderer = Renderer.for_model(source.train, recipe, pre)
     stream = TeacherViews(renderer, source.train.labels, cache.chunk_samples, int(cache.manifest["recipe"]["seed"]),
                           cache.path, views=cache.views, rank=own_rank if rank is None else rank,
                           world=own_world if world is None else world, batch_size=batch_size,

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache import data, distributed, losses, models
+from kdcache import data, distributed, losses, models, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.manifest import energy_temperature
 from kdcache.cache.store import Cache, limit_codec_threads, open_cache
 from kdcache.errors import InvalidSpec
+from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, prefetched
 from kdcache.student import robust
 from kdcache.student.config import TrainConfig
@@ -73,6 +74,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise InvalidSpec(f"--size must be positive, got {cfg.size}")
     if cfg.teacher_weights and not cfg.online_teacher:
         raise InvalidSpec("--weights is the online teacher's weights file — add --online-teacher MODEL")
+    if cfg.class_map and not cfg.online_teacher:
+        raise InvalidSpec("--class-map maps the online teacher's classes (a cache records its own) — add "
+                          "--online-teacher MODEL, or drop --class-map")
+    if cfg.norm is not None:
+        preprocess.parse_norm(cfg.norm, None)
 
 
 def _criterion(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
@@ -97,6 +103,13 @@ def _criterion(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
     if cache is not None and not online:
         criterion.check(teacher_inputs(cache))
     return criterion
+
+
+def _student_preprocess(cfg: TrainConfig, source: data.Source, cache: Cache | None) -> Preprocess:
+    """The student's preprocessing: ``--norm`` (else the dataset's statistics) at ``--size`` (else the
+    cache's teacher size, else the images' side); bilinear, with the default evaluation crop."""
+    size = cfg.size or (int(cache.manifest["recipe"]["input_size"]) if cache is not None else source.image_size)
+    return preprocess.resolve(None, source.mean, source.std, source.channels, size, cfg.norm)
 
 
 def _training_labels(cfg: TrainConfig, source: data.Source) -> tuple[np.ndarray, np.ndarray | None]:
@@ -174,7 +187,8 @@ def check(cfg: TrainConfig) -> None:
     models.create_model(cfg.model, source.num_classes, source.channels)
     _criterion(cfg, cache)
     if cfg.online_teacher:
-        OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source.num_classes, source.channels, torch.device("cpu"))
+        OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source, torch.device("cpu"), class_map=cfg.class_map)
+    _student_preprocess(cfg, source, cache)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -192,35 +206,35 @@ def train(cfg: TrainConfig) -> TrainResult:
         cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
         recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
         seed, views = int(cache.manifest["recipe"]["seed"]), cache.views
-        size = cfg.size or int(cache.manifest["recipe"]["input_size"])
         block = cache.chunk_samples
     else:
         recipe, seed, views = Recipe.parse(cfg.augment), cfg.seed, None
-        size = cfg.size or source.image_size
         block = 256
     labels, kept = _training_labels(cfg, source)
 
     # teacher side and loss
     criterion = _criterion(cfg, cache)
-    online = (OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source.num_classes, source.channels, device)
+    pre = _student_preprocess(cfg, source, cache)
+    online = (OnlineTeacher(cfg.online_teacher, cfg.teacher_weights, source, device, pre, cfg.class_map)
               if cfg.online_teacher else None)
     targets = CacheTargets.for_loss(cache, criterion) if cache is not None and online is None else None
     if targets is not None and "energy" in criterion.needs:
         criterion.prepare(torch.from_numpy(cache.all_energy(energy_temperature(cache.manifest)).reshape(-1)))
 
-    renderer = Renderer(source.train, recipe, size, source.mean, source.std)
+    size = pre.size
+    renderer = Renderer.for_model(source.train, recipe, pre)
     keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
     stream = TrainViews(renderer, labels, block, seed, cfg.cache, targets.arrays() if targets else [], views,
                         batch_size=cfg.batch_size, keep=keep, rank=rank, world=world)
     if len(stream) == 0:
         raise InvalidSpec(f"rank {rank} of {world} has no training samples — use fewer processes")
     if cfg.extra_views:
-        stream = with_extra_views(stream, cache, source.train, size)
+        stream = with_extra_views(stream, cache, source.train, pre)
     workers = loader_workers(cfg.workers, device)
     limit_codec_threads(codec_threads(device))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0)  # no restart cost per epoch; see TrainViews.set_epoch
-    test_loader = eval_loader(source, "test", size, max(cfg.batch_size, 256))
+    test_loader = eval_loader(source, "test", pre, max(cfg.batch_size, 256))
 
     # model, feature hooks, adaptors, optimizer
     model = models.create_model(cfg.model, source.num_classes, source.channels).to(device)
@@ -243,6 +257,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpoint_path = out / "checkpoint.pt"
     run = json.loads(json.dumps(dataclasses.asdict(cfg))) | {
         "loss": criterion.name, "hparams": dict(criterion.hparams), "size": size, "train_samples": len(stream),
+        "preprocess": pre.to_manifest(),
         "cache_id": cache.id if cache else None, "online_teacher_sha256": online.sha256 if online else None,
     }
     if cfg.resume and checkpoint_path.exists():

@@ -21,7 +21,9 @@ class PrecomputeConfig:
     views: int = 8
     seed: int = 0
     augment: str = "rrc+flip"
-    teacher_size: int | None = None
+    teacher_size: int | None = None  # default: the teacher weights' input size, else the images' side
+    teacher_norm: str | None = None  # dataset | imagenet | clip | inception | M,M,M/S,S,S; default: the weights' own
+    class_map: str | None = None  # file: one teacher class (index or name) per dataset class (kdcache/class_map.py)
     energy_t: tuple[float, ...] = (1.0, 4.0)
     logits: str = "dense"  # dense | topk:K | sampled:N
     logit_dtype: str = "float16"

@@ -22,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from kdcache import models
+from kdcache.class_map import apply_class_map, check_classes, map_entry, read_class_map
 from kdcache.errors import InvalidSpec, MissingData, WeightsMismatch
+from kdcache.preprocess import Preprocess
+from kdcache.zoo import PRETRAINED, LoadedModel, is_zoo_reference, load_model
 
 ENSEMBLE_MODES = ("mean-prob", "mean-logit")
 
@@ -89,40 +91,87 @@ def state_sha256(model: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+class Teachers(NamedTuple):
+    """What :func:`load_teachers` builds."""
+
+    module: nn.Module  # one model, or an Ensemble; logits in the dataset's class order
+    section: dict[str, Any]  # the manifest's teacher section
+    preprocess: Preprocess | None  # the members' own preprocessing; None: the dataset's statistics
+
+
 def load_teachers(
     teacher: str | Sequence[str], weights: str | Sequence[str] | None, num_classes: int, channels: int,
     ensemble: str = "mean-prob", keep_members: bool = False,
     modules: nn.Module | Sequence[nn.Module] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher to run (one model or an :class:`Ensemble`) and the manifest's ``teacher`` section.
+    class_map: str | Sequence[int] | None = None, dataset_classes: Sequence[str] = (),
+) -> Teachers:
+    """The teacher to run (one model or an :class:`Ensemble`), the manifest's ``teacher`` section and
+    the members' preprocessing.
 
     ``modules`` are teachers handed over as objects (hashed by their parameters); otherwise each
-    member is built from its spec and loaded from its weights file (hashed by the file's bytes).
+    member is loaded by kdcache/zoo.py (a weights file, hashed by its bytes, or zoo weights).
+    ``class_map`` (a file, or the indices a cache recorded) selects the teacher columns of the
+    dataset's classes (kdcache/class_map.py); without one the class counts must agree.
     """
     if ensemble not in ENSEMBLE_MODES:
         raise InvalidSpec(f"--ensemble {ensemble!r} is not one of {', '.join(ENSEMBLE_MODES)}")
     pairs = member_pairs(teacher, weights)
-    if modules is not None:
-        given = [modules] if isinstance(modules, nn.Module) else list(modules)
-        if len(given) != len(pairs):
-            raise InvalidSpec(f"{len(given)} teacher modules but {len(pairs)} teacher specs — name each module")
-        members = [{"spec": spec, "sha256": state_sha256(m), "weights": w} for (spec, w), m in zip(pairs, given)]
+    loaded = _given(pairs, modules, num_classes) if modules is not None else [_load(s, w, num_classes, channels)
+                                                                               for s, w in pairs]
+    section: dict[str, Any] = {"members": [m.entry() for m in loaded], "ensemble": None}
+    counts = {m.num_classes for m in loaded}
+    if len(counts) > 1:
+        raise InvalidSpec(f"ensemble members have {sorted(counts)} classes — give members with the same classes")
+    count = counts.pop()
+    if class_map is not None:
+        indices = (read_class_map(class_map, dataset_classes, loaded[0].classes, count) if isinstance(class_map, str)
+                   else [int(i) for i in class_map])
+        section["class_map"] = map_entry(indices, count)
+        for member in loaded:
+            apply_class_map(member.module, indices)
     else:
-        given, members = [], []
-        for spec, path in pairs:
-            if path is None:
-                raise InvalidSpec(f"precompute needs --weights FILE for teacher {spec} — train one with `kdcache train`")
-            if not os.path.isfile(path):
-                raise MissingData(f"weights file {path} not found — check the path given to --weights")
-            model = models.create_model(spec, num_classes, channels)
-            models.load_weights(model, path, spec=spec)
-            given.append(model)
-            members.append({"spec": spec, "sha256": models.file_sha256(path), "weights": path})
-    if len(given) == 1:
+        check_classes(loaded[0].spec, count, num_classes, has_map=False)
+    pre = _shared_preprocess(loaded)
+    nets = [m.module for m in loaded]
+    if len(nets) == 1:
         if keep_members:
             raise InvalidSpec("--keep-members needs an ensemble — give two or more --teacher/--weights pairs")
-        return given[0], {"members": members, "ensemble": None}
-    return Ensemble(given, ensemble, keep_members), {"members": members, "ensemble": ensemble}
+        return Teachers(nets[0], section, pre)
+    section["ensemble"] = ensemble
+    return Teachers(Ensemble(nets, ensemble, keep_members), section, pre)
+
+
+def _given(pairs: list[tuple[str, str | None]], modules: nn.Module | Sequence[nn.Module],
+           num_classes: int) -> list[LoadedModel]:
+    given = [modules] if isinstance(modules, nn.Module) else list(modules)
+    if len(given) != len(pairs):
+        raise InvalidSpec(f"{len(given)} teacher modules but {len(pairs)} teacher specs — name each module")
+    return [LoadedModel(m, spec, w, state_sha256(m), _outputs(m, num_classes)) for (spec, w), m in zip(pairs, given)]
+
+
+def _outputs(model: nn.Module, default: int) -> int:
+    """The class count of a module handed over: its last Linear's outputs, else the dataset's."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else default
+
+
+def _load(spec: str, path: str | None, num_classes: int, channels: int) -> LoadedModel:
+    if path is None and not is_zoo_reference(spec, path):
+        raise InvalidSpec(f"precompute needs --weights for teacher {spec}: a file (train one with `kdcache train`), "
+                          "torchvision:TAG or pretrained")
+    if path is not None and not is_zoo_reference(spec, path) and not os.path.isfile(path):
+        raise MissingData(f"weights file {path} not found — check the path given to --weights")
+    return load_model(spec, path, num_classes, channels)
+
+
+def _shared_preprocess(loaded: list[LoadedModel]) -> Preprocess | None:
+    """The members' common preprocessing (members with none follow the others)."""
+    records = [(m.spec, m.preprocess) for m in loaded if m.preprocess is not None]
+    for spec, pre in records[1:]:
+        if (pre.mean, pre.std) != (records[0][1].mean, records[0][1].std):
+            raise InvalidSpec(f"ensemble members normalise differently ({records[0][0]}: {list(records[0][1].mean)}, "
+                              f"{spec}: {list(pre.mean)}) — pass --teacher-norm to give them the same inputs")
+    return records[0][1] if records else None
 
 
 def members_entry(num_members: int, keep_members: bool, dtype: str) -> dict[str, Any]:
@@ -133,27 +182,39 @@ def members_entry(num_members: int, keep_members: bool, dtype: str) -> dict[str,
     return {"members": {"dtype": dtype, "arrays": [f"members/{i}/logits" for i in range(num_members)]}}
 
 
+def recorded_reference(member: Mapping[str, Any]) -> str | None:
+    """The ``--weights`` value that loads a recorded member again: its zoo tag, else its file."""
+    tag = member.get("tag")
+    if isinstance(tag, str) and tag.startswith("torchvision:"):
+        return tag
+    if isinstance(tag, str) and tag.startswith("timm:"):
+        return PRETRAINED
+    return None if str(member["spec"]).startswith("hf:") else member.get("weights")
+
+
 def load_recorded(manifest: Mapping[str, Any], weights: Sequence[str] | None = None,
                   modules: nn.Module | Sequence[nn.Module] | None = None) -> nn.Module:
     """The teacher a cache was made with, rebuilt from its manifest, in eval mode.
 
-    Weights come from ``weights`` (one file per member, in the manifest's order), else from the recorded
-    paths; ``modules`` may stand in for files. A member is accepted when the sha256 of its weights file,
-    or of its loaded parameters and buffers (what a cache made from a module records), is the recorded
-    one; anything else is refused before the teacher runs.
+    Weights come from ``weights`` (one per member, in the manifest's order), else from the recorded
+    zoo tags or paths; ``modules`` may stand in for files. A member is accepted when the sha256 of its
+    weights, or of its loaded parameters and buffers (what a cache made from a module records), is the
+    recorded one; anything else is refused before the teacher runs. A recorded class map is applied.
     """
     members, ds = manifest["teacher"]["members"], manifest["dataset"]
-    files = [str(w) for w in weights] if weights else [m.get("weights") for m in members]
-    if modules is None and any(f is None for f in files):
+    files = [str(w) for w in weights] if weights else [recorded_reference(m) for m in members]
+    if modules is None and any(f is None and not is_zoo_reference(m["spec"], None) for f, m in zip(files, members)):
         raise InvalidSpec("the cache was made from teacher modules, not weights files — pass the modules "
                           "(teacher=...) or --weights FILE per member")
     if modules is None and len(files) != len(members):
         raise InvalidSpec(f"the cache was made by {len(members)} teacher(s) but {len(files)} --weights were given — "
                           "give one --weights per teacher, in the manifest's order (`kdcache info`)")
-    teacher, section = load_teachers([m["spec"] for m in members], None if modules is not None else files,
-                                     int(ds["num_classes"]), int(ds["channels"]),
-                                     manifest["teacher"].get("ensemble") or "mean-prob",
-                                     "members" in manifest["outputs"], modules=modules)
+    recorded_map = manifest["teacher"].get("class_map")
+    teacher, section, _ = load_teachers([m["spec"] for m in members], None if modules is not None else files,
+                                        int(ds["num_classes"]), int(ds["channels"]),
+                                        manifest["teacher"].get("ensemble") or "mean-prob",
+                                        "members" in manifest["outputs"], modules=modules,
+                                        class_map=recorded_map["indices"] if recorded_map else None)
     nets = list(teacher.members) if isinstance(teacher, Ensemble) else [teacher]
     for net, have, want in zip(nets, section["members"], members):
         if have["sha256"] != want["sha256"] and state_sha256(net) != want["sha256"]:

@@ -32,6 +32,7 @@ from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, write_alias
 from kdcache.cache.store import Cache, open_cache
 from kdcache.errors import InvalidSpec
+from kdcache.preprocess import Preprocess
 from kdcache.runtime import loader_workers, pick_device
 from kdcache.teacher.ensemble import combine, load_recorded, load_teachers, member_pairs
 from kdcache.teacher.outputs import feature_entries, feature_specs, parse_features
@@ -157,7 +158,9 @@ def add_members(
         raise InvalidSpec(f"--batch-size must be at least 1, got {batch_size}")
     nets, entries = [], []
     for spec, file in member_pairs(teacher, weights):
-        net, section = load_teachers(spec, file, source.num_classes, source.channels)
+        mapped = old["teacher"].get("class_map")
+        net, section, _ = load_teachers(spec, file, source.num_classes, source.channels,
+                                        class_map=mapped["indices"] if mapped else None)
         nets.append(net)
         entries += section["members"]
     first = len(old["teacher"]["members"])
@@ -192,7 +195,7 @@ def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: 
          forward: Callable[[torch.Tensor, ViewBatch], tuple[torch.Tensor, list[torch.Tensor]]] | None = None) -> int:
     """The teacher pass over ``views`` of every shard, with the cache's recipe; ``write`` takes each shard."""
     recipe = Recipe.from_manifest(manifest["recipe"]["augment"])
-    renderer = Renderer(source.train, recipe, int(manifest["recipe"]["input_size"]), source.mean, source.std)
+    renderer = Renderer.for_model(source.train, recipe, Preprocess.from_manifest(manifest["recipe"]))
     return run_shards(teacher, renderer, cache_shards(cache, views), outputs, write, batch_size=batch_size,
                       before_write=lock.check, seed=int(manifest["recipe"]["seed"]), num_samples=cache.num_samples,
                       device=device, workers=loader_workers(None, device), forward=forward, progress=progress,

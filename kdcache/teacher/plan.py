@@ -54,7 +54,7 @@ class Plan:
 def plan(cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
          warmup: int | None = None) -> Plan:
     """Estimate the run ``cfg`` describes from ``warmup`` views (default: two batches, at most 1024)."""
-    source, recipe, size, teacher, manifest, specs = prepare(cfg, teacher)
+    source, recipe, pre, teacher, manifest, specs = prepare(cfg, teacher)
     n, k = len(source.train), cfg.views
     wanted = cache_id(manifest)
     path = join(cfg.out, wanted)
@@ -69,7 +69,7 @@ def plan(cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module]
     count = min(n * k, warmup or min(2 * cfg.batch_size, MAX_WARMUP))
     pairs = np.linspace(0, n * k - 1, count).round().astype(np.int64)
     indices, views = pairs // k, pairs % k
-    renderer = Renderer(source.train, recipe, size, source.mean, source.std)
+    renderer = Renderer.for_model(source.train, recipe, pre)
     outputs, seconds = _warmup(cfg, source, renderer, teacher, manifest, indices, views)
     timed = count - min(cfg.batch_size, count) if count > cfg.batch_size else count
     result.warmup_views = count

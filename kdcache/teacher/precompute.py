@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdcache import data, distributed
+from kdcache import data, distributed, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec
 from kdcache.cache.lock import WriterLock
@@ -28,6 +28,7 @@ from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, join, write_alias
 from kdcache.cache.store import Cache, cache_exists, create_cache, limit_codec_threads, open_cache
 from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, KdcacheError, MissingData
+from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device
 from kdcache.teacher import extra_views
 from kdcache.teacher.config import PrecomputeConfig
@@ -76,6 +77,8 @@ def _validate(cfg: PrecomputeConfig) -> None:
     parse_features(tuple(cfg.features))
     if cfg.extra_views is not None:
         extra_views.parse(cfg.extra_views)
+    if cfg.teacher_norm is not None:
+        preprocess.parse_norm(cfg.teacher_norm, None)
 
 
 def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -85,7 +88,7 @@ def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
 
 
 def build_manifest(
-    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, teacher: dict[str, Any], size: int,
+    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, teacher: dict[str, Any], pre: Preprocess,
     features: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The manifest of the cache ``cfg`` describes (id and layout are added by the store);
@@ -105,9 +108,7 @@ def build_manifest(
             "views": cfg.views,
             "seed": cfg.seed,
             "augment": recipe.to_manifest(),
-            "input_size": size,
-            "mean": list(source.mean),
-            "std": list(source.std),
+            **pre.to_manifest(),  # the teacher's preprocessing: input_size, mean, std, interpolation, crop_pct
         },
         "outputs": {
             "logits": parse_logits(cfg.logits, source.num_classes, cfg.logit_dtype),
@@ -122,19 +123,22 @@ def build_manifest(
 
 def prepare(
     cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
-) -> tuple[data.Source, Recipe, int, torch.nn.Module, dict[str, Any], list[ArraySpec]]:
-    """Everything a run needs before it touches storage: source, recipe, teacher input size, the
-    teacher to run (loaded, see kdcache/teacher/ensemble.py), manifest and array specs."""
+) -> tuple[data.Source, Recipe, Preprocess, torch.nn.Module, dict[str, Any], list[ArraySpec]]:
+    """Everything a run needs before it touches storage: source, recipe, the teacher's preprocessing
+    (kdcache/preprocess.py), the teacher to run (loaded, see kdcache/teacher/ensemble.py), manifest and
+    array specs."""
     _validate(cfg)
     source = data.open_source(cfg.dataset)
     recipe = Recipe.parse(cfg.augment)
-    size = cfg.teacher_size or source.image_size
-    teacher, section = load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
-                                              cfg.ensemble, cfg.keep_members, modules=teacher)
+    teacher, section, own = load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
+                                          cfg.ensemble, cfg.keep_members, modules=teacher, class_map=cfg.class_map,
+                                          dataset_classes=source.classes)
+    size = cfg.teacher_size or (own.size if own is not None else None) or source.image_size
+    pre = preprocess.resolve(own, source.mean, source.std, source.channels, size, cfg.teacher_norm)
     modes = parse_features(tuple(cfg.features))
     spec = "+".join(m["spec"] for m in section["members"])
     features = feature_entries(teacher, spec, modes, (source.channels, size, size))
-    manifest = build_manifest(cfg, source, recipe, section, size, features)
+    manifest = build_manifest(cfg, source, recipe, section, pre, features)
     extra_views.add_to_manifest(manifest, cfg.extra_views, recipe)
     entry = manifest["outputs"]["logits"]
     specs = [
@@ -144,7 +148,7 @@ def prepare(
         *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in recipe.fields().items()],
         *member_specs(manifest["outputs"], source.num_classes),
     ]
-    return source, recipe, size, teacher, manifest, specs
+    return source, recipe, pre, teacher, manifest, specs
 
 
 def check(cfg: PrecomputeConfig) -> None:
@@ -167,7 +171,7 @@ def precompute(
     custom logging).
     """
     began = time.perf_counter()
-    source, recipe, size, teacher, manifest, specs = prepare(cfg, teacher)
+    source, recipe, pre, teacher, manifest, specs = prepare(cfg, teacher)
 
     rank, _ = distributed.rank_world()
     device = distributed.init_if_needed(pick_device(cfg.device))
@@ -175,7 +179,8 @@ def precompute(
     try:
         if cache.complete:
             return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
-        computed = _compute(cfg, cache, teacher, source, recipe, size, device, lock, on_batch)
+        computed = _compute(cfg, cache, teacher, Renderer.for_model(source.train, recipe, pre), device, lock,
+                            on_batch)
         distributed.barrier()
         if rank == 0:  # the extra views need every sample's energy: one writer, after all shards
             computed += extra_views.add_extra_views(cache, teacher.to(device).eval(), source.train, device,
@@ -191,8 +196,8 @@ def precompute(
     return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, manifest, alias)
 
 
-def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, source: data.Source, recipe: Recipe,
-             size: int, device: torch.device, lock: WriterLock | None,
+def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, renderer: Renderer,
+             device: torch.device, lock: WriterLock | None,
              on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None) -> int:
     """Run the teacher over this rank's unfinished shards and write each as it completes; the views computed.
 
@@ -205,11 +210,11 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, sour
                           [s for s in range(rank, cache.num_shards, world) if not done[s]])
     limit_codec_threads(codec_threads(device))
     return run_shards(
-        teacher.to(device).eval(), Renderer(source.train, recipe, size, source.mean, source.std), shards,
+        teacher.to(device).eval(), renderer, shards,
         cache.manifest["outputs"], lambda shard, arrays: cache.write_shard(shard.key, arrays),
         batch_size=cfg.batch_size,
         before_write=lock.check if lock is not None else None,  # stop before writing if --break-lock took it over
-        seed=cfg.seed, num_samples=len(source.train), device=device, workers=loader_workers(cfg.workers, device),
+        seed=cfg.seed, num_samples=len(renderer.images), device=device, workers=loader_workers(cfg.workers, device),
         progress=cfg.progress and rank == 0, desc="precompute", on_batch=on_batch,
     )
 
