@@ -3,6 +3,7 @@ is laid out where its zoo keeps files, holding tiny or random models, and every 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -174,6 +175,9 @@ def test_precompute_records_tag_sha256_and_preprocessing_and_the_id_ignores_the_
 
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--weights", f"torchvision:{TV_TAG}"], "--class-map"),
+    (["--weights", f"torchvision:{TV_TAG}", "--class-map", "MAP", "--teacher", "hf:NOCONFIG"], "config.json"),
+    (["--weights", "torchvision:IMAGENET1K_V1", "--class-map", "MAP", "--teacher", "torchvision:resnet18"],
+     "resnet18-f37072fd.pth"),
     (["--weights", "torchvision:NOPE"], "IMAGENET1K_V1"),
     (["--weights", f"torchvision:{TV_TAG}", "--class-map", "MAP", "--teacher-norm", "zebra"], "unknown normalisation"),
     (["--weights", f"torchvision:{TV_TAG}", "--class-map", "BADMAP"], "line 2"),
@@ -182,9 +186,15 @@ def test_bad_pretrained_teacher_input_is_one_line_and_writes_nothing(torch_home,
                                                                     expected):
     (tmp_path / "map.txt").write_text("0\n1\n2\n")
     (tmp_path / "bad.txt").write_text("0\nunicorn\n2\n")
-    argv = [a.replace("BADMAP", str(tmp_path / "bad.txt")).replace("MAP", str(tmp_path / "map.txt")) for a in argv]
-    code, out, err = run_cli(["precompute", "--dataset", f"imagefolder:{folder}", "--teacher",
-                              f"torchvision:{TV_MODEL}", "--out", str(tmp_path / "caches"), "--quiet", *argv], capsys)
+    (tmp_path / "noconfig").mkdir()
+    argv = [a.replace("BADMAP", str(tmp_path / "bad.txt")).replace("NOCONFIG", str(tmp_path / "noconfig"))
+            .replace("MAP", str(tmp_path / "map.txt")) for a in argv]
+    if "--teacher" not in argv:
+        argv += ["--teacher", f"torchvision:{TV_MODEL}"]
+    if argv[argv.index("--teacher") + 1].startswith("hf:"):
+        argv = argv[2:]  # a Hugging Face teacher takes no --weights
+    code, out, err = run_cli(["precompute", "--dataset", f"imagefolder:{folder}", "--out", str(tmp_path / "caches"),
+                              "--quiet", *argv], capsys)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err and not (tmp_path / "caches").exists()
 
@@ -228,9 +238,11 @@ def test_online_teacher_takes_zoo_weights_a_class_map_and_its_own_preprocessing(
             "--online-teacher", f"torchvision:{TV_MODEL}", "--weights", f"torchvision:{TV_TAG}"]
     code, _, err = run_cli(base, capsys)
     assert code == 2 and "--class-map" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run_cli(base + ["--class-map", str(cmap)], capsys)
+    code, out, err = run_cli(base + ["--class-map", str(cmap), "--norm", "clip"], capsys)
     assert code == 0, err
     assert "test top-1" in out
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["preprocess"]["mean"] == [0.48145466, 0.4578275, 0.40821073] and run["preprocess"]["input_size"] == 24
 
 
 def test_online_teacher_inputs_are_renormalised_and_resized_to_its_own_preprocessing(torch_home, tmp_path):
@@ -251,3 +263,16 @@ def test_online_teacher_inputs_are_renormalised_and_resized_to_its_own_preproces
                                                align_corners=False)
     assert torch.allclose(teacher.inputs(x), expected, atol=1e-5)
     assert teacher(x).shape == (2, source.num_classes)
+
+
+def test_precompute_with_a_timm_teacher_maps_classes_by_synset_and_uses_its_pretrained_cfg(hf_cache, folder,
+                                                                                           tmp_path):
+    timm_hub(hf_cache)
+    cmap = tmp_path / "map.txt"
+    cmap.write_text("n01440764\nn01443537\nn01484850\n")
+    made = precompute(precompute_config(tmp_path / "caches", "pretrained", dataset=f"imagefolder:{folder}",
+                                        teacher=f"timm:{TIMM_MODEL}", class_map=str(cmap), views=1, chunk_samples=12))
+    rec = made.manifest["recipe"]
+    assert (rec["input_size"], rec["crop_pct"], rec["mean"]) == (160, 0.95, [0.5, 0.5, 0.5])
+    assert made.manifest["teacher"]["class_map"]["indices"] == [0, 1, 2]
+    assert made.manifest["teacher"]["members"][0]["tag"] == f"timm:timm/{TIMM_MODEL}"
