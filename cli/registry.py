@@ -40,14 +40,21 @@ def list_losses() -> None:
 def layers(
     model: Annotated[str, typer.Argument(help="Model spec, e.g. resnet32x4 or torchvision:resnet18.")],
     dataset: Annotated[str, typer.Option(help="Dataset whose classes, channels and size shape the model.")] = "mnist5k",
-    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the dataset's).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the weights' input size, else the dataset's).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Zoo weights (torchvision:TAG or pretrained) for a pretrained model's own class count and input size; hf:PATH needs none.")] = None,
 ) -> None:
     """List a model's named layers and their output shapes (names usable for feature outputs)."""
     from kdcache import data
     from kdcache import models as registry
+    from kdcache.zoo import is_zoo_reference, load_model
 
     source = data.open_source(dataset)
-    net = registry.create_model(model, source.num_classes, source.channels)
-    side = size or source.image_size
+    channels, side = source.channels, size or source.image_size
+    if is_zoo_reference(model, weights):
+        loaded = load_model(model, weights, source.num_classes, 3)  # pretrained models take RGB
+        net, channels = loaded.module, 3
+        side = size or (loaded.preprocess.size if loaded.preprocess is not None else side)
+    else:
+        net = registry.create_model(model, source.num_classes, source.channels)
     print_rows([(name, "x".join(map(str, shape))) for name, shape in
-           registry.list_layers(net, (source.channels, side, side))])
+           registry.list_layers(net, (channels, side, side))])

@@ -276,3 +276,10 @@ def test_precompute_with_a_timm_teacher_maps_classes_by_synset_and_uses_its_pret
     assert (rec["input_size"], rec["crop_pct"], rec["mean"]) == (160, 0.95, [0.5, 0.5, 0.5])
     assert made.manifest["teacher"]["class_map"]["indices"] == [0, 1, 2]
     assert made.manifest["teacher"]["members"][0]["tag"] == f"timm:timm/{TIMM_MODEL}"
+
+
+def test_layers_of_a_hugging_face_teacher_are_listed_with_their_names(tmp_path, capsys):
+    folder = hf_classifier(tmp_path / "tiny", num_labels=5)
+    code, out, err = run_cli(["layers", f"hf:{folder}"], capsys)
+    assert code == 0, err
+    assert "model.resnet.encoder" in out and "model.classifier" in out
