@@ -113,6 +113,8 @@ def verify(path: str) -> Verification:
     """Read every chunk of the cache at ``path``: checksums (crc32c), missing chunk files, shapes and
     dtypes against the manifest, NaN/Inf in float arrays, label range, and the per-shard status."""
     cache = open_cache(path, allow_incomplete=True)
+    every_chunk = cache.check_chunks  # caches written before 0.2 may lack chunks equal to the fill value
+    cache.check_chunks = False  # missing chunk objects are reported below, once each, not raised
     done = cache.shards_done()
     report = Verification(cache.path, cache.id, 0, 0, int(done.sum()), cache.num_shards)
     if not done.all():
@@ -124,7 +126,8 @@ def verify(path: str) -> Verification:
     for name, (shape, dtype, logical) in cache.expected_arrays().items():
         if not _layout_matches(cache, report, name, shape, dtype):
             continue
-        report.problems += [Problem(name, key, "chunk file missing") for key in cache.missing_chunks(name)]
+        if every_chunk:
+            report.problems += [Problem(name, key, "chunk file missing") for key in cache.missing_chunks(name)]
         for shard in range(cache.num_shards):
             if name != "labels" and not done[shard]:
                 continue
@@ -158,7 +161,9 @@ def _verify_extra_views(cache: Cache, report: Verification) -> None:
     for name, (shape, dtype, logical) in cache.expected_extra_arrays().items():
         if not _layout_matches(cache, report, name, shape, dtype):
             continue
-        report.problems += [Problem(name, key, "chunk file missing") for key in cache.missing_chunks(name, every=True)]
+        if cache.manifest["layout"].get("every_chunk"):
+            report.problems += [Problem(name, key, "chunk file missing")
+                                for key in cache.missing_chunks(name, every=True)]
         try:
             values = cache.read_samples(name, 0, m)
         except Exception as exc:  # noqa: BLE001 — any decode failure is damage to report, not to raise

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -38,10 +39,11 @@ from kdcache.cache.arrays import (
     layout_entry,
     spec_from_entry,
 )
+from kdcache.cache.chunks import REPAIR, ChunkIndex, damaged_error, missing_error
 from kdcache.cache.logits import TARGET_ARRAYS, decode_logits, densify
 from kdcache.cache.manifest import FORMAT_VERSION, cache_id, check_dataset
 from kdcache.cache.roots import resolve, where_caches_are
-from kdcache.errors import CacheCorrupt, CacheMismatch, MissingData, UnsupportedFormat
+from kdcache.errors import CacheCorrupt, CacheMismatch, KdcacheError, MissingData, UnsupportedFormat
 
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
@@ -101,13 +103,57 @@ class Cache:
         self.group = group
         self.manifest = manifest
         self._arrays: dict[str, zarr.Array] = {}
+        self._index: dict[str, ChunkIndex] = {}
+        #: Every data read refuses chunks whose objects are missing (kdcache/cache/chunks.py); ``verify``,
+        #: which reports them itself, turns this off. Caches written before 0.2 may lack chunks that
+        #: equal the fill value, so for them a missing object is not damage.
+        self.check_chunks = bool(manifest.get("layout", {}).get("every_chunk"))
 
     def _array(self, name: str) -> zarr.Array:
         """Array ``name``, opened once: opening reads its metadata object, a storage round trip."""
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = self.group[name]
+            try:
+                # write_empty_chunks is a setting of the open array, not of its metadata: set it on every open
+                arr = self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+            except KeyError:
+                raise CacheCorrupt(f"cache {self.path} lacks array {name} (its zarr.json is missing) — the cache is "
+                                   "damaged; rebuild it with precompute --rebuild") from None
+            except ValueError as exc:
+                raise damaged_error(self.path, name, "metadata (zarr.json)", exc) from None
         return arr
+
+    def _present(self, name: str, samples: np.ndarray | slice, views: np.ndarray | int | None = None) -> None:
+        """Refuse a read touching a chunk whose object is missing: Zarr would return zeros."""
+        if not self.check_chunks:
+            return
+        index = self._index.get(name)
+        if index is None:
+            index = self._index[name] = ChunkIndex(self._array(name), name)
+        key = index.first_missing(samples, views)
+        if key is not None:
+            raise missing_error(self.path, name, key)
+
+    def _decoded(self, name: str, where: str, read: Callable[[], Any]) -> np.ndarray:
+        """``read()`` as an array; a chunk that fails its checksum or codec is one CacheCorrupt line."""
+        try:
+            return np.asarray(read())
+        except KdcacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - checksum, codec and truncation errors are all damage
+            raise damaged_error(self.path, name, where, exc) from None
+
+    def check_readable(self, names: Iterable[str] | None = None) -> None:
+        """Refuse, in one line, a cache whose bookkeeping says it is not whole: a shard flag that is not
+        set in a complete cache, an array without metadata, or a missing chunk object of ``names``
+        (default: every per-view array). Readers call it before they start."""
+        done = self.shards_done()
+        if not done.all():
+            first = int(np.flatnonzero(~done)[0])
+            raise CacheCorrupt(f"cache {self.path} says it is complete but {STATUS_ARRAY} marks shard {first} "
+                               f"({int((~done).sum())} of {len(done)}) unwritten — " + REPAIR.format(path=self.path))
+        for name in ["labels", *(self.array_names if names is None else names)]:
+            self._present(name, slice(0, self.num_samples))
 
     # ---- what the cache describes -------------------------------------------------------
     @property
@@ -194,11 +240,12 @@ class Cache:
 
     # ---- reading ------------------------------------------------------------------------
     def labels(self) -> np.ndarray:
-        return np.asarray(self._array("labels")[:], dtype=np.int64)
+        self._present("labels", slice(0, self.num_samples))
+        return self._decoded("labels", "", lambda: self._array("labels")[:]).astype(np.int64)
 
     def shards_done(self) -> np.ndarray:
-        """Boolean [num_shards]: which shards are fully written."""
-        return np.asarray(self._array(STATUS_ARRAY)[:], dtype=bool)
+        """Boolean [num_shards]: which shards are fully written (a flag never written reads as not done)."""
+        return self._decoded(STATUS_ARRAY, "", lambda: self._array(STATUS_ARRAY)[:]).astype(bool)
 
     def read_block(self, names: Iterable[str], start: int, stop: int, view: int) -> dict[str, np.ndarray]:
         """Arrays ``name[start:stop, view]``: one decode per chunk, the access pattern of training."""
@@ -210,31 +257,55 @@ class Cache:
         Every (array, block) read is issued at once, so storage latency (S3 requests, disk seeks) and
         Zarr's per-call overhead are paid once per round rather than once per array and block.
         """
+        for name in names:
+            for start, stop, view in blocks:
+                self._present(name, slice(start, stop), view)
         arrays = [self._array(name).async_array for name in names]
 
         async def gather() -> list[Any]:
             return await asyncio.gather(*(arr.getitem((slice(start, stop), view))
                                           for start, stop, view in blocks for arr in arrays))
 
-        flat = iter(sync(gather()))
+        flat = iter(self._gathered(names, blocks, gather))
         return [{name: np.asarray(next(flat)) for name in names} for _ in blocks]
+
+    def _gathered(self, names: Sequence[str], blocks: Sequence[tuple[int, int, int]],
+                  gather: Callable[[], Any]) -> list[Any]:
+        """The reads of :meth:`read_blocks`; a read that fails is repeated block by block to name the chunk."""
+        try:
+            return sync(gather())
+        except Exception as first:  # noqa: BLE001 - checksum, codec and truncation errors are all damage
+            for start, stop, view in blocks:
+                for name in names:
+                    try:
+                        self._array(name)[start:stop, view]
+                    except Exception as exc:  # noqa: BLE001
+                        raise damaged_error(self.path, name, f"chunk {self.chunk_key(name, start, view)}",
+                                            exc) from None
+            raise damaged_error(self.path, ", ".join(names), "", first) from None
 
     def has_array(self, name: str) -> bool:
         return name in self.group
 
     def read_array(self, name: str) -> np.ndarray:
         """The whole of array ``name`` (for small bookkeeping arrays such as ``he/indices``)."""
-        return np.asarray(self._array(name)[...])
+        arr = self._array(name)
+        if name.endswith("status"):  # a flag never written reads as "not done", which is what it is
+            return self._decoded(name, "", lambda: arr[...])
+        self._present(name, slice(0, arr.shape[0]))
+        return self._decoded(name, "", lambda: arr[...])
 
     def read_samples(self, name: str, start: int, stop: int) -> np.ndarray:
         """Array ``name[start:stop]`` with every view."""
-        return np.asarray(self._array(name)[start:stop])
+        self._present(name, slice(start, stop))
+        return self._decoded(name, f"samples {start}..{stop - 1}", lambda: self._array(name)[start:stop])
 
     def read_views(self, name: str, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Array ``name`` at arbitrary (sample, view) pairs; slower than :meth:`read_block`."""
         samples, at_sample = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         picked, at_view = np.unique(np.asarray(views, dtype=np.int64), return_inverse=True)
-        block = np.asarray(self._array(name).get_orthogonal_selection((samples, picked)))
+        self._present(name, samples, picked)
+        block = self._decoded(name, "", lambda: self._array(name).get_orthogonal_selection((samples, picked)))
         return block[at_sample.reshape(-1), at_view.reshape(-1)]
 
     def logits(self, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -279,7 +350,9 @@ class Cache:
 
     def all_energy(self, temperature: float) -> np.ndarray:
         """Energies of every stored view [N, K] at ``temperature`` (for dataset-level thresholds)."""
-        return np.asarray(self._array("energy")[:, :, self.energy_column(temperature)])
+        column = self.energy_column(temperature)
+        self._present("energy", slice(0, self.num_samples))
+        return self._decoded("energy", "", lambda: self._array("energy")[:, :, column])
 
     def aug_params(self, indices: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """Augmentation params of the given (sample, view) pairs, field -> [B, *tail]."""
@@ -343,6 +416,7 @@ class Cache:
         if missing:
             raise ValueError(f"write_shard({shard}) lacks arrays {sorted(missing)}")
         for name in self.array_names:
+            self._index.pop(name, None)
             self._array(name)[start:stop] = arrays[name]
         self._array(STATUS_ARRAY)[shard] = 1
 
@@ -365,6 +439,7 @@ class Cache:
         and readers of those views keep working while new ones are written.
         """
         self._arrays.clear()
+        self._index.clear()
         for name in self.array_names:
             arr = self.group[name]
             arr.resize((arr.shape[0], views, *arr.shape[2:]))
@@ -373,6 +448,7 @@ class Cache:
         """Create per-view array ``spec`` with ``views`` views, laid out like the others (not yet in the manifest)."""
         layout = self.manifest["layout"]
         self._arrays.pop(spec.name, None)
+        self._index.pop(spec.name, None)
         create_view_array(self.group, spec, self.num_samples, views, self.chunk_samples, self.shard_samples,
                            bool(layout.get("sharded")))
 
@@ -382,6 +458,7 @@ class Cache:
         ``prefix + "indices"``), chunked ``[chunk, 1, ...]``, and ``prefix + "status"`` with one flag per
         ``shard`` rows: the layout of the energy-guided extra views (kdcache/heda.py)."""
         m = len(indices)
+        self._index.clear()
         for spec in specs:
             self._arrays.pop(prefix + spec.name, None)
             create_view_array(self.group, dataclasses.replace(spec, name=prefix + spec.name), m, views, chunk,
@@ -397,6 +474,7 @@ class Cache:
 
     def write_views(self, name: str, start: int, first_view: int, values: np.ndarray) -> None:
         """Write ``values [n, k, ...]`` to samples ``start..start+n`` and views ``first_view..first_view+k``."""
+        self._index.pop(name, None)
         self._array(name)[start : start + values.shape[0], first_view : first_view + values.shape[1]] = values
 
     def save_manifest(self, manifest: dict[str, Any]) -> None:
@@ -448,6 +526,7 @@ def create_cache(
         "shard_samples": shard_samples,
         "num_shards": num_shards,
         "sharded": bool(sharded),
+        "every_chunk": True,  # every chunk object is written, so a missing one is damage (kdcache/cache/chunks.py)
         "arrays": [layout_entry(s) for s in specs],
     }
     manifest["cache_id"] = cache_id(manifest)
