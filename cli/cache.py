@@ -81,6 +81,7 @@ def verify(
     recompute_seed: Annotated[int, typer.Option(help="--recompute: seed choosing the pairs.")] = 0,
     dataset: Annotated[str | None, typer.Option(help="--recompute: dataset spec if it moved (default: the manifest's; fingerprint must match).")] = None,
     device: Annotated[str, typer.Option(help="--recompute: auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    repair: Annotated[bool, typer.Option("--repair", help="Mark every shard holding a missing, unreadable or non-finite chunk as unwritten, so that rerunning the precompute command rewrites exactly those shards.")] = False,
 ) -> None:
     """Check a cache's integrity by reading every chunk; exit 1 naming each bad array and chunk.
 
@@ -90,9 +91,10 @@ def verify(
     Exit code 0: intact; 1: problems found; 2: the cache could not be opened.
     """
     from kdcache.audit import recompute as replay
+    from kdcache.cache.integrity import repair as mend
     from kdcache.cache.integrity import verify as run
 
-    report = run(cache)
+    report, reopened = mend(cache) if repair else (run(cache), [])
     replayed = replay(cache, recompute, [str(w) for w in weights or ()] or None, recompute_seed, dataset,
                       device=device) if recompute and report.ok else None
     problems = [*report.problems, *(replayed.problems if replayed else ())]
@@ -107,6 +109,9 @@ def verify(
         typer.echo(f"cache {report.cache_id} at {report.path}: {verdict} — {report.arrays} arrays, "
                    f"{report.chunks_read} chunks read, {report.shards_done}/{report.num_shards} shards written"
                    f"{replay_note}")
+        if reopened:
+            typer.echo(f"repair: shards {', '.join(map(str, reopened))} marked unwritten — rerun the precompute "
+                       "command (the same options) to rewrite them")
     if problems:
         raise typer.Exit(code=1)
 

@@ -62,6 +62,7 @@ def precompute(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = PrecomputeConfig.device,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it (polls every second) instead of stopping.")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Delete whatever lies at OUT/<cache id> (a cache whose manifest, labels or array metadata is damaged) and write it anew.")] = False,
     break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
     extra_views: Annotated[Optional[str], typer.Option(help="Energy-guided extra views (HE-DA) R:K2[:cutmix|mixup]: the fraction R of samples with the highest mean teacher energy get K2 extra mixed views, cached too (e.g. 0.5:4).")] = PrecomputeConfig.extra_views,
@@ -80,7 +81,7 @@ def precompute(
         out=out, views=views, seed=seed, augment=augment, teacher_size=teacher_size, teacher_norm=teacher_norm,
         class_map=class_map, energy_t=tuple(energy_t), logits=logits, logit_dtype=logit_dtype,
         features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
-        wait=wait, break_lock=break_lock, extra_views=extra_views or he_extra, ensemble=ensemble,
+        wait=wait, break_lock=break_lock, rebuild=rebuild, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members)
     if not dry_run:
         _relaunch(nproc, lambda: check(cfg))

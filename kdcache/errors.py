@@ -35,6 +35,10 @@ class CacheCorrupt(KdcacheError):
     """A cache is incomplete, unreadable, or fails its integrity checks."""
 
 
+class InterruptedLayout(CacheCorrupt):
+    """A cache layout whose creation stopped before its manifest was written: rerunning rebuilds it."""
+
+
 class CacheLocked(KdcacheError):
     """Another writer holds the cache."""
 

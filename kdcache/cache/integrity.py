@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from kdcache.cache.chunks import ChunkIndex
+from kdcache.cache.lock import STALE_SECONDS, WriterLock, read_lock
 from kdcache.cache.logits import decode_logits
 from kdcache.cache.store import STATUS_ARRAY, Cache, open_cache
 from kdcache.errors import CacheCorrupt
@@ -115,19 +117,22 @@ def verify(path: str) -> Verification:
     cache = open_cache(path, allow_incomplete=True)
     every_chunk = cache.check_chunks  # caches written before 0.2 may lack chunks equal to the fill value
     cache.check_chunks = False  # missing chunk objects are reported below, once each, not raised
-    done = cache.shards_done()
+    try:
+        done = cache.shards_done(strict=False)
+    except CacheCorrupt:
+        report = Verification(cache.path, cache.id, 0, 0, 0, cache.num_shards)
+        report.problems.append(Problem(STATUS_ARRAY, None, "array missing — rebuild with precompute --rebuild"))
+        return report
     report = Verification(cache.path, cache.id, 0, 0, int(done.sum()), cache.num_shards)
-    if not done.all():
-        report.problems.append(Problem(STATUS_ARRAY, None, f"shards {_shard_list(np.flatnonzero(~done))} of "
-                                       f"{cache.num_shards} not written — rerun the precompute command to finish"))
-    elif not cache.complete:
-        report.problems.append(Problem(STATUS_ARRAY, None, "every shard is written but the manifest says "
-                                       "'writing' — rerun the precompute command to finish"))
+    report.problems += _flag_problems(cache, done)  # damaged flags, named one by one
+    if not report.problems:
+        report.problems += _status_problems(cache, done)
     for name, (shape, dtype, logical) in cache.expected_arrays().items():
         if not _layout_matches(cache, report, name, shape, dtype):
             continue
         if every_chunk:
-            report.problems += [Problem(name, key, "chunk file missing") for key in cache.missing_chunks(name)]
+            report.problems += [Problem(name, key, "chunk file missing")
+                                for key in cache.missing_chunks(name, done=done)]
         for shard in range(cache.num_shards):
             if name != "labels" and not done[shard]:
                 continue
@@ -144,6 +149,38 @@ def verify(path: str) -> Verification:
     if cache.manifest.get("he"):
         _verify_extra_views(cache, report)
     return report
+
+
+def _status_problems(cache: Cache, done: np.ndarray) -> list[Problem]:
+    """Unwritten shards (a live writer's, or an interrupted run's) and a finished cache left 'writing'."""
+    todo = _shard_list(np.flatnonzero(~done)) if not done.all() else ""
+    writer = read_lock(cache.path)
+    if todo and writer is not None and writer.age() < STALE_SECONDS:
+        return [Problem(STATUS_ARRAY, None, f"shards {todo} of {cache.num_shards} not written yet: "
+                        f"{writer.describe()} is writing them — wait for it to finish")]
+    if todo:
+        return [Problem(STATUS_ARRAY, None, f"shards {todo} of {cache.num_shards} not written — rerun the "
+                        "precompute command to finish")]
+    if not cache.complete:
+        return [Problem(STATUS_ARRAY, None, "every shard is written but the manifest says 'writing' — rerun the "
+                        "precompute command to finish")]
+    return []
+
+
+def _flag_problems(cache: Cache, done: np.ndarray) -> list[Problem]:
+    """Shard flags whose chunk does not decode (read as not done), or is gone from a complete cache."""
+    problems = []
+    for shard in np.flatnonzero(~done):
+        try:
+            cache.read_flag(int(shard))
+        except CacheCorrupt as exc:
+            problems.append(Problem(STATUS_ARRAY, f"{STATUS_ARRAY}/c/{shard}", "unreadable — "
+                                    f"{str(exc).partition('(')[2].partition(')')[0]}; verify --repair rewrites shard"))
+            continue
+        if cache.complete:
+            problems.append(Problem(STATUS_ARRAY, f"{STATUS_ARRAY}/c/{shard}", "flag cleared in a complete cache — "
+                                    "verify --repair, then rerun the precompute command"))
+    return problems
 
 
 def _verify_extra_views(cache: Cache, report: Verification) -> None:
@@ -187,3 +224,57 @@ def _layout_matches(cache: Cache, report: Verification, name: str, shape: tuple[
                                        f"says {list(shape)} {dtype}"))
         return False
     return True
+
+
+def damaged_shards(cache: Cache) -> list[int]:
+    """Shards a complete cache must rewrite: flags not set, or a chunk object missing from one of its
+    per-view arrays (one fresh listing per array). Damage that rewriting shards cannot mend (the labels,
+    an array's metadata) raises CacheCorrupt."""
+    cache.labels()
+    bad = set(np.flatnonzero(~cache.shards_done(strict=False)).tolist())
+    for name in cache.array_names:
+        index = ChunkIndex(cache.group[name], name) if name in cache.group else None
+        if index is None:
+            raise CacheCorrupt(f"cache {cache.path} lacks array {name} (its zarr.json is missing) — rebuild it with "
+                               "precompute --rebuild")
+        rows = np.flatnonzero(~index.present.reshape(index.shape[0], -1).all(axis=1))
+        bad |= {int(r) * index.outer[0] // cache.shard_samples for r in rows}
+    return sorted(bad)
+
+
+def reopen_shards(cache: Cache, shards: list[int]) -> None:
+    """Clear the done flags of ``shards`` and mark the cache as being written, so that the same precompute
+    command rewrites exactly those shards (``verify --repair``, and precompute before it reuses a cache)."""
+    if not shards:
+        return
+    for shard in shards:
+        cache.mark_done(STATUS_ARRAY, shard, done=False)
+    manifest = dict(cache.manifest, status="writing")
+    manifest.pop("completed", None)
+    cache.save_manifest(manifest)
+
+
+def shard_of(cache: Cache, key: str) -> int | None:
+    """The shard holding chunk object ``key`` (``name/c/i/…``); None for labels and extra-view arrays."""
+    name, sep, rest = key.partition("/c/")
+    if not sep or name not in cache.array_names:
+        return None
+    arr = cache.group[name]
+    first = int(rest.split("/")[0].split(" ")[0])
+    return first * (arr.shards or arr.chunks)[0] // cache.shard_samples
+
+
+def repair(path: str) -> tuple[Verification, list[int]]:
+    """``verify --repair``: verify, then reopen every shard holding a missing, unreadable or non-finite
+    chunk, so the precompute command rewrites them. Damage outside shards (labels, metadata) is left to
+    ``precompute --rebuild``. Returns the verification and the reopened shards."""
+    report = verify(path)
+    cache = open_cache(path, mode="r+", allow_incomplete=True)
+    shards = sorted({s for p in report.problems if p.chunk for s in [shard_of(cache, p.chunk)] if s is not None}
+                    | set(np.flatnonzero(~cache.shards_done(strict=False)).tolist()))
+    lock = WriterLock(cache.path).acquire()  # refuses while a writer holds the cache
+    try:
+        reopen_shards(cache, shards)
+    finally:
+        lock.release()
+    return report, shards

@@ -43,7 +43,14 @@ from kdcache.cache.chunks import REPAIR, ChunkIndex, damaged_error, missing_erro
 from kdcache.cache.logits import TARGET_ARRAYS, decode_logits, densify
 from kdcache.cache.manifest import FORMAT_VERSION, cache_id, check_dataset
 from kdcache.cache.roots import resolve, where_caches_are
-from kdcache.errors import CacheCorrupt, CacheMismatch, KdcacheError, MissingData, UnsupportedFormat
+from kdcache.errors import (
+    CacheCorrupt,
+    CacheMismatch,
+    InterruptedLayout,
+    KdcacheError,
+    MissingData,
+    UnsupportedFormat,
+)
 
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
@@ -66,6 +73,17 @@ def _exists(path: str) -> bool:
         return True
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
         return False
+
+
+def _group_metadata(path: str) -> bytes | None:
+    """The raw bytes of the group's zarr.json, or None when there is none."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    try:
+        found = sync(_open_store(path, read_only=True).get("zarr.json", prototype=default_buffer_prototype()))
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+    return None if found is None else found.to_bytes()
 
 
 def _manifest_at(path: str) -> dict[str, Any] | None:
@@ -243,9 +261,21 @@ class Cache:
         self._present("labels", slice(0, self.num_samples))
         return self._decoded("labels", "", lambda: self._array("labels")[:]).astype(np.int64)
 
-    def shards_done(self) -> np.ndarray:
-        """Boolean [num_shards]: which shards are fully written (a flag never written reads as not done)."""
-        return self._decoded(STATUS_ARRAY, "", lambda: self._array(STATUS_ARRAY)[:]).astype(bool)
+    def shards_done(self, strict: bool = True) -> np.ndarray:
+        """Boolean [num_shards]: which shards are fully written (a flag never written reads as not done).
+        A flag whose chunk does not decode is CacheCorrupt naming it, or with ``strict=False`` not done."""
+        status = self._array(STATUS_ARRAY)
+        try:
+            return np.asarray(status[:]).astype(bool)
+        except Exception:  # noqa: BLE001 - find the damaged flags one by one
+            done = np.zeros(status.shape[0], dtype=bool)
+            for shard in range(status.shape[0]):
+                try:
+                    done[shard] = bool(status[shard])
+                except Exception as exc:  # noqa: BLE001
+                    if strict:
+                        raise damaged_error(self.path, STATUS_ARRAY, f"chunk {STATUS_ARRAY}/c/{shard}", exc) from None
+            return done
 
     def read_block(self, names: Iterable[str], start: int, stop: int, view: int) -> dict[str, np.ndarray]:
         """Arrays ``name[start:stop, view]``: one decode per chunk, the access pattern of training."""
@@ -387,7 +417,7 @@ class Cache:
             key += f" (inner chunk {inner})"
         return key
 
-    def missing_chunks(self, name: str, every: bool = False) -> list[str]:
+    def missing_chunks(self, name: str, every: bool = False, done: np.ndarray | None = None) -> list[str]:
         """Keys of chunk (or shard) objects of ``name`` that storage lacks: of done shards only, or with
         ``every`` of the whole array (the extra-view arrays, whose shards have their own status)."""
         arr = self.group[name]
@@ -398,7 +428,7 @@ class Cache:
             return {key async for key in self.group.store.list_prefix(prefix)}
 
         present = sync(listing())
-        done = None if every else self.shards_done()
+        done = None if every else (self.shards_done() if done is None else done)
         missing = []
         for coords in itertools.product(*(range(-(-n // s)) for n, s in zip(arr.shape, outer))):
             if not every and name != "labels" and not done[coords[0] * outer[0] // self.shard_samples]:
@@ -468,9 +498,15 @@ class Cache:
         create_sample_array(self.group, prefix + "indices", np.asarray(indices), chunk, shard, sharded=False)
         create_status_array(self.group, prefix + "status", -(-m // shard))
 
-    def mark_done(self, status: str, shard: int) -> None:
-        """Set flag ``shard`` of the status array ``status``: the last write of a shard."""
-        self._array(status)[shard] = 1
+    def read_flag(self, shard: int) -> bool:
+        """Flag ``shard`` of the shard status alone; CacheCorrupt when its chunk does not decode."""
+        return bool(self._decoded(STATUS_ARRAY, f"chunk {STATUS_ARRAY}/c/{shard}",
+                                  lambda: self._array(STATUS_ARRAY)[shard]))
+
+    def mark_done(self, status: str, shard: int, done: bool = True) -> None:
+        """Set (or with ``done=False`` clear) flag ``shard`` of the status array ``status``: the last write
+        of a shard."""
+        self._array(status)[shard] = int(done)
 
     def write_views(self, name: str, start: int, first_view: int, values: np.ndarray) -> None:
         """Write ``values [n, k, ...]`` to samples ``start..start+n`` and views ``first_view..first_view+k``."""
@@ -500,15 +536,17 @@ def create_cache(
     chunk_samples: int | None = None,
     shard_chunks: int = 4,
     sharded: bool | None = None,
+    overwrite: bool = False,
 ) -> Cache:
-    """Lay out a new cache at ``path`` with status ``writing``; refuses to overwrite a cache.
+    """Lay out a new cache at ``path`` with status ``writing``; refuses to overwrite a cache unless
+    ``overwrite`` (``precompute --rebuild``: everything at ``path`` is deleted first).
 
     The manifest is written last, so a Zarr group at ``path`` without one is a layout whose creation
     was interrupted: it is rebuilt array by array (the folder itself is kept, and with it a writer's
     lock file). ``sharded=None`` packs chunks into Zarr shards when an array would otherwise have
     more than ``MAX_CHUNK_FILES`` chunk files.
     """
-    if _manifest_at(path) is not None:
+    if not overwrite and _manifest_at(path) is not None:
         raise CacheMismatch(f"{path} already holds a cache — choose another --out or delete it")
     num_samples = int(manifest["dataset"]["num_samples"])
     views = int(manifest["recipe"]["views"])
@@ -531,7 +569,7 @@ def create_cache(
     }
     manifest["cache_id"] = cache_id(manifest)
 
-    group = zarr.open_group(_open_store(path, read_only=False), mode="a", zarr_format=3)
+    group = zarr.open_group(_open_store(path, read_only=False), mode="w" if overwrite else "a", zarr_format=3)
     create_sample_array(group, "labels", np.asarray(labels), chunk, shard_samples, sharded)
     for spec in specs:
         create_view_array(group, spec, num_samples, views, chunk, shard_samples, sharded)
@@ -551,10 +589,14 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
     try:
         group = zarr.open_group(_open_store(path, read_only=mode == "r"), mode=mode)
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as exc:
+        if _group_metadata(path) is not None:
+            raise CacheCorrupt(f"cache {path}: its zarr.json (the group metadata holding the manifest) is not valid "
+                               "Zarr JSON — the cache is damaged; rebuild it with precompute --rebuild") from None
         raise MissingData(f"no cache at {path} — {where_caches_are(path)}") from exc
     manifest = group.attrs.get(MANIFEST_KEY)
     if not isinstance(manifest, dict):
-        raise CacheCorrupt(f"{path} is a Zarr group but not a kdcache cache (no '{MANIFEST_KEY}' manifest)")
+        raise InterruptedLayout(f"{path} is a Zarr group without a kdcache manifest: a precompute that was "
+                                "interrupted before it wrote one (rerun it to rebuild), or not a kdcache cache")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UnsupportedFormat(

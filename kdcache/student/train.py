@@ -184,6 +184,7 @@ def check(cfg: TrainConfig) -> None:
     cache = open_cache(cfg.cache) if cfg.cache else None
     if cache is not None:
         cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+        cache.check_readable()
     models.create_model(cfg.model, source.num_classes, source.channels)
     _criterion(cfg, cache)
     if cfg.online_teacher:
@@ -204,6 +205,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cache = open_cache(cfg.cache) if cfg.cache else None
     if cache is not None:
         cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+        cache.check_readable()
         recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
         seed, views = int(cache.manifest["recipe"]["seed"]), cache.views
         block = cache.chunk_samples

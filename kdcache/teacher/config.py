@@ -35,5 +35,6 @@ class PrecomputeConfig:
     sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files
     progress: bool = True
     wait: bool = False  # another writer holds the cache: wait for it instead of stopping
+    rebuild: bool = False  # delete whatever lies at OUT/<cache id> (a damaged cache) and write it anew
     break_lock: bool = False  # remove the lock of a writer whose heartbeat stopped (kdcache/cache/lock.py)
     extra_views: str | None = None  # R:K2[:cutmix|mixup], energy-guided extra mixed views (kdcache/teacher/extra_views.py)

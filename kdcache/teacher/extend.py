@@ -115,6 +115,7 @@ def _open(path: str) -> tuple[Cache, data.Source]:
                           "— precompute the larger cache instead")
     source = data.open_source(m["dataset"]["spec"])
     cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+    cache.check_readable()
     return cache, source
 
 

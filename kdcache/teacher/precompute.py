@@ -27,7 +27,8 @@ from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, join, write_alias
 from kdcache.cache.store import Cache, cache_exists, create_cache, limit_codec_threads, open_cache
-from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, KdcacheError, MissingData
+from kdcache.cache.integrity import damaged_shards, reopen_shards
+from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, InvalidSpec, KdcacheError, MissingData
 from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device
 from kdcache.teacher import extra_views
@@ -231,10 +232,10 @@ def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
     path = join(cfg.out, cache_id(manifest))
     lock = None
     if rank == 0:
-        if not _complete(path):
+        if cfg.rebuild or not _complete(path):
             lock = WriterLock(path, wait=cfg.wait, break_stale=cfg.break_lock).acquire()
         try:
-            cache, alias = _open_or_create(cfg, manifest, source, specs)
+            cache, alias = _open_or_create(cfg, manifest, source, specs, repair=lock is not None)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -250,14 +251,20 @@ def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
 
 
 def _complete(path: str) -> bool:
+    """Whether ``path`` holds a complete cache that is whole: every flag set, every chunk object there."""
     try:
-        return open_cache(path, allow_incomplete=True).complete
+        cache = open_cache(path, allow_incomplete=True)
+        return cache.complete and not (damaged_shards(cache) if cache.check_chunks else _unset_flags(cache))
     except KdcacheError:
         return False
 
 
+def _unset_flags(cache: Cache) -> list[int]:
+    return np.flatnonzero(~cache.shards_done()).tolist()
+
+
 def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
-                    specs: list[ArraySpec]) -> tuple[Cache, str]:
+                    specs: list[ArraySpec], repair: bool = False) -> tuple[Cache, str]:
     """The cache at ``cfg.out/<id>``: found (to reuse or resume) or created, and its alias path."""
     if cache_exists(cfg.out):
         raise InvalidSpec(f"--out {cfg.out} is itself a cache; --out is the root folder caches are kept under "
@@ -265,10 +272,14 @@ def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: dat
     wanted = cache_id(manifest)
     path = join(cfg.out, wanted)
     try:
+        if cfg.rebuild:
+            raise MissingData(path)
         cache = open_cache(path, mode="r+", allow_incomplete=True)
-    except (MissingData, CacheCorrupt):  # nothing there yet, or a layout whose creation was interrupted
+    except (MissingData, InterruptedLayout):  # nothing there yet, or a layout whose creation was interrupted
         cache = create_cache(path, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples,
-                             sharded=cfg.sharded)
+                             sharded=cfg.sharded, overwrite=cfg.rebuild)
+    if repair and cache.complete:  # found damaged by _claim: rewrite the shards that lost a chunk, refuse worse damage
+        reopen_shards(cache, damaged_shards(cache) if cache.check_chunks else _unset_flags(cache))
     if cache.id != wanted and any(h.get("previous_id") == wanted for h in cache.manifest.get("history", [])):
         raise CacheMismatch(f"{path} was extended into cache {cache.id} ({cache.views} views), which holds every view "
                             f"of {wanted} — train from it, or precompute into another --out to rebuild {wanted}")

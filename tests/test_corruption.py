@@ -1,0 +1,172 @@
+"""Never train on a lie: a cache with one damaged chunk (deleted, one byte flipped, truncated), for every
+kind of array, is refused by `train` in one line, named by `verify`, and mended by `verify --repair` plus
+the same precompute command — or, when the listing alone shows it, by precompute itself."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests_support import precompute_config, run_cli
+
+from kdcache.cache.integrity import repair, verify
+from kdcache.cache.store import open_cache
+from kdcache.errors import CacheCorrupt
+from kdcache.teacher.precompute import precompute
+
+# (build, array): each kind of stored array, in the cache whose logit mode stores it
+TARGETS = [
+    ("dense", "logits"), ("dense", "energy"), ("dense", "aug/rrc"), ("dense", "aug/flip"),
+    ("dense", "features/layer1"), ("topk", "topk/values"), ("topk", "topk/indices"),
+    ("sampled", "sampled/ids"), ("sampled", "sampled/counts"),
+]
+BUILDS = {"dense": {"features": ("layer1",)}, "topk": {"logits": "topk:3"}, "sampled": {"logits": "sampled:8"}}
+DAMAGE = ["delete", "flip", "truncate"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, teacher_weights) -> dict[str, tuple[str, object]]:
+    """One complete cache per logit mode: build name -> (path, its config)."""
+    out = {}
+    for build, settings in BUILDS.items():
+        cfg = precompute_config(tmp_path_factory.mktemp(build), teacher_weights, views=2, **settings)
+        out[build] = (precompute(cfg).path, cfg)
+    return out
+
+
+def _copy(built, build: str, tmp_path: Path):
+    """A private copy of a built cache (and the config that makes it, aimed at the copy's root)."""
+    path, cfg = built[build]
+    root = tmp_path / "root"
+    shutil.copytree(Path(path).parent, root)
+    return str(root / Path(path).name), type(cfg)(**(vars(cfg) | {"out": str(root)}))
+
+
+def _damage(path: str, key_prefix: str, how: str) -> str:
+    """Damage the second chunk object under ``key_prefix``; returns its key."""
+    files = sorted(p for p in (Path(path) / key_prefix).rglob("*") if p.is_file())
+    target = files[min(1, len(files) - 1)]
+    if how == "delete":
+        target.unlink()
+    elif how == "flip":
+        raw = bytearray(target.read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        target.write_bytes(bytes(raw))
+    else:
+        target.write_bytes(target.read_bytes()[: max(len(target.read_bytes()) // 2, 1)])
+    return target.relative_to(path).as_posix()
+
+
+def _train(path: str, tmp_path: Path, capsys) -> tuple[int, str]:
+    code, _, err = run_cli(["train", "--dataset", "fake:64", "--model", "cnn", "--cache", path, "--out",
+                            str(tmp_path / "run"), "--epochs", "2", "--quiet", "--device", "cpu"], capsys)  # 2 epochs: every view
+    return code, err
+
+
+def _read_all(path: str) -> None:
+    """Every view of every sample through the public loader, with energies and features."""
+    from kdcache import loader
+
+    stream = loader(path, "fake:64", batch_size=16, energy=True, features=["layer1"])
+    for epoch in range(2):
+        stream.dataset.set_epoch(epoch)
+        for _ in stream:
+            pass
+
+
+def _arrays(path: str) -> dict[str, np.ndarray]:
+    cache = open_cache(path)
+    return {name: cache.read_samples(name, 0, cache.num_samples) for name in cache.array_names}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize(("build", "array"), TARGETS)
+def test_a_damaged_chunk_is_refused_by_train_named_by_verify_and_mended(built, tmp_path, capsys, build, array,
+                                                                        how):
+    path, cfg = _copy(built, build, tmp_path)
+    before = _arrays(path)
+    key = _damage(path, f"{array}/c", how)
+
+    if array in ("energy", "features/layer1") and how != "delete":  # kd training never reads these arrays:
+        with pytest.raises(CacheCorrupt) as excinfo:  # a loop that does is refused at the damaged chunk
+            _read_all(path)
+        message = str(excinfo.value)
+        assert "\n" not in message and array in message and "kdcache verify" in message
+    else:
+        code, err = _train(path, tmp_path, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("Error: ") and array in err and "kdcache verify" in err
+
+    report = verify(path)
+    assert any(p.array == array and p.chunk and p.chunk.startswith(key.rsplit("/", 1)[0]) for p in report.problems), \
+        report.problems
+
+    if how == "delete":  # the listing shows it: precompute rewrites that shard instead of reusing the cache
+        again = precompute(cfg)
+        assert not again.reused and again.views_computed > 0
+    else:  # byte damage is found by reading: verify --repair reopens the shard, precompute rewrites it
+        _, shards = repair(path)
+        assert shards
+        again = precompute(cfg)
+        assert not again.reused
+    assert verify(path).ok
+    after = _arrays(path)
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_shard_flags_are_refused_and_named(built, tmp_path, capsys, how):
+    path, cfg = _copy(built, "dense", tmp_path)
+    _damage(path, "status/shards/c", how)
+    code, err = _train(path, tmp_path, capsys)
+    assert code == 2 and "status/shards" in err and len(err.strip().splitlines()) == 1, err
+    assert any(p.array == "status/shards" for p in verify(path).problems)
+    again = precompute(cfg)  # a cleared or unreadable flag: precompute rewrites the shard, or says how to rebuild
+    assert not again.reused
+    assert verify(path).ok
+
+
+def test_deleted_status_array_is_named_and_precompute_says_to_rebuild(built, tmp_path, capsys):
+    path, cfg = _copy(built, "dense", tmp_path)
+    shutil.rmtree(Path(path) / "status")
+    code, err = _train(path, tmp_path, capsys)
+    assert code == 2 and "status/shards" in err, err
+    assert any(p.array == "status/shards" for p in verify(path).problems)
+    with pytest.raises(CacheCorrupt, match="--rebuild"):
+        precompute(cfg)
+    rebuilt = precompute(type(cfg)(**(vars(cfg) | {"rebuild": True})))
+    assert not rebuilt.reused and verify(path).ok
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_damaged_manifest_is_named_and_precompute_says_to_rebuild(built, tmp_path, capsys, how):
+    path, cfg = _copy(built, "dense", tmp_path)
+    meta = Path(path) / "zarr.json"
+    meta.write_text(meta.read_text()[:100] if how == "truncate" else "{not json")
+    code, err = _train(path, tmp_path, capsys)
+    assert code == 2 and "zarr.json" in err and "no cache at" not in err, err
+    code, _, err = run_cli(["verify", path], capsys)
+    assert code == 2 and "zarr.json" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(CacheCorrupt, match="--rebuild"):
+        precompute(cfg)
+    assert not precompute(type(cfg)(**(vars(cfg) | {"rebuild": True}))).reused and verify(path).ok
+
+
+def test_array_without_metadata_is_not_reused_and_train_refuses_in_one_line(built, tmp_path, capsys):
+    path, cfg = _copy(built, "dense", tmp_path)
+    (Path(path) / "logits" / "zarr.json").unlink()
+    code, err = _train(path, tmp_path, capsys)
+    assert code == 2 and "logits" in err and "KeyError" not in err, err
+    with pytest.raises(CacheCorrupt, match="--rebuild"):
+        precompute(cfg)
+
+
+def test_a_group_without_manifest_is_an_interrupted_write_that_precompute_rebuilds(built, tmp_path, capsys):
+    path, cfg = _copy(built, "dense", tmp_path)
+    meta = Path(path) / "zarr.json"
+    meta.write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    code, _, err = run_cli(["info", path], capsys)
+    assert code == 2 and "interrupted" in err
+    assert not precompute(cfg).reused and verify(path).ok
