@@ -9,6 +9,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from kdcache import checks
 from kdcache.student.config import TrainConfig
 from kdcache.teacher.config import PrecomputeConfig
 from kdcache_cli.app import app, parse_params
@@ -29,6 +30,13 @@ def _relaunch(nproc: int, check: Callable[[], None]) -> None:
 def _one_or_all(values: list[str]) -> str | tuple[str, ...]:
     """A repeatable option's values: the value itself when given once (one teacher), else all of them."""
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _save_run_config(out: Path, options: dict[str, object]) -> None:
@@ -72,10 +80,6 @@ def precompute(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing: print teacher passes, estimated bytes per array and time, from a short warm-up.")] = False,
 ) -> None:
     """Stage 1: run the teacher over K recorded views per sample and write the Zarr v3 cache."""
-    from kdcache import distributed
-    from kdcache.teacher.precompute import check
-    from kdcache.teacher.precompute import precompute as run
-
     cfg = PrecomputeConfig(
         dataset=dataset, teacher=_one_or_all(teacher), weights=_one_or_all(list(weights)) if weights else None,
         out=out, views=views, seed=seed, augment=augment, teacher_size=teacher_size, teacher_norm=teacher_norm,
@@ -83,6 +87,12 @@ def precompute(
         features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
         wait=wait, break_lock=break_lock, rebuild=rebuild, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members)
+    cfg.validate()  # before torch is imported: a wrong value is reported at once
+    checks.at_least("--nproc", nproc, 1)
+    from kdcache import distributed
+    from kdcache.teacher.precompute import check
+    from kdcache.teacher.precompute import precompute as run
+
     if not dry_run:
         _relaunch(nproc, lambda: check(cfg))
     if dry_run:
@@ -140,10 +150,6 @@ def train(
     """Stage 2: train a student from a cache (teacher never loaded), with an online teacher, or alone with CE."""
     options = dict(locals()) | {"extra_views": extra_views or he_da}
     options.pop("he_da")
-    from kdcache import distributed
-    from kdcache.student.train import check
-    from kdcache.student.train import train as run
-
     cfg = TrainConfig(
         dataset=dataset, model=model, out=str(out), cache=cache, loss=loss, loss_params=parse_params(loss_param),
         student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
@@ -152,10 +158,25 @@ def train(
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, amp=amp, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
         extra_views=extra_views or he_da)
+    cfg.validate()  # before torch is imported: a wrong value is reported at once
+    checks.at_least("--nproc", nproc, 1)
+    from kdcache import distributed
+    from kdcache.student.train import check
+    from kdcache.student.train import train as run
+
     _relaunch(nproc, lambda: check(cfg))
+    if resume and not (out / "checkpoint.pt").exists() and distributed.is_main():
+        typer.echo(f"--resume: no checkpoint in {out} yet — starting afresh", err=True)
+    written = distributed.is_main() and not (out / "run.toml").exists()
     if distributed.is_main():
         _save_run_config(out, options)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except BaseException:
+        if written and not (out / "checkpoint.pt").exists():  # nothing to resume: leave nothing behind
+            (out / "run.toml").unlink(missing_ok=True)
+            _remove_if_empty(out)
+        raise
     if not distributed.is_main():
         return
     for m in result.metrics:

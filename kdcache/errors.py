@@ -45,3 +45,7 @@ class CacheLocked(KdcacheError):
 
 class UnsupportedFormat(KdcacheError):
     """A cache written by a newer kdcache format than this version understands."""
+
+
+class TrainingDiverged(KdcacheError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""

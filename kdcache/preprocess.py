@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from kdcache.errors import InvalidSpec
+
+if TYPE_CHECKING:
+    import torch
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 DEFAULT_CROP_PCT = 0.875
@@ -124,6 +125,7 @@ def eval_view(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     torchvision's and timm's evaluation transforms do with an ImageFolder) and center-cropped; smaller
     sources (MNIST, digits, CIFAR at their own size) are resized whole, antialiased, as before.
     """
+    import torch
     from torchvision.transforms import functional as TF
 
     from kdcache.augment import resize_view

@@ -23,9 +23,16 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        picked = torch.device(device)
     except RuntimeError as exc:
         raise InvalidSpec(f"unknown device {device!r} — use auto, cpu or cuda[:N]") from exc
+    if picked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidSpec(f"--device {device}: this machine has no usable CUDA GPU — use --device auto or cpu")
+        if picked.index is not None and picked.index >= count:
+            raise InvalidSpec(f"--device {device}: this machine has {count} CUDA GPU(s), numbered 0..{count - 1}")
+    return picked
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

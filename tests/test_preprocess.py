@@ -122,7 +122,7 @@ def test_eval_accepts_val_as_the_test_split_and_refuses_others(tmp_path, folder,
             "--device", "cpu", "--json"]
     assert run_cli(base + ["--split", "val"], capsys)[1] == run_cli(base + ["--split", "test"], capsys)[1]
     code, _, err = run_cli(base + ["--split", "holdout"], capsys)
-    assert code == 2 and "train, test or val" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "use train, test or val" in err and len(err.strip().splitlines()) == 1
 
 
 def test_caches_made_before_interpolation_was_recorded_read_as_bilinear():

@@ -4,13 +4,14 @@ teacher's top-1 on the cached views, energy quantiles, and the caches a root fol
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdcache.cache.roots import disk_usage, scan_root
 from kdcache.cache.store import Cache, cache_exists, open_cache
-from kdcache.errors import KdcacheError, MissingData
+from kdcache.errors import InvalidSpec, KdcacheError, MissingData
 
 ENERGY_QUANTILES = (0.0, 0.2, 0.5, 0.8, 1.0)
 
@@ -82,6 +83,12 @@ def modes(manifest: dict[str, Any]) -> str:
 
 def list_caches(root: str) -> list[dict[str, Any]]:
     """One row per cache under ``root`` (or for ``root`` itself if it is a cache)."""
+    if "://" not in root or root.startswith("file://"):
+        local = Path(root.removeprefix("file://")).expanduser()
+        if local.is_file():
+            raise InvalidSpec(f"{root} is a file, not a folder of caches — pass the folder given to precompute --out")
+        if not local.exists():
+            raise MissingData(f"no folder {root} — pass the folder given to precompute --out")
     if cache_exists(root):
         folders, aliases = [root], {}
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Iterable, Mapping, Sequence
@@ -497,6 +498,19 @@ class Cache:
             self._arrays.pop(prefix + name, None)
         create_sample_array(self.group, prefix + "indices", np.asarray(indices), chunk, shard, sharded=False)
         create_status_array(self.group, prefix + "status", -(-m // shard))
+
+    def remove_partial_files(self) -> int:
+        """Delete the ``*.partial`` files a killed writer left in a local cache (Zarr writes each chunk to
+        one and renames it); only the writer holding the lock may call this. Returns how many."""
+        if _is_url(self.path):
+            return 0  # object stores write whole objects: nothing is left half-written
+        removed = 0
+        for folder, _, files in os.walk(self.path.removeprefix("file://")):
+            for name in files:
+                if name.endswith(".partial"):
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+        return removed
 
     def read_flag(self, shard: int) -> bool:
         """Flag ``shard`` of the shard status alone; CacheCorrupt when its chunk does not decode."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdcache import checks
+from kdcache.preprocess import parse_norm
+
 
 @dataclass
 class TrainConfig:
@@ -44,3 +47,22 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     extra_views: bool = False  # also train on the cache's energy-guided extra mixed views (kdcache/student/extra_views.py)
+
+    def validate(self) -> None:
+        """Refuse option values that are wrong whatever the data, model and cache (no torch needed)."""
+        checks.at_least("--epochs", self.epochs, 1)
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.positive("--lr", self.lr, allow_none=False)
+        checks.at_least("--momentum", self.momentum, 0)
+        checks.at_least("--weight-decay", self.weight_decay, 0)
+        checks.at_least("--warmup-epochs", self.warmup_epochs, 0)
+        checks.positive("--grad-clip", self.grad_clip)
+        checks.in_unit("--label-noise", self.label_noise, closed_high=True)
+        checks.at_least("--imbalance", self.imbalance, 1)
+        checks.seed(self.seed)
+        checks.positive("--size", self.size)
+        checks.at_least("--workers", self.workers, 0)
+        checks.device(self.device)
+        checks.output_folder("--out", self.out)
+        if self.norm is not None:
+            parse_norm(self.norm, None)

@@ -70,7 +70,7 @@ SPLITS = ("train", "test", "val")  # val is the test split: image folders call i
 def split_images(source: data.Source, split: str) -> data.ImageSet:
     """The images of a named split; ``val`` is accepted as ``test``."""
     if split not in SPLITS:
-        raise InvalidSpec(f"--split {split!r} is not train, test or val (the same as test)")
+        raise InvalidSpec(f"--split {split!r} is not a split — use train, test or val (val is the same as test)")
     return source.train if split == "train" else source.test
 
 

@@ -7,11 +7,13 @@ then the loop in :func:`train`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from kdcache import data, distributed, losses, models, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.manifest import energy_temperature
 from kdcache.cache.store import Cache, limit_codec_threads, open_cache
-from kdcache.errors import InvalidSpec
+from kdcache.errors import InvalidSpec, TrainingDiverged
 from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, prefetched
 from kdcache.student import robust
@@ -55,30 +57,17 @@ class TrainResult:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    loader_workers(cfg.workers, torch.device("cpu"))  # refuses a negative count
-    if cfg.epochs <= 0:
-        raise InvalidSpec(f"--epochs must be at least 1, got {cfg.epochs}")
-    if cfg.batch_size <= 0:
-        raise InvalidSpec(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.lr <= 0:
-        raise InvalidSpec(f"--lr must be positive, got {cfg.lr}")
+    cfg.validate()
+    pick_device(cfg.device)  # a device that is not there is refused before anything is written
     if cfg.optimizer not in OPTIMIZERS:
         raise InvalidSpec(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise InvalidSpec(f"--schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if cfg.warmup_epochs < 0:
-        raise InvalidSpec(f"--warmup-epochs must be at least 0, got {cfg.warmup_epochs}")
-    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
-        raise InvalidSpec(f"--grad-clip must be positive, got {cfg.grad_clip}")
-    if cfg.size is not None and cfg.size <= 0:
-        raise InvalidSpec(f"--size must be positive, got {cfg.size}")
     if cfg.teacher_weights and not cfg.online_teacher:
         raise InvalidSpec("--weights is the online teacher's weights file — add --online-teacher MODEL")
     if cfg.class_map and not cfg.online_teacher:
         raise InvalidSpec("--class-map maps the online teacher's classes (a cache records its own) — add "
                           "--online-teacher MODEL, or drop --class-map")
-    if cfg.norm is not None:
-        preprocess.parse_norm(cfg.norm, None)
 
 
 def _criterion(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
@@ -253,6 +242,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     # checkpoint
+    fresh = not (out / "checkpoint.pt").exists() and not (out / "run.json").exists()
     out.mkdir(parents=True, exist_ok=True)
     metrics: list[dict[str, Any]] = []
     start_epoch = 0
@@ -277,72 +267,93 @@ def train(cfg: TrainConfig) -> TrainResult:
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run, indent=2))
 
-    for epoch in range(start_epoch, cfg.epochs):
-        stream.set_epoch(epoch)
-        model.train()
-        began = time.perf_counter()
-        sums: dict[str, float] = {}
-        seen = correct = agree = 0
-        batches = prefetched(loader) if workers == 0 else loader  # workers, if any, already run ahead
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
-                   unit_scale=cfg.batch_size,
-                   disable=not cfg.progress or rank > 0, dynamic_ncols=True, leave=False)
-        for batch in distributed.uneven(bar, net):
-            inputs = batch["input"].to(device, non_blocking=True)
-            labels = batch["label"].to(device)
-            info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
-                                epoch=epoch, mixed=(batch["lam"] < 1).to(device))
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = net(inputs)
-                teacher = _teacher_batch(batch, inputs, online, targets, device)
-            student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
-            total, terms = criterion(student, teacher, info)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+    with _discarded_on_failure(out, fresh and rank == 0):  # a run that never finished an epoch leaves nothing
+        for epoch in range(start_epoch, cfg.epochs):
+            stream.set_epoch(epoch)
+            model.train()
+            began = time.perf_counter()
+            sums: dict[str, float] = {}
+            seen = correct = agree = 0
+            batches = prefetched(loader) if workers == 0 else loader  # workers, if any, already run ahead
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
+                       unit_scale=cfg.batch_size,
+                       disable=not cfg.progress or rank > 0, dynamic_ncols=True, leave=False)
+            for step, batch in enumerate(distributed.uneven(bar, net)):
+                inputs = batch["input"].to(device, non_blocking=True)
+                labels = batch["label"].to(device)
+                info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
+                                    epoch=epoch, mixed=(batch["lam"] < 1).to(device))
+                with torch.autocast(device.type, enabled=use_amp):
+                    logits = net(inputs)
+                    teacher = _teacher_batch(batch, inputs, online, targets, device)
+                student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
+                total, terms = criterion(student, teacher, info)
+                value = float(total.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step + 1} — lower --lr "
+                                           f"or check the loss parameters; {out} keeps the last good checkpoint "
+                                           "(--resume continues from it)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
 
-            n = len(labels)
-            seen += n
-            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * n
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
-            predicted = logits.argmax(dim=1)
-            correct += int(predicted.eq(labels).sum())
-            reference = teacher.logits if teacher.logits is not None else teacher.probs
-            if reference is not None:
-                agree += int(predicted.eq(reference.argmax(dim=1)).sum())
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
-        seconds = time.perf_counter() - began
-        seen, correct, agree, *totals = distributed.all_sum([seen, correct, agree, *sums.values()], device)
-        sums = dict(zip(sums, totals))  # every rank's views: the epoch's figures, whatever the number of ranks
-        test = evaluate(model, test_loader, device)
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            **{name: value / seen for name, value in sums.items()},
-            "train_top1": 100.0 * correct / seen,
-            **({"teacher_agreement": 100.0 * agree / seen} if cache is not None or online else {}),
-            "test_top1": test["top1"],
-            "test_top5": test["top5"],
-            "test_ece": test["ece"],
-            "test_loss": test["loss"],
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": seen / seconds,
-            "seconds": seconds,
-        }
-        metrics.append(record)
-        if rank > 0:
-            continue
-        _write_metrics(out / "metrics.jsonl", metrics)
-        torch.save({"model": model.state_dict(), "loss": criterion.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch}, checkpoint_path)
-        torch.save(model.state_dict(), out / "model.pt")  # the student alone: adaptors stay in checkpoint.pt
+                n = len(labels)
+                seen += n
+                sums["loss"] = sums.get("loss", 0.0) + value * n
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                predicted = logits.argmax(dim=1)
+                correct += int(predicted.eq(labels).sum())
+                reference = teacher.logits if teacher.logits is not None else teacher.probs
+                if reference is not None:
+                    agree += int(predicted.eq(reference.argmax(dim=1)).sum())
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+            seconds = time.perf_counter() - began
+            seen, correct, agree, *totals = distributed.all_sum([seen, correct, agree, *sums.values()], device)
+            sums = dict(zip(sums, totals))  # every rank's views: the epoch's figures, whatever the number of ranks
+            test = evaluate(model, test_loader, device)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                **{name: value / seen for name, value in sums.items()},
+                "train_top1": 100.0 * correct / seen,
+                **({"teacher_agreement": 100.0 * agree / seen} if cache is not None or online else {}),
+                "test_top1": test["top1"],
+                "test_top5": test["top5"],
+                "test_ece": test["ece"],
+                "test_loss": test["loss"],
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": seen / seconds,
+                "seconds": seconds,
+            }
+            metrics.append(record)
+            if rank > 0:
+                continue
+            _write_metrics(out / "metrics.jsonl", metrics)
+            torch.save({"model": model.state_dict(), "loss": criterion.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch}, checkpoint_path)
+            torch.save(model.state_dict(), out / "model.pt")  # the student alone: adaptors stay in checkpoint.pt
     return TrainResult(str(out), metrics, model)
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(out: Path, fresh: bool) -> Iterator[None]:
+    """Remove what a fresh run wrote when it fails before its first checkpoint: nothing would resume
+    from it, and a later run must not take it for a started one."""
+    try:
+        yield
+    except BaseException:
+        if fresh and not (out / "checkpoint.pt").exists():
+            for name in ("run.json", "metrics.jsonl", "run.toml"):
+                (out / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdcache import checks
+from kdcache.errors import InvalidSpec
+from kdcache.preprocess import parse_norm
+
 
 @dataclass
 class PrecomputeConfig:
@@ -38,3 +42,21 @@ class PrecomputeConfig:
     rebuild: bool = False  # delete whatever lies at OUT/<cache id> (a damaged cache) and write it anew
     break_lock: bool = False  # remove the lock of a writer whose heartbeat stopped (kdcache/cache/lock.py)
     extra_views: str | None = None  # R:K2[:cutmix|mixup], energy-guided extra mixed views (kdcache/teacher/extra_views.py)
+
+    def validate(self) -> None:
+        """Refuse option values that are wrong whatever the data, teacher and storage (no torch needed)."""
+        checks.at_least("--views", self.views, 1)
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.seed(self.seed)
+        checks.positive("--teacher-size", self.teacher_size)
+        checks.at_least("--workers", self.workers, 0)
+        checks.device(self.device)
+        checks.output_folder("--out", self.out)
+        if not self.energy_t:
+            raise InvalidSpec("--energy-t needs at least one temperature, e.g. --energy-t 1")
+        for t in self.energy_t:
+            checks.positive("--energy-t", t, allow_none=False)
+        if self.chunk_samples is not None:
+            checks.at_least("--chunk-samples", self.chunk_samples, 1)
+        if self.teacher_norm is not None:
+            parse_norm(self.teacher_norm, None)

@@ -63,23 +63,14 @@ class PrecomputeResult:
 
 
 def _validate(cfg: PrecomputeConfig) -> None:
-    if cfg.views <= 0:
-        raise InvalidSpec(f"--views must be at least 1, got {cfg.views}")
-    if cfg.batch_size <= 0:
-        raise InvalidSpec(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    cfg.validate()
     if cfg.logit_dtype not in LOGIT_DTYPES:
         raise InvalidSpec(f"--logit-dtype {cfg.logit_dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
-    if not cfg.energy_t or any(t <= 0 for t in cfg.energy_t):
-        raise InvalidSpec(f"--energy-t needs positive temperatures, got {list(cfg.energy_t)}")
-    if cfg.teacher_size is not None and cfg.teacher_size <= 0:
-        raise InvalidSpec(f"--teacher-size must be positive, got {cfg.teacher_size}")
-    loader_workers(cfg.workers, torch.device("cpu"))  # a negative count is refused before anything is written
+    pick_device(cfg.device)  # a device that is not there is refused before any folder is made
     parse_logits(cfg.logits, 1 << 20, cfg.logit_dtype)  # syntax only; the class count is checked later
     parse_features(tuple(cfg.features))
     if cfg.extra_views is not None:
         extra_views.parse(cfg.extra_views)
-    if cfg.teacher_norm is not None:
-        preprocess.parse_norm(cfg.teacher_norm, None)
 
 
 def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -278,6 +269,8 @@ def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: dat
     except (MissingData, InterruptedLayout):  # nothing there yet, or a layout whose creation was interrupted
         cache = create_cache(path, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples,
                              sharded=cfg.sharded, overwrite=cfg.rebuild)
+    if not cache.complete:
+        cache.remove_partial_files()  # chunks a killed writer left half-written; their shards are rewritten
     if repair and cache.complete:  # found damaged by _claim: rewrite the shards that lost a chunk, refuse worse damage
         reopen_shards(cache, damaged_shards(cache) if cache.check_chunks else _unset_flags(cache))
     if cache.id != wanted and any(h.get("previous_id") == wanted for h in cache.manifest.get("history", [])):
