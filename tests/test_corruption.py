@@ -170,3 +170,24 @@ def test_a_group_without_manifest_is_an_interrupted_write_that_precompute_rebuil
     code, _, err = run_cli(["info", path], capsys)
     assert code == 2 and "interrupted" in err
     assert not precompute(cfg).reused and verify(path).ok
+
+
+def test_verify_says_a_live_writer_is_writing_the_missing_shards(built, tmp_path):
+    from kdcache.cache.integrity import reopen_shards
+    from kdcache.cache.lock import WriterLock
+
+    path, _ = _copy(built, "dense", tmp_path)
+    reopen_shards(open_cache(path, mode="r+"), [0])
+    with WriterLock(path):
+        problems = verify(path).problems
+    assert any("is writing them" in p.what and "wait for it" in p.what for p in problems), problems
+    assert any("rerun the precompute command" in p.what for p in verify(path).problems)
+
+
+def test_damage_found_inside_a_loader_worker_is_still_one_line(built, tmp_path, capsys):
+    path, _ = _copy(built, "dense", tmp_path)
+    _damage(path, "logits/c", "flip")
+    code, _, err = run_cli(["train", "--dataset", "fake:64", "--model", "cnn", "--cache", path, "--out",
+                            str(tmp_path / "run"), "--epochs", "2", "--quiet", "--device", "cpu", "--workers", "1"],
+                           capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "logits" in err and "Traceback" not in err, err

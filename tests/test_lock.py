@@ -11,11 +11,12 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from tests_support import storage_location
 
-from kdcache.cache.lock import WriterLock, read_lock
+from kdcache.cache.lock import INFO_SUFFIX, WriterLock, lock_path, read_lock
 from kdcache.errors import CacheLocked
 
 
@@ -166,3 +167,13 @@ def test_s3_lock_is_held_against_another_process(s3_root):
         WriterLock(path, break_stale=True).acquire()
     with WriterLock(path, break_stale=True, stale_after=0.0):
         assert read_lock(path).pid == os.getpid()
+
+
+def test_no_lock_file_stays_after_a_writer_releases(tmp_path):
+    path = str(tmp_path / "cache")
+    lock = WriterLock(path).acquire()
+    assert Path(lock_path(path)).exists()
+    lock.release()
+    assert not Path(lock_path(path)).exists() and not Path(lock_path(path) + INFO_SUFFIX).exists()
+    again = WriterLock(path).acquire()  # and the next writer takes it as usual
+    again.release()

@@ -115,16 +115,12 @@ class _LocalBackend:
         os.replace(tmp, self.info_path)
 
     def try_acquire(self, me: LockInfo) -> LockInfo | None:
-        from filelock import FileLock, Timeout
-
         os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
-        lock = FileLock(self.lock_path, thread_local=False)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = _Flock(self.lock_path)
+        if not lock.try_lock():
             try:
                 return self.read() or _unknown(os.path.getmtime(self.lock_path))
-            except FileNotFoundError:  # another writer removed it as stale this instant: report it held
+            except FileNotFoundError:  # its holder released or removed it this instant: report it held
                 return _unknown(time.time())
         self._lock = lock
         self._write(me)
@@ -150,8 +146,63 @@ class _LocalBackend:
         if current is not None and current.token == me.token:
             os.remove(self.info_path)
         if self._lock is not None:
-            self._lock.release()  # the lock file stays: unlinking it would split waiters across inodes
+            self._lock.release()
             self._lock = None
+
+
+class _Flock:
+    """An exclusive ``flock`` on a file that its holder deletes on release, so no empty lock files stay.
+
+    Deleting a locked file is safe because every taker checks, once it holds the lock, that the file it
+    locked is still the one at the path (not one its previous holder unlinked); if not, it tries again.
+    Where ``fcntl`` is missing (Windows) this falls back to ``filelock``, which leaves the file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._fallback = None
+
+    def try_lock(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            from filelock import FileLock, Timeout
+
+            self._fallback = FileLock(self.path, thread_local=False)
+            try:
+                self._fallback.acquire(timeout=0)
+                return True
+            except Timeout:
+                return False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # we locked a file its holder had just unlinked: lock the one at the path now
+
+    def release(self) -> None:
+        if self._fallback is not None:
+            self._fallback.release()
+            return
+        if self._fd is not None:
+            try:  # while still locked, and only our own file (a --break-lock may have replaced it)
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 class _ObjectBackend:
