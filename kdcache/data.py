@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.errors import InvalidSpec, MissingData, MissingDependency
+from kdcache import dataset_specs
+from kdcache.errors import MissingData, MissingDependency
 
 # Seed of the fixed train/test splits of mnist5k and digits. numpy's legacy RandomState is used
 # because its streams are frozen across numpy versions, so the split never changes.
@@ -34,8 +35,6 @@ RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _GRAY_SAMPLE = 256
-_TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
-                     "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -115,28 +114,18 @@ def available() -> list[tuple[str, str]]:
 
 def open_source(spec: str) -> Source:
     """Open the dataset named by ``spec``; raises InvalidSpec, MissingDependency or MissingData."""
-    spec = spec.strip()
-    kind, _, rest = spec.partition(":")
-    kind = kind.lower()
-    if kind == "imagefolder" and rest:
+    kind, rest = dataset_specs.parse(spec)
+    if kind == "imagefolder":
         # Not cached: the folder may change between calls and opening it is cheap.
         source = _imagefolder(rest)
-    elif kind in ("mnist5k", "digits") and not rest:
-        source = _cached(kind)
-    elif kind == "fake" and rest:
-        n, c, size = _fake_params(spec, rest)
+    elif kind == "fake":
+        n, c, size = (int(v) for v in rest.split(":"))
         parts = (n, c, size) if size != 32 else (n, c) if c != 10 else (n,)
         source = _cached("fake:" + ":".join(map(str, parts)))
-    elif kind == "torchvision" and rest:
-        name, _, root = rest.partition(":")
-        if name.lower() not in _TORCHVISION_SETS or not root:
-            raise InvalidSpec(f"unknown torchvision dataset spec {spec!r} — use "
-                              "torchvision:NAME:ROOT with NAME one of "
-                              f"{', '.join(_TORCHVISION_SETS.values())}")
-        source = _cached(f"torchvision:{_TORCHVISION_SETS[name.lower()]}:{root}")
+    elif kind == "torchvision":
+        source = _cached(f"torchvision:{rest}")
     else:
-        patterns = ", ".join(pattern for pattern, _ in available())
-        raise InvalidSpec(f"unknown dataset {spec!r} — use one of: {patterns}")
+        source = _cached(kind)
     for split in ("train", "test"):
         if len(getattr(source, split)) == 0:
             raise MissingData(f"dataset {source.spec} has no {split} images — add some")
@@ -152,7 +141,7 @@ def _cached(spec: str) -> Source:
     if kind == "digits":
         return _digits()
     if kind == "fake":
-        return _fake(spec, *_fake_params(spec, rest))
+        return _fake(spec, *dataset_specs.fake_params(spec, rest))
     name, _, root = rest.partition(":")
     return _torchvision(spec, name, root)
 
@@ -200,19 +189,6 @@ def _stratified_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         members = order[labels[order] == c]
         is_test[members[: int(round(TEST_FRACTION * len(members)))]] = True
     return order[~is_test[order]], order[is_test[order]]
-
-
-def _fake_params(spec: str, rest: str) -> tuple[int, int, int]:
-    """``N[:C[:S]]`` -> (N, C, S) with defaults C=10, S=32, checked."""
-    try:
-        values = [int(p) for p in rest.split(":")]
-    except ValueError:
-        values = []
-    if not 1 <= len(values) <= 3 or min(values) <= 0:
-        raise InvalidSpec(f"bad dataset spec {spec!r} — use fake:N[:C[:S]] with positive "
-                          "integers N images, C classes (10), side S (32), e.g. fake:64")
-    n, c, s = values + [10, 32][len(values) - 1:]
-    return n, c, s
 
 
 def _fake(spec: str, n: int, c: int, s: int) -> Source:

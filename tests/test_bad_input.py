@@ -58,7 +58,7 @@ CASES = [
     ("no-such-command", ["nosuch"], "No such command"),
 ]
 # Refused by the options alone: reported before torch is imported (in well under a second).
-WITHOUT_TORCH = {"views-zero", "views-text", "energy-nan", "energy-inf", "energy-negative", "seed-negative",
+WITHOUT_TORCH = {"dataset", "views-zero", "views-text", "energy-nan", "energy-inf", "energy-negative", "seed-negative",
                  "nproc-zero", "batch-zero", "teacher-size", "teacher-norm", "out-is-file", "missing-option",
                  "device-unknown", "lr-nan", "lr-zero", "epochs-zero", "train-nproc", "train-out-file", "label-noise",
                  "momentum-inf", "norm", "train-seed", "train-missing", "no-such-command", "config-type"}

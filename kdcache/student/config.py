@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdcache import checks
+from kdcache import checks, dataset_specs
 from kdcache.preprocess import parse_norm
 
 
@@ -50,6 +50,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse option values that are wrong whatever the data, model and cache (no torch needed)."""
+        dataset_specs.parse(self.dataset)
         checks.at_least("--epochs", self.epochs, 1)
         checks.at_least("--batch-size", self.batch_size, 1)
         checks.positive("--lr", self.lr, allow_none=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdcache import checks
+from kdcache import checks, dataset_specs
 from kdcache.errors import InvalidSpec
 from kdcache.preprocess import parse_norm
 
@@ -45,6 +45,7 @@ class PrecomputeConfig:
 
     def validate(self) -> None:
         """Refuse option values that are wrong whatever the data, teacher and storage (no torch needed)."""
+        dataset_specs.parse(self.dataset)
         checks.at_least("--views", self.views, 1)
         checks.at_least("--batch-size", self.batch_size, 1)
         checks.seed(self.seed)
