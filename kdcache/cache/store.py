@@ -142,16 +142,18 @@ class Cache:
                 raise damaged_error(self.path, name, "metadata (zarr.json)", exc) from None
         return arr
 
-    def _present(self, name: str, samples: np.ndarray | slice, views: np.ndarray | int | None = None) -> None:
-        """Refuse a read touching a chunk whose object is missing: Zarr would return zeros."""
-        if not self.check_chunks:
-            return
+    def _chunk_index(self, name: str) -> ChunkIndex:
         index = self._index.get(name)
         if index is None:
             index = self._index[name] = ChunkIndex(self._array(name), name)
-        key = index.first_missing(samples, views)
-        if key is not None:
-            raise missing_error(self.path, name, key)
+        return index
+
+    def _present(self, name: str, samples: np.ndarray | slice, views: np.ndarray | int | None = None) -> None:
+        """Refuse a read touching a chunk whose object is missing: Zarr would return zeros."""
+        if self.check_chunks:
+            key = self._chunk_index(name).first_missing(samples, views)
+            if key is not None:
+                raise missing_error(self.path, name, key)
 
     def _decoded(self, name: str, where: str, read: Callable[[], Any]) -> np.ndarray:
         """``read()`` as an array; a chunk that fails its checksum or codec is one CacheCorrupt line."""
@@ -288,9 +290,13 @@ class Cache:
         Every (array, block) read is issued at once, so storage latency (S3 requests, disk seeks) and
         Zarr's per-call overhead are paid once per round rather than once per array and block.
         """
-        for name in names:
-            for start, stop, view in blocks:
-                self._present(name, slice(start, stop), view)
+        if self.check_chunks:
+            for name in names:
+                index = self._chunk_index(name)
+                for start, stop, view in blocks:
+                    key = index.block_missing(start, stop, view)
+                    if key is not None:
+                        raise missing_error(self.path, name, key)
         arrays = [self._array(name).async_array for name in names]
 
         async def gather() -> list[Any]:
