@@ -52,6 +52,7 @@ class Batch:
     soft_labels: torch.Tensor | None = None  # [B,C] lam*y_i + (1-lam)*y_j for mixed views
     epoch: int = 0  # 0-based
     mixed: torch.Tensor | None = None  # bool [B], which views are mixes
+    label_smoothing: float = 0.0  # eps: the CE target is (1 - eps) * labels + eps / C (train --label-smoothing)
 
 
 class Loss(torch.nn.Module):
@@ -196,11 +197,16 @@ def parse_layers(loss: str, layers: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean CE against the soft (mixed) labels when the batch has them, else the hard labels."""
+    """Mean CE against the soft (mixed) labels when the batch has them, else the hard labels; with
+    label smoothing eps the target is ``(1 - eps) * target + eps / C``, as ``F.cross_entropy`` defines it."""
     logits = logits.float()
+    eps = float(batch.label_smoothing)
     if batch.soft_labels is not None:
-        return -(batch.soft_labels.float() * F.log_softmax(logits, dim=1)).sum(1).mean()
-    return F.cross_entropy(logits, batch.labels)
+        target = batch.soft_labels.float()
+        if eps:
+            target = (1 - eps) * target + eps / logits.shape[1]
+        return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return F.cross_entropy(logits, batch.labels, label_smoothing=eps)
 
 
 def kl_rows(target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,8 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 0
     grad_clip: float | None = None
+    ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999 (kdcache/student/ema.py)
+    label_smoothing: float = 0.0  # eps of the CE term: target (1 - eps) * labels + eps / C
     label_noise: float = 0.0  # fraction of training labels replaced by another class (seeded)
     imbalance: float = 1.0  # long-tail imbalance factor n_max/n_min of the kept training split; 1 = all
     seed: int = 0
@@ -58,6 +60,10 @@ class TrainConfig:
         checks.at_least("--weight-decay", self.weight_decay, 0)
         checks.at_least("--warmup-epochs", self.warmup_epochs, 0)
         checks.positive("--grad-clip", self.grad_clip)
+        if self.ema is not None:
+            checks.in_unit("--ema", self.ema)
+            checks.positive("--ema", self.ema, allow_none=False)
+        checks.in_unit("--label-smoothing", self.label_smoothing)
         checks.in_unit("--label-noise", self.label_noise, closed_high=True)
         checks.at_least("--imbalance", self.imbalance, 1)
         checks.seed(self.seed)

@@ -32,6 +32,7 @@ from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, prefetched
 from kdcache.student import robust
 from kdcache.student.config import TrainConfig
+from kdcache.student.ema import EMA
 from kdcache.student.evaluate import eval_loader, evaluate
 from kdcache.student.extra_views import with_extra_views
 from kdcache.student.online import OnlineTeacher, check_online
@@ -236,6 +237,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     net = distributed.wrap(model, device, extras=criterion)  # DDP with several ranks, else the model
     params = [*model.parameters(), *criterion.parameters()]
     optimizer = _optimizer(params, cfg)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
     steps_per_epoch = stream.num_batches()  # with --extra-views, both streams' batches
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     use_amp = cfg.amp and device.type == "cuda"
@@ -256,6 +258,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         _check_resumable(out, run)
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -282,7 +286,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 inputs = batch["input"].to(device, non_blocking=True)
                 labels = batch["label"].to(device)
                 info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
-                                    epoch=epoch, mixed=(batch["lam"] < 1).to(device))
+                                    epoch=epoch, mixed=(batch["lam"] < 1).to(device),
+                                    label_smoothing=cfg.label_smoothing)
                 with torch.autocast(device.type, enabled=use_amp):
                     logits = net(inputs)
                     teacher = _teacher_batch(batch, inputs, online, targets, device)
@@ -301,6 +306,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if ema is not None:
+                    ema.update(model)
 
                 n = len(labels)
                 seen += n
@@ -317,6 +324,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             seen, correct, agree, *totals = distributed.all_sum([seen, correct, agree, *sums.values()], device)
             sums = dict(zip(sums, totals))  # every rank's views: the epoch's figures, whatever the number of ranks
             test = evaluate(model, test_loader, device)
+            ema_test = evaluate(ema.module, test_loader, device) if ema is not None else {}
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 **{name: value / seen for name, value in sums.items()},
@@ -326,6 +334,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "test_top5": test["top5"],
                 "test_ece": test["ece"],
                 "test_loss": test["loss"],
+                **{f"ema_test_{name}": value for name, value in ema_test.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "images_per_s": seen / seconds,
                 "seconds": seconds,
@@ -336,8 +345,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             _write_metrics(out / "metrics.jsonl", metrics)
             torch.save({"model": model.state_dict(), "loss": criterion.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch}, checkpoint_path)
+                        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+                        "ema": ema.state_dict() if ema is not None else None}, checkpoint_path)
             torch.save(model.state_dict(), out / "model.pt")  # the student alone: adaptors stay in checkpoint.pt
+            if ema is not None:
+                torch.save(ema.state_dict(), out / "model_ema.pt")
     return TrainResult(str(out), metrics, model)
 
 

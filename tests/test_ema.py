@@ -1,0 +1,70 @@
+"""Settings reinforced-dataset recipes use: an EMA of the student's weights and label smoothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdcache import losses, models
+from kdcache.losses.base import cross_entropy
+from kdcache.student.config import TrainConfig
+from kdcache.student.ema import EMA
+from kdcache.student.train import train
+
+
+def test_ema_weights_equal_the_hand_computed_average_over_three_steps():
+    torch.manual_seed(0)
+    model = models.create_model("cnn", 10, 3)
+    p0 = [p.detach().clone() for p in model.parameters()]
+    ema, d = EMA(model, 0.9), 0.9
+    steps = []
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        steps.append([p.detach().clone() for p in model.parameters()])
+        ema.update(model)
+    for k, got in enumerate(ema.module.parameters()):
+        expected = d**3 * p0[k] + d**2 * (1 - d) * steps[0][k] + d * (1 - d) * steps[1][k] + (1 - d) * steps[2][k]
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_label_smoothing_changes_the_ce_term_as_its_formula_says():
+    torch.manual_seed(1)
+    logits, labels, eps = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0]), 0.1
+    log_p = F.log_softmax(logits, dim=1)
+    expected = ((1 - eps) * -log_p[torch.arange(6), labels] + eps * -log_p.mean(dim=1)).mean()
+    got = cross_entropy(logits, losses.Batch(labels=labels, label_smoothing=eps))
+    assert torch.allclose(got, expected, atol=1e-6)
+    soft = F.one_hot(labels, 5).float() * 0.7 + F.one_hot((labels + 1) % 5, 5).float() * 0.3
+    mixed = cross_entropy(logits, losses.Batch(labels=labels, soft_labels=soft, label_smoothing=eps))
+    target = (1 - eps) * soft + eps / 5
+    assert torch.allclose(mixed, -(target * log_p).sum(1).mean(), atol=1e-6)
+    assert not torch.allclose(got, cross_entropy(logits, losses.Batch(labels=labels)))
+
+
+def test_train_with_ema_evaluates_and_saves_the_average_and_resumes_it(tmp_path, cache_path):
+    cfg = TrainConfig(dataset="fake:64", model="cnn", cache=cache_path, out=str(tmp_path / "run"), epochs=2,
+                      batch_size=16, ema=0.5, label_smoothing=0.1, progress=False, device="cpu")
+    result = train(cfg)
+    final = result.final
+    assert {"ema_test_top1", "ema_test_top5", "ema_test_ece", "ema_test_loss"} <= set(final)
+    raw = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    averaged = torch.load(tmp_path / "run" / "model_ema.pt", weights_only=True)
+    assert raw.keys() == averaged.keys() and any(not torch.equal(raw[k], averaged[k]) for k in raw)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["ema"], run["label_smoothing"]) == (0.5, 0.1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(state["ema"][k], averaged[k]) for k in averaged)
+
+
+@pytest.mark.parametrize(("option", "value"), [("ema", 1.0), ("ema", 0.0), ("label_smoothing", 1.0)])
+def test_bad_ema_and_label_smoothing_are_refused(tmp_path, option, value):
+    from kdcache.errors import InvalidSpec
+
+    cfg = TrainConfig(dataset="fake:64", model="cnn", out=str(tmp_path / "r"), **{option: value})
+    with pytest.raises(InvalidSpec):
+        cfg.validate()
