@@ -68,6 +68,7 @@ def precompute(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = PrecomputeConfig.batch_size,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = PrecomputeConfig.workers,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = PrecomputeConfig.device,
+    precision: Annotated[str, typer.Option(help="The teacher's forward: fp32, bf16 or fp16 (autocast; energies, top-k and draws from the float32-upcast logits); auto is bf16 on a CUDA GPU that supports it, else fp32. Part of the cache id.")] = PrecomputeConfig.precision,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it (polls every second) instead of stopping.")] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Delete whatever lies at OUT/<cache id> (a cache whose manifest, labels or array metadata is damaged) and write it anew.")] = False,
@@ -84,7 +85,8 @@ def precompute(
         dataset=dataset, teacher=_one_or_all(teacher), weights=_one_or_all(list(weights)) if weights else None,
         out=out, views=views, seed=seed, augment=augment, teacher_size=teacher_size, teacher_norm=teacher_norm,
         class_map=class_map, energy_t=tuple(energy_t), logits=logits, logit_dtype=logit_dtype,
-        features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, progress=not quiet,
+        features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, precision=precision,
+        progress=not quiet,
         wait=wait, break_lock=break_lock, rebuild=rebuild, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members)
     cfg.validate()  # before torch is imported: a wrong value is reported at once

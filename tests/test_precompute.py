@@ -388,3 +388,24 @@ def test_feature_capture_reuses_full_maps_memory_only_when_given_back(teacher_we
         tap.close()
     assert third["layer1"].data_ptr() == second["layer1"].data_ptr()
     assert torch.equal(third["layer1"], kept)  # the given-back memory now holds this pass's maps
+
+
+def test_bf16_teacher_precision_is_recorded_changes_the_id_and_agrees_with_fp32(tmp_path, teacher_weights):
+    from tests_support import precompute_config
+
+    from kdcache.audit import recompute
+
+    fp32 = precompute(precompute_config(tmp_path / "a", teacher_weights, precision="fp32", features=("layer1",)))
+    bf16 = precompute(precompute_config(tmp_path / "b", teacher_weights, precision="bf16", features=("layer1",)))
+    assert (fp32.manifest["outputs"]["precision"], bf16.manifest["outputs"]["precision"]) == ("fp32", "bf16")
+    assert fp32.cache_id != bf16.cache_id
+    a, b = open_cache(fp32.path), open_cache(bf16.path)
+    za, zb = a.read_samples("logits", 0, 64).astype(np.float32), b.read_samples("logits", 0, 64).astype(np.float32)
+    scale = np.abs(za).max()
+    assert np.abs(za - zb).max() <= 0.02 * scale and not np.array_equal(za, zb)  # bf16 keeps 8 mantissa bits
+    ea, eb = a.read_samples("energy", 0, 64), b.read_samples("energy", 0, 64)
+    assert np.abs(ea - eb).max() <= 0.02 * np.abs(ea).max()
+    auto = precompute(precompute_config(tmp_path / "a", teacher_weights, precision="auto", features=("layer1",)))
+    assert auto.reused and auto.cache_id == fp32.cache_id  # auto is fp32 on a CPU
+    report = recompute(bf16.path, 8, device="cpu")  # the recompute runs the teacher at the recorded precision
+    assert report.pairs == 8 and not report.problems

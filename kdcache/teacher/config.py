@@ -12,6 +12,9 @@ from kdcache.errors import InvalidSpec
 from kdcache.preprocess import parse_norm
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class PrecomputeConfig:
     """Everything that decides what a precompute run stores (and where)."""
@@ -35,6 +38,7 @@ class PrecomputeConfig:
     batch_size: int = 256
     workers: int | None = None  # None: see kdcache.runtime.loader_workers
     device: str = "auto"
+    precision: str = "auto"  # the teacher's forward: fp32 | bf16 | fp16 (autocast); auto: bf16 on CUDA, fp32 on CPU
     chunk_samples: int | None = None
     sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files
     progress: bool = True
@@ -52,6 +56,8 @@ class PrecomputeConfig:
         checks.positive("--teacher-size", self.teacher_size)
         checks.at_least("--workers", self.workers, 0)
         checks.device(self.device)
+        if self.precision not in PRECISIONS:
+            raise InvalidSpec(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         checks.output_folder("--out", self.out)
         if not self.energy_t:
             raise InvalidSpec("--energy-t needs at least one temperature, e.g. --energy-t 1")

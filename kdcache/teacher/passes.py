@@ -95,17 +95,20 @@ def run_teacher(
     loader = DataLoader(_Rendered(renderer, seed, num_samples, batches, draws), batch_size=None,
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_as_is)
     capture = FeatureCapture(teacher, {f["layer"]: f["mode"] for f in outputs.get("features", [])})
+    autocast_dtype = AUTOCAST[outputs.get("precision", "fp32")]
     total = sum(len(b.samples) for b in batches)
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc=desc, disable=not progress,
                                           dynamic_ncols=True) as bar:
             for k, params, uniforms, inputs in (prefetched(loader) if workers == 0 else loader):
                 x = inputs.to(device, non_blocking=True)
-                if forward is None:
-                    logits = teacher(x).float()
-                    members = teacher.last if isinstance(teacher, Ensemble) else []
-                else:
-                    logits, members = forward(x, batches[k])
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    if forward is None:
+                        logits = teacher(x)
+                        members = teacher.last if isinstance(teacher, Ensemble) else []
+                    else:
+                        logits, members = forward(x, batches[k])
+                logits, members = logits.float(), [m.float() for m in members]  # outputs from float32 logits
                 if on_batch is not None:
                     on_batch(inputs, logits)
                 if uniforms is not None:
@@ -117,6 +120,20 @@ def run_teacher(
                 bar.update(len(inputs))
     finally:
         capture.close()
+
+
+#: The teacher's forward precision (``precompute --precision``, the manifest's ``outputs.precision``) -> the
+#: autocast dtype (None: plain float32).
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a CUDA device that supports it, else fp32; other values are kept."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from kdcache.teacher.outputs import (
     parse_logits,
     target_specs,
 )
-from kdcache.teacher.passes import cache_shards, run_shards
+from kdcache.teacher.passes import cache_shards, resolve_precision, run_shards
 from kdcache.views import Renderer
 
 
@@ -103,6 +103,7 @@ def build_manifest(
             **pre.to_manifest(),  # the teacher's preprocessing: input_size, mean, std, interpolation, crop_pct
         },
         "outputs": {
+            "precision": resolve_precision(cfg.precision, pick_device(cfg.device)),  # it changes every output
             "logits": parse_logits(cfg.logits, source.num_classes, cfg.logit_dtype),
             "energy": {"temperatures": [float(t) for t in cfg.energy_t]},
             "features": features or [],
