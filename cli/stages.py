@@ -136,7 +136,8 @@ def train(
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip gradient norm to this value.")] = TrainConfig.grad_clip,
     ema: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights with this decay (e.g. 0.999): evaluated each epoch (ema_test_*) and saved as model_ema.pt.")] = TrainConfig.ema,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing eps of the CE term: target (1 - eps) * labels + eps / C.")] = TrainConfig.label_smoothing,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only; ignored on CPU).")] = TrainConfig.amp,
+    precision: Annotated[str, typer.Option(help="Student forward precision: fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler); auto is bf16 on a CUDA GPU (fp16 on one without bf16), fp32 on a CPU.")] = TrainConfig.precision,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="--no-amp forces fp32 whatever --precision says.")] = TrainConfig.amp,
     label_noise: Annotated[float, typer.Option(help="Fraction of training labels replaced by another class (seeded; 0: none).")] = TrainConfig.label_noise,
     imbalance: Annotated[float, typer.Option(help="Long-tailed training split with this n_max/n_min ratio (seeded; 1: all samples).")] = TrainConfig.imbalance,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = TrainConfig.seed,
@@ -159,7 +160,7 @@ def train(
         student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
         teacher_weights=weights, class_map=class_map, norm=norm, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, label_noise=label_noise, imbalance=imbalance,
+        warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, precision=precision, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
         extra_views=extra_views or he_da)
     cfg.validate()  # before torch is imported: a wrong value is reported at once

@@ -18,6 +18,20 @@ from kdcache.errors import InvalidSpec
 
 T = TypeVar("T")
 
+#: A forward precision (``--precision``) -> its autocast dtype (None: plain float32).
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device, older_gpu: str = "fp32") -> str:
+    """``auto`` is bf16 on a CUDA device that supports it, ``older_gpu`` on one that does not, fp32 on a
+    CPU; other values are kept."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else older_gpu
+    return "fp32"
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` is CUDA when available, else CPU."""
     if device == "auto":

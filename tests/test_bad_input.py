@@ -113,7 +113,7 @@ def test_a_loss_that_turns_non_finite_stops_training_in_one_line(tmp_path, cache
     code, _, err = run_cli(["train", "--dataset", "fake:64", "--model", "cnn", "--cache", cache_path, "--out",
                             str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--lr", "1e30", "--quiet", "--device", "cpu"],
                            capsys)
-    assert code == 2 and "the loss became" in err and "epoch 1, step" in err, err
+    assert code == 2 and "the loss became" in err and "epoch 1, step" in err and "nothing was kept" in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing to resume from: nothing left
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdcache import checks, dataset_specs
+from kdcache.errors import InvalidSpec
 from kdcache.preprocess import parse_norm
 
 
@@ -45,7 +46,8 @@ class TrainConfig:
     augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
     workers: int | None = None  # None: see kdcache.runtime.loader_workers
     device: str = "auto"
-    amp: bool = True  # only on CUDA
+    amp: bool = True  # False (--no-amp): precision fp32 whatever the device
+    precision: str = "auto"  # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler); auto: bf16 on CUDA, fp32 on CPU
     resume: bool = False
     progress: bool = True
     extra_views: bool = False  # also train on the cache's energy-guided extra mixed views (kdcache/student/extra_views.py)
@@ -70,6 +72,8 @@ class TrainConfig:
         checks.positive("--size", self.size)
         checks.at_least("--workers", self.workers, 0)
         checks.device(self.device)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise InvalidSpec(f"--precision {self.precision!r} is not one of auto, fp32, bf16, fp16")
         checks.output_folder("--out", self.out)
         if self.norm is not None:
             parse_norm(self.norm, None)

@@ -29,7 +29,7 @@ from kdcache.cache.manifest import energy_temperature
 from kdcache.cache.store import Cache, limit_codec_threads, open_cache
 from kdcache.errors import InvalidSpec, TrainingDiverged
 from kdcache.preprocess import Preprocess
-from kdcache.runtime import codec_threads, loader_workers, pick_device, prefetched
+from kdcache.runtime import AUTOCAST, codec_threads, loader_workers, pick_device, prefetched, resolve_precision
 from kdcache.student import robust
 from kdcache.student.config import TrainConfig
 from kdcache.student.ema import EMA
@@ -43,7 +43,7 @@ from kdcache.views import Renderer
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 # Settings that may differ between a run and its --resume without changing what it computes.
-_RESUMABLE = {"resume", "progress", "workers", "device"}
+_RESUMABLE = {"resume", "progress", "workers", "device", "precision"}  # auto precision follows the device
 
 
 @dataclasses.dataclass
@@ -240,8 +240,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     ema = EMA(model, cfg.ema) if cfg.ema else None
     steps_per_epoch = stream.num_batches()  # with --extra-views, both streams' batches
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = resolve_precision(cfg.precision if cfg.amp else "fp32", device, older_gpu="fp16")
+    autocast_dtype = AUTOCAST[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # checkpoint
     fresh = not (out / "checkpoint.pt").exists() and not (out / "run.json").exists()
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpoint_path = out / "checkpoint.pt"
     run = json.loads(json.dumps(dataclasses.asdict(cfg))) | {
         "loss": criterion.name, "hparams": dict(criterion.hparams), "size": size, "train_samples": len(stream),
-        "preprocess": pre.to_manifest(),
+        "preprocess": pre.to_manifest(), "precision": precision,
         "cache_id": cache.id if cache else None, "online_teacher_sha256": online.sha256 if online else None,
     }
     if cfg.resume and checkpoint_path.exists():
@@ -263,7 +264,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if use_amp and state.get("scaler"):
+        if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
@@ -288,16 +289,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                 info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
                                     epoch=epoch, mixed=(batch["lam"] < 1).to(device),
                                     label_smoothing=cfg.label_smoothing)
-                with torch.autocast(device.type, enabled=use_amp):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = net(inputs)
                     teacher = _teacher_batch(batch, inputs, online, targets, device)
                 student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
                 total, terms = criterion(student, teacher, info)
                 value = float(total.detach())
                 if not math.isfinite(value):
-                    raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step + 1} — lower --lr "
-                                           f"or check the loss parameters; {out} keeps the last good checkpoint "
-                                           "(--resume continues from it)")
+                    kept = (f"{checkpoint_path} keeps the last good epoch (--resume continues from it)"
+                            if checkpoint_path.exists() else "no epoch had finished, so nothing was kept")
+                    raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step + 1} — lower "
+                                           f"--lr or check the loss parameters; {kept}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
                 if cfg.grad_clip:

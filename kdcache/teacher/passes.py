@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache.cache.store import Cache
-from kdcache.runtime import prefetched
+from kdcache.runtime import AUTOCAST, prefetched
 from kdcache.teacher.ensemble import Ensemble
 from kdcache.teacher.outputs import FeatureCapture, batch_outputs, class_uniforms
 from kdcache.views import Renderer
@@ -95,7 +95,7 @@ def run_teacher(
     loader = DataLoader(_Rendered(renderer, seed, num_samples, batches, draws), batch_size=None,
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_as_is)
     capture = FeatureCapture(teacher, {f["layer"]: f["mode"] for f in outputs.get("features", [])})
-    autocast_dtype = AUTOCAST[outputs.get("precision", "fp32")]
+    autocast_dtype = AUTOCAST[outputs.get("precision", "fp32")]  # the teacher's forward precision
     total = sum(len(b.samples) for b in batches)
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc=desc, disable=not progress,
@@ -120,20 +120,6 @@ def run_teacher(
                 bar.update(len(inputs))
     finally:
         capture.close()
-
-
-#: The teacher's forward precision (``precompute --precision``, the manifest's ``outputs.precision``) -> the
-#: autocast dtype (None: plain float32).
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a CUDA device that supports it, else fp32; other values are kept."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 @dataclass(frozen=True)

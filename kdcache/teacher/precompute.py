@@ -30,7 +30,7 @@ from kdcache.cache.store import Cache, cache_exists, create_cache, limit_codec_t
 from kdcache.cache.integrity import damaged_shards, reopen_shards
 from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, InvalidSpec, KdcacheError, MissingData
 from kdcache.preprocess import Preprocess
-from kdcache.runtime import codec_threads, loader_workers, pick_device
+from kdcache.runtime import codec_threads, loader_workers, pick_device, resolve_precision
 from kdcache.teacher import extra_views
 from kdcache.teacher.config import PrecomputeConfig
 from kdcache.teacher.ensemble import load_teachers, members_entry
@@ -43,7 +43,7 @@ from kdcache.teacher.outputs import (
     parse_logits,
     target_specs,
 )
-from kdcache.teacher.passes import cache_shards, resolve_precision, run_shards
+from kdcache.teacher.passes import cache_shards, run_shards
 from kdcache.views import Renderer
 
 

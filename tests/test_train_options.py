@@ -1,4 +1,4 @@
-"""Settings reinforced-dataset recipes use: an EMA of the student's weights and label smoothing."""
+"""Training options of the reinforced-dataset recipes and the GPU: an EMA of the weights, label smoothing, precision."""
 
 from __future__ import annotations
 
@@ -68,3 +68,15 @@ def test_bad_ema_and_label_smoothing_are_refused(tmp_path, option, value):
     cfg = TrainConfig(dataset="fake:64", model="cnn", out=str(tmp_path / "r"), **{option: value})
     with pytest.raises(InvalidSpec):
         cfg.validate()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_student_precision_runs_under_autocast_and_is_recorded(tmp_path, cache_path, precision):
+    cfg = TrainConfig(dataset="fake:64", model="cnn", cache=cache_path, out=str(tmp_path / "run"), epochs=1,
+                      batch_size=16, precision=precision, progress=False, device="cpu")
+    result = train(cfg)
+    assert result.final["loss"] == result.final["loss"]  # finite
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["precision"] == precision
+    off = TrainConfig(**(vars(cfg) | {"out": str(tmp_path / "off"), "amp": False}))
+    train(off)
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["precision"] == "fp32"
