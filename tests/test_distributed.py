@@ -123,7 +123,7 @@ def test_two_ranks_split_the_shards_and_write_the_one_process_cache_then_train_w
                                 epochs=2, batch_size=8, device="cpu", progress=False))
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in run.model.parameters())).hexdigest()
         report = (f"rank {{rank}} ran {{sum(mine)}} views {{result.views_computed}} path {{result.path}} "
-                  f"model {{digest}} epochs {{len(run.metrics)}}")
+                  f"model {{digest}} epochs {{len(run.metrics)}} test {{run.final['test_top1']:.6f}}")
         open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(report)  # one file each: a shared stdout interleaves
     """))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -137,6 +137,11 @@ def test_two_ranks_split_the_shards_and_write_the_one_process_cache_then_train_w
     assert_same_cache(r0[7], single.path)
     assert r0[9] == r1[9]  # DDP: both ranks end with the same student
     assert (tmp_path / "run" / "model.pt").exists() and r0[11] == "2"
+    # each rank evaluated its share of the test split; the all-reduced figure is the whole split's
+    from kdcache.student.evaluate import evaluate_weights
+
+    whole = evaluate_weights("cnn", str(tmp_path / "run" / "model.pt"), "fake:64", size=32, device="cpu")
+    assert r0[13] == r1[13] == f"{whole['top1']:.6f}"
 
 
 @pytest.mark.slow  # three Python processes importing torch

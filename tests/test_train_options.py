@@ -80,3 +80,28 @@ def test_student_precision_runs_under_autocast_and_is_recorded(tmp_path, cache_p
     off = TrainConfig(**(vars(cfg) | {"out": str(tmp_path / "off"), "amp": False}))
     train(off)
     assert json.loads((tmp_path / "off" / "run.json").read_text())["precision"] == "fp32"
+
+
+def test_evaluation_sums_of_rank_shares_give_the_whole_split_metrics():
+    import torch.nn.functional as F
+
+    from kdcache.student.evaluate import eval_metrics, eval_sums, expected_calibration_error
+
+    torch.manual_seed(2)
+    logits, labels = torch.randn(50, 7) * 3, torch.randint(0, 7, (50,))
+    whole = eval_metrics(eval_sums(logits, labels).tolist())
+    probs = logits.softmax(1)
+    assert whole["top1"] == pytest.approx(100.0 * float((probs.argmax(1) == labels).float().mean()))
+    assert whole["ece"] == pytest.approx(expected_calibration_error(probs, labels), abs=1e-6)
+    assert whole["loss"] == pytest.approx(float(F.nll_loss(probs.log(), labels)), rel=1e-5)
+    shares = sum(eval_sums(logits[r::3], labels[r::3]) for r in range(3))  # three ranks' shares, all-reduced
+    assert eval_metrics(shares.tolist()) == pytest.approx(whole)
+
+
+def test_each_rank_evaluates_its_own_share_of_the_test_split():
+    from kdcache import data
+    from kdcache.student.evaluate import eval_loader
+
+    source = data.open_source("fake:64")
+    shares = [eval_loader(source, "test", 32, 8, rank=r, world=3).dataset.indices for r in range(3)]
+    assert sorted(i for share in shares for i in share) == list(range(len(source.test)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache import data, preprocess
+from kdcache import data, distributed, preprocess
 from kdcache.augment import Recipe
 from kdcache.class_map import apply_class_map, check_classes, read_class_map
 from kdcache.errors import InvalidSpec
@@ -17,16 +17,22 @@ from kdcache.zoo import load_model
 
 
 class EvalViews(Dataset):
-    """Un-augmented views of a split, for evaluation: (input, label)."""
+    """Un-augmented views of a split, for evaluation: (input, label); with ``world`` ranks, rank ``rank``
+    takes samples rank, rank + world, … (the ranks' metrics are summed by :func:`evaluate`)."""
 
-    def __init__(self, renderer: Renderer):
+    def __init__(self, renderer: Renderer, rank: int = 0, world: int = 1):
         self.renderer = renderer
+        self.indices = range(rank, len(renderer.images), world)
 
     def __len__(self) -> int:
-        return len(self.renderer.images)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[k]
         return self.renderer.plain(index), int(self.renderer.images.labels[index])
+
+
+ECE_BINS = 15
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -44,24 +50,43 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Top-1, top-5 (in %), ECE and mean CE of ``model`` over ``loader``."""
+    """Top-1, top-5 (in %), ECE and mean CE of ``model`` over ``loader``; under ``torchrun`` each rank
+    passes its share of the split (``eval_loader(rank=, world=)``) and the sums are all-reduced, so every
+    rank returns the metrics of the whole split."""
     was_training = model.training
     model.eval()
-    all_probs, all_labels = [], []
+    sums = torch.zeros(4 + 3 * ECE_BINS, dtype=torch.float64, device=device)
     for inputs, labels in loader:
-        logits = model(inputs.to(device)).float()
-        all_probs.append(logits.softmax(dim=1).cpu())
-        all_labels.append(labels)
+        sums += eval_sums(model(inputs.to(device)).float(), labels.to(device))
     model.train(was_training)
-    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
-    k = min(5, probs.shape[1])
-    top = probs.topk(k, dim=1).indices
-    return {
-        "top1": 100.0 * float(top[:, 0].eq(labels).float().mean()),
-        "top5": 100.0 * float(top.eq(labels[:, None]).any(dim=1).float().mean()),
-        "ece": expected_calibration_error(probs, labels),
-        "loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),
-    }
+    return eval_metrics(distributed.all_sum(sums.tolist(), device))
+
+
+def eval_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What evaluation adds up per batch: count, top-1 and top-5 hits, summed CE, and per confidence bin
+    the count, summed confidence and summed correctness (bins ``(k/15, (k+1)/15]``)."""
+    probs = logits.softmax(dim=1)
+    top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    confidence = probs.max(dim=1).values
+    correct = top[:, 0].eq(labels).double()
+    nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
+    edges = torch.linspace(0, 1, ECE_BINS + 1, device=logits.device)[1:]
+    bins = torch.bucketize(confidence, edges).clamp_max(ECE_BINS - 1)
+    per_bin = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=logits.device)
+    per_bin[0].index_add_(0, bins, torch.ones_like(correct))
+    per_bin[1].index_add_(0, bins, confidence.double())
+    per_bin[2].index_add_(0, bins, correct)
+    head = torch.stack([torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device), correct.sum(),
+                        top.eq(labels[:, None]).any(dim=1).double().sum(), nll.double()])
+    return torch.cat([head, per_bin.flatten()])
+
+
+def eval_metrics(sums: list[float]) -> dict[str, float]:
+    """The metrics of :func:`evaluate` from summed :func:`eval_sums`."""
+    n, top1, top5, nll = sums[:4]
+    per_bin = torch.tensor(sums[4:], dtype=torch.float64).view(3, ECE_BINS)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n,
+            "ece": float((per_bin[1] - per_bin[2]).abs().sum() / n), "loss": nll / n}
 
 
 SPLITS = ("train", "test", "val")  # val is the test split: image folders call it val/
@@ -75,14 +100,14 @@ def split_images(source: data.Source, split: str) -> data.ImageSet:
 
 
 def eval_loader(source: data.Source, split: str, pre: Preprocess | int, batch_size: int,
-                workers: int = 0) -> DataLoader:
+                workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     """Un-augmented views of ``split`` (train, test or val) with the model's preprocessing ``pre``
-    (an int: the dataset's statistics at that size)."""
+    (an int: the dataset's statistics at that size); rank ``rank`` of ``world`` gets its share."""
     images = split_images(source, split)
     if isinstance(pre, int):
         pre = preprocess.resolve(None, source.mean, source.std, source.channels, pre)
     renderer = Renderer.for_model(images, Recipe.parse("none"), pre)
-    return DataLoader(EvalViews(renderer), batch_size=batch_size, num_workers=workers)
+    return DataLoader(EvalViews(renderer, rank, world), batch_size=batch_size, num_workers=workers)
 
 
 def evaluate_weights(model_spec: str, weights: str | None, dataset: str, split: str = "test",

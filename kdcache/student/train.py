@@ -226,7 +226,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     limit_codec_threads(codec_threads(device))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0)  # no restart cost per epoch; see TrainViews.set_epoch
-    test_loader = eval_loader(source, "test", pre, max(cfg.batch_size, 256))
+    test_loader = eval_loader(source, "test", pre, max(cfg.batch_size, 256), rank=rank, world=world)
 
     # model, feature hooks, adaptors, optimizer
     model = models.create_model(cfg.model, source.num_classes, source.channels).to(device)
