@@ -68,6 +68,7 @@ def precompute(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = PrecomputeConfig.batch_size,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = PrecomputeConfig.workers,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = PrecomputeConfig.device,
+    compile: Annotated[bool, typer.Option("--compile", help="Run the teacher through torch.compile (worth it for long runs on a GPU; the first batches compile).")] = False,
     precision: Annotated[str, typer.Option(help="The teacher's forward: fp32, bf16 or fp16 (autocast; energies, top-k and draws from the float32-upcast logits); auto is bf16 on a CUDA GPU that supports it, else fp32. Part of the cache id.")] = PrecomputeConfig.precision,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it (polls every second) instead of stopping.")] = False,
@@ -86,7 +87,7 @@ def precompute(
         out=out, views=views, seed=seed, augment=augment, teacher_size=teacher_size, teacher_norm=teacher_norm,
         class_map=class_map, energy_t=tuple(energy_t), logits=logits, logit_dtype=logit_dtype,
         features=tuple(features or ()), batch_size=batch_size, workers=workers, device=device, precision=precision,
-        progress=not quiet,
+        compile=compile, progress=not quiet,
         wait=wait, break_lock=break_lock, rebuild=rebuild, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members)
     cfg.validate()  # before torch is imported: a wrong value is reported at once
@@ -136,6 +137,7 @@ def train(
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip gradient norm to this value.")] = TrainConfig.grad_clip,
     ema: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights with this decay (e.g. 0.999): evaluated each epoch (ema_test_*) and saved as model_ema.pt.")] = TrainConfig.ema,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing eps of the CE term: target (1 - eps) * labels + eps / C.")] = TrainConfig.label_smoothing,
+    compile: Annotated[bool, typer.Option("--compile", help="Train the student through torch.compile (the first steps compile).")] = False,
     precision: Annotated[str, typer.Option(help="Student forward precision: fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler); auto is bf16 on a CUDA GPU (fp16 on one without bf16), fp32 on a CPU.")] = TrainConfig.precision,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="--no-amp forces fp32 whatever --precision says.")] = TrainConfig.amp,
     label_noise: Annotated[float, typer.Option(help="Fraction of training labels replaced by another class (seeded; 0: none).")] = TrainConfig.label_noise,
@@ -160,7 +162,7 @@ def train(
         student_layers=tuple(student_layer or ()), online_teacher=online_teacher,
         teacher_weights=weights, class_map=class_map, norm=norm, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, precision=precision, label_noise=label_noise, imbalance=imbalance,
+        warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, precision=precision, compile=compile, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
         extra_views=extra_views or he_da)
     cfg.validate()  # before torch is imported: a wrong value is reported at once

@@ -105,3 +105,23 @@ def test_each_rank_evaluates_its_own_share_of_the_test_split():
     source = data.open_source("fake:64")
     shares = [eval_loader(source, "test", 32, 8, rank=r, world=3).dataset.indices for r in range(3)]
     assert sorted(i for share in shares for i in share) == list(range(len(source.test)))
+
+
+@pytest.mark.slow  # torch.compile builds its kernels with the C compiler
+def test_compiled_teacher_and_student_run_and_the_teacher_gives_the_same_cache(tmp_path, teacher_weights):
+    import numpy as np
+    from tests_support import precompute_config
+
+    from kdcache.cache.store import open_cache
+    from kdcache.teacher.precompute import precompute
+
+    plain = precompute(precompute_config(tmp_path / "a", teacher_weights, features=("layer1",)))
+    compiled = precompute(precompute_config(tmp_path / "b", teacher_weights, features=("layer1",), compile=True))
+    assert compiled.cache_id == plain.cache_id  # compiling changes no output: not part of the id
+    a, b = open_cache(plain.path), open_cache(compiled.path)
+    for name in ("logits", "energy", "features/layer1"):
+        x, y = a.read_samples(name, 0, 64).astype(np.float32), b.read_samples(name, 0, 64).astype(np.float32)
+        assert np.allclose(x, y, rtol=1e-2, atol=1e-2), name
+    result = train(TrainConfig(dataset="fake:64", model="cnn", cache=plain.path, out=str(tmp_path / "run"), epochs=1,
+                               batch_size=16, compile=True, progress=False, device="cpu"))
+    assert result.final["loss"] == result.final["loss"]

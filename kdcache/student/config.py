@@ -47,6 +47,7 @@ class TrainConfig:
     workers: int | None = None  # None: see kdcache.runtime.loader_workers
     device: str = "auto"
     amp: bool = True  # False (--no-amp): precision fp32 whatever the device
+    compile: bool = False  # train the student through torch.compile
     precision: str = "auto"  # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler); auto: bf16 on CUDA, fp32 on CPU
     resume: bool = False
     progress: bool = True

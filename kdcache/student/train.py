@@ -43,7 +43,7 @@ from kdcache.views import Renderer
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 # Settings that may differ between a run and its --resume without changing what it computes.
-_RESUMABLE = {"resume", "progress", "workers", "device", "precision"}  # auto precision follows the device
+_RESUMABLE = {"resume", "progress", "workers", "device", "precision", "compile"}  # auto precision follows the device
 
 
 @dataclasses.dataclass
@@ -234,7 +234,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if tap is not None:
         criterion.build(tap.shapes(model, (source.channels, size, size), device), targets.teacher_shapes())
     criterion.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # convolution kernels' preferred layout
     net = distributed.wrap(model, device, extras=criterion)  # DDP with several ranks, else the model
+    step_net = torch.compile(net) if cfg.compile else net
     params = [*model.parameters(), *criterion.parameters()]
     optimizer = _optimizer(params, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
@@ -285,12 +288,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                        disable=not cfg.progress or rank > 0, dynamic_ncols=True, leave=False)
             for step, batch in enumerate(distributed.uneven(bar, net)):
                 inputs = batch["input"].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 labels = batch["label"].to(device)
                 info = losses.Batch(labels=labels, soft_labels=_soft_labels(batch, source.num_classes, device),
                                     epoch=epoch, mixed=(batch["lam"] < 1).to(device),
                                     label_smoothing=cfg.label_smoothing)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = net(inputs)
+                    logits = step_net(inputs)
                     teacher = _teacher_batch(batch, inputs, online, targets, device)
                 student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
                 total, terms = criterion(student, teacher, info)

@@ -38,6 +38,7 @@ class PrecomputeConfig:
     batch_size: int = 256
     workers: int | None = None  # None: see kdcache.runtime.loader_workers
     device: str = "auto"
+    compile: bool = False  # run the teacher through torch.compile (not part of the cache id)
     precision: str = "auto"  # the teacher's forward: fp32 | bf16 | fp16 (autocast); auto: bf16 on CUDA, fp32 on CPU
     chunk_samples: int | None = None
     sharded: bool | None = None  # None: Zarr shards when an array would have > 10k chunk files

@@ -102,6 +102,8 @@ def run_teacher(
                                           dynamic_ncols=True) as bar:
             for k, params, uniforms, inputs in (prefetched(loader) if workers == 0 else loader):
                 x = inputs.to(device, non_blocking=True)
+                if device.type == "cuda" and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)  # convolution kernels' preferred layout
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     if forward is None:
                         logits = teacher(x)
@@ -120,6 +122,17 @@ def run_teacher(
                 bar.update(len(inputs))
     finally:
         capture.close()
+
+
+def compiled_forward(teacher: torch.nn.Module) -> Forward:
+    """A ``forward`` for :func:`run_teacher` running ``torch.compile(teacher)``; hooks (feature capture)
+    stay on the teacher's own modules, which the compiled graph calls."""
+    compiled = torch.compile(teacher)
+
+    def forward(x: torch.Tensor, batch: ViewBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return compiled(x), (teacher.last if isinstance(teacher, Ensemble) else [])
+
+    return forward
 
 
 @dataclass(frozen=True)

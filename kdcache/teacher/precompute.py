@@ -43,7 +43,7 @@ from kdcache.teacher.outputs import (
     parse_logits,
     target_specs,
 )
-from kdcache.teacher.passes import cache_shards, run_shards
+from kdcache.teacher.passes import cache_shards, compiled_forward, run_shards
 from kdcache.views import Renderer
 
 
@@ -202,13 +202,17 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, rend
     shards = cache_shards(cache, np.arange(cache.views, dtype=np.int64),
                           [s for s in range(rank, cache.num_shards, world) if not done[s]])
     limit_codec_threads(codec_threads(device))
+    teacher = teacher.to(device).eval()
+    if device.type == "cuda":
+        teacher = teacher.to(memory_format=torch.channels_last)
     return run_shards(
-        teacher.to(device).eval(), renderer, shards,
+        teacher, renderer, shards,
         cache.manifest["outputs"], lambda shard, arrays: cache.write_shard(shard.key, arrays),
         batch_size=cfg.batch_size,
         before_write=lock.check if lock is not None else None,  # stop before writing if --break-lock took it over
         seed=cfg.seed, num_samples=len(renderer.images), device=device, workers=loader_workers(cfg.workers, device),
         progress=cfg.progress and rank == 0, desc="precompute", on_batch=on_batch,
+        forward=compiled_forward(teacher) if cfg.compile else None,
     )
 
 
