@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,22 @@ def test_compiled_teacher_and_student_run_and_the_teacher_gives_the_same_cache(t
     result = train(TrainConfig(dataset="fake:64", model="cnn", cache=plain.path, out=str(tmp_path / "run"), epochs=1,
                                batch_size=16, compile=True, progress=False, device="cpu"))
     assert result.final["loss"] == result.final["loss"]
+
+
+def test_running_sums_stay_on_the_device_and_name_the_steps_a_non_finite_loss_hid_in():
+    from tqdm import tqdm
+
+    from kdcache.errors import TrainingDiverged
+    from kdcache.student.train import RunningSums
+
+    sums, bar = RunningSums(torch.device("cpu"), every=3), tqdm(disable=True)
+    labels = torch.tensor([0, 1])
+    for value in (1.0, 2.0, 3.0):
+        sums.add(2, torch.tensor(value), {"ce": torch.tensor(value / 2)}, labels, labels, None)
+        sums.check(0, Path("nowhere"), bar)
+    names, values = sums.totals()
+    assert names == ["loss", "ce"] and values == [6, 6.0, 0.0, 12.0, 6.0]
+    sums.add(2, torch.tensor(float("nan")), {"ce": torch.tensor(0.0)}, labels, labels, None)
+    sums.check(0, Path("nowhere"), bar)  # not yet: read every 3 steps
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 4 — lower --lr"):
+        sums.check(0, Path("nowhere"), bar, force=True)

@@ -280,13 +280,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             stream.set_epoch(epoch)
             model.train()
             began = time.perf_counter()
-            sums: dict[str, float] = {}
-            seen = correct = agree = 0
+            tally = RunningSums(device, every=1 if device.type == "cpu" else LOG_EVERY)
             batches = prefetched(loader) if workers == 0 else loader  # workers, if any, already run ahead
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                        unit_scale=cfg.batch_size,
                        disable=not cfg.progress or rank > 0, dynamic_ncols=True, leave=False)
-            for step, batch in enumerate(distributed.uneven(bar, net)):
+            for batch in distributed.uneven(bar, net):
                 inputs = batch["input"].to(device, non_blocking=True)
                 if device.type == "cuda":
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -299,12 +298,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                     teacher = _teacher_batch(batch, inputs, online, targets, device)
                 student = losses.StudentOutput(logits=logits.float(), features=tap.take() if tap else {})
                 total, terms = criterion(student, teacher, info)
-                value = float(total.detach())
-                if not math.isfinite(value):
-                    kept = (f"{checkpoint_path} keeps the last good epoch (--resume continues from it)"
-                            if checkpoint_path.exists() else "no epoch had finished, so nothing was kept")
-                    raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step + 1} — lower "
-                                           f"--lr or check the loss parameters; {kept}")
+                reference = teacher.logits if teacher.logits is not None else teacher.probs
+                tally.add(len(labels), total, terms, logits.argmax(dim=1), labels, reference)
+                tally.check(epoch, checkpoint_path, bar)  # a non-finite loss stops before its step
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
                 if cfg.grad_clip:
@@ -316,20 +312,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if ema is not None:
                     ema.update(model)
 
-                n = len(labels)
-                seen += n
-                sums["loss"] = sums.get("loss", 0.0) + value * n
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * n
-                predicted = logits.argmax(dim=1)
-                correct += int(predicted.eq(labels).sum())
-                reference = teacher.logits if teacher.logits is not None else teacher.probs
-                if reference is not None:
-                    agree += int(predicted.eq(reference.argmax(dim=1)).sum())
-                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+            tally.check(epoch, checkpoint_path, bar, force=True)
             seconds = time.perf_counter() - began
-            seen, correct, agree, *totals = distributed.all_sum([seen, correct, agree, *sums.values()], device)
-            sums = dict(zip(sums, totals))  # every rank's views: the epoch's figures, whatever the number of ranks
+            names, values = tally.totals()  # one read of the device sums per epoch
+            seen, correct, agree, *totals = distributed.all_sum(values, device)
+            sums = dict(zip(names, totals))  # every rank's views: the epoch's figures, whatever the number of ranks
             test = evaluate(model, test_loader, device)
             ema_test = evaluate(ema.module, test_loader, device) if ema is not None else {}
             record: dict[str, Any] = {
@@ -358,6 +345,54 @@ def train(cfg: TrainConfig) -> TrainResult:
             if ema is not None:
                 torch.save(ema.state_dict(), out / "model_ema.pt")
     return TrainResult(str(out), metrics, model)
+
+
+LOG_EVERY = 25  # steps between reads of the running sums on an accelerator (progress bar, non-finite check)
+
+
+class RunningSums:
+    """An epoch's running sums, kept on the device: read every ``every`` steps (the progress bar and the
+    non-finite check) and once at the end, not once per step and term."""
+
+    def __init__(self, device: torch.device, every: int) -> None:
+        self.device, self.every = device, every
+        self.seen, self.steps, self.checked = 0, 0, 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.agree = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, n: int, total: torch.Tensor, terms: dict[str, Any], predicted: torch.Tensor, labels: torch.Tensor,
+            reference: torch.Tensor | None) -> None:
+        self.seen += n
+        self.steps += 1
+        for name, value in {"loss": total, **terms}.items():
+            value = torch.as_tensor(value, device=self.device).detach().to(torch.float64) * n
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.correct += predicted.eq(labels).sum()
+        if reference is not None:
+            self.agree += predicted.eq(reference.argmax(dim=1)).sum()
+
+    def check(self, epoch: int, checkpoint: Path, bar: tqdm, force: bool = False) -> None:
+        """Every ``every`` steps (and with ``force``): refuse a non-finite loss, naming the steps, and
+        update the progress bar."""
+        if not self.steps or (self.steps % self.every and not force) or self.checked == self.steps:
+            return
+        loss = float(self.sums["loss"]) / self.seen
+        if not math.isfinite(loss):
+            where = (f"step {self.steps}" if self.steps == self.checked + 1
+                     else f"steps {self.checked + 1}–{self.steps}")
+            kept = (f"{checkpoint} keeps the last good epoch (--resume continues from it)" if checkpoint.exists()
+                    else "no epoch had finished, so nothing was kept")
+            raise TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, {where} — lower --lr or check "
+                                   f"the loss parameters; {kept}")
+        self.checked = self.steps
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    def totals(self) -> tuple[list[str], list[float]]:
+        """(names of the sums, [seen, correct, agree, *sums]) as host numbers: one read."""
+        names = list(self.sums)
+        values = torch.stack([self.correct, self.agree, *self.sums.values()]).tolist()
+        return names, [self.seen, *values]
 
 
 @contextlib.contextmanager
