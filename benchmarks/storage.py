@@ -32,7 +32,7 @@ from kdcache.cache.store import open_cache
 from kdcache.student.config import TrainConfig
 from kdcache.student.train import train
 from kdcache.teacher.config import PrecomputeConfig
-from kdcache.teacher.outputs import class_uniforms, parse_logits, reduce_feature, target_specs, teacher_targets
+from kdcache.teacher.outputs import class_uniforms, host_arrays, parse_logits, reduce_feature, target_specs, teacher_targets
 from kdcache.teacher.precompute import precompute
 
 NAME = "storage"
@@ -92,7 +92,7 @@ def targets(logits: np.ndarray, mode: str, dtype: str) -> dict[str, tuple[np.nda
         hi = lo + 4096
         uniforms = (torch.from_numpy(class_uniforms(0, index[lo:hi], view[lo:hi], entry["draws"]))
                     if entry["mode"] == "sampled" else None)
-        parts.append(teacher_targets(flat[lo:hi], entry, uniforms))
+        parts.append(host_arrays(teacher_targets(flat[lo:hi], entry, uniforms), {"logits": entry}))
     specs = {s.name: s for s in target_specs(entry, c)}
     return {name: (np.concatenate([p[name] for p in parts]).reshape(n, k, -1), specs[name]) for name in specs}
 

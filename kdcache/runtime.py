@@ -113,3 +113,25 @@ def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+class HostCopier:
+    """Copies a batch's device tensors to the host: from a CUDA device with non-blocking copies into
+    pinned buffers (kept for the next batch of the same shapes) and one synchronisation for all of them;
+    CPU tensors are handed back as they are."""
+
+    def __init__(self) -> None:
+        self._pinned: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not any(t.is_cuda for t in tensors.values()):
+            return {name: t.detach() for name, t in tensors.items()}
+        out = {}
+        for name, t in tensors.items():
+            key = (name, tuple(t.shape), t.dtype)
+            if key not in self._pinned:
+                self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out[name] = self._pinned[key].copy_(t, non_blocking=True)
+        torch.cuda.current_stream(next(iter(tensors.values())).device).synchronize()
+        # the buffers are refilled by the next batch while the writer may still hold this one: hand out copies
+        return {name: t.clone() for name, t in out.items()}

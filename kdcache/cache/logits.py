@@ -36,8 +36,19 @@ def decode_logits(values: np.ndarray, dtype: str) -> np.ndarray:
 
 def to_stored(values: torch.Tensor, dtype: str) -> np.ndarray:
     """``values`` cast to the logical ``dtype`` (float16, bfloat16, float32) as the numpy array that is stored."""
-    t = values.to(getattr(torch, dtype)).cpu()
-    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    return from_device(stored_tensor(values, dtype).cpu(), dtype)
+
+
+def stored_tensor(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``values`` cast to the logical ``dtype`` on their own device; bfloat16 as its int16 bit patterns
+    (numpy has no bfloat16), so the tensor can be copied to the host as it is stored."""
+    t = values.to(getattr(torch, dtype))
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def from_device(host: torch.Tensor, dtype: str) -> np.ndarray:
+    """The stored numpy array of a host copy of :func:`stored_tensor` (bfloat16 bits as uint16)."""
+    return host.numpy().view(np.uint16) if dtype == "bfloat16" else host.numpy()
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

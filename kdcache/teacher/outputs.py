@@ -13,7 +13,8 @@ import torch
 from kdcache import models
 from kdcache.augment.rng import Draws
 from kdcache.cache.arrays import MAP_CODEC, MAP_LEVEL, ArraySpec
-from kdcache.cache.logits import storage_dtype, to_stored
+from kdcache.cache.logits import from_device, storage_dtype, stored_tensor
+from kdcache.runtime import HostCopier
 from kdcache.errors import InvalidSpec
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
@@ -193,38 +194,55 @@ def feature_entries(teacher: torch.nn.Module, spec: str, modes: dict[str, str],
 
 
 def teacher_targets(logits: torch.Tensor, entry: dict[str, Any],
-                    uniforms: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """The target arrays of one batch in logit mode ``entry``, computed on the logits' device."""
+                    uniforms: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The target arrays of one batch in logit mode ``entry``, computed and cast on the logits' device
+    (bfloat16 as int16 bits; see :func:`host_arrays`)."""
     if entry["mode"] == "dense":
-        return {"logits": to_stored(logits, entry["dtype"])}
+        return {"logits": stored_tensor(logits, entry["dtype"])}
     if entry["mode"] == "topk":
         values, indices = topk_log_probs(logits, entry["k"])
-        return {"topk/values": to_stored(values, entry["dtype"]),
-                "topk/indices": indices.cpu().numpy().astype(entry["index_dtype"])}
+        return {"topk/values": stored_tensor(values, entry["dtype"]), "topk/indices": indices}
     ids, counts = sample_counts(logits, uniforms, entry["width"])
-    return {"sampled/ids": ids.cpu().numpy().astype(entry["index_dtype"]),
-            "sampled/counts": counts.cpu().numpy().astype(entry["count_dtype"])}
+    return {"sampled/ids": ids, "sampled/counts": counts}
 
 
 def batch_outputs(capture: FeatureCapture, logits: torch.Tensor, outputs: dict[str, Any], uniforms: torch.Tensor | None,
-                  params: dict[str, np.ndarray], members: Sequence[torch.Tensor] = ()) -> dict[str, np.ndarray]:
+                  params: dict[str, np.ndarray], members: Sequence[torch.Tensor] = (),
+                  copier: HostCopier | None = None) -> dict[str, np.ndarray]:
     """Every per-view array the cache stores for one teacher batch (``outputs``: the manifest's section;
-    ``members``: the ensemble members' float32 logits, stored when the manifest keeps them)."""
-    return {
+    ``members``: the ensemble members' float32 logits, stored when the manifest keeps them). Everything is
+    computed on the device and crosses to the host in one go (``copier``: pinned buffers, one sync)."""
+    on_device = {
         **teacher_targets(logits, outputs["logits"], uniforms),
-        "energy": energy(logits, tuple(outputs["energy"]["temperatures"])).cpu().numpy(),
-        **{f"features/{layer}": fmap.cpu().numpy() for layer, fmap in capture.take().items()},
-        **{f"aug/{name}": values for name, values in params.items()},
+        "energy": energy(logits, tuple(outputs["energy"]["temperatures"])),
+        **{f"features/{layer}": fmap for layer, fmap in capture.take().items()},
         **member_outputs(members, outputs),
     }
+    host = (copier or HostCopier()).copy(on_device)
+    return {**host_arrays(host, outputs), **{f"aug/{name}": values for name, values in params.items()}}
 
 
-def member_outputs(members: Sequence[torch.Tensor], outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The kept member logits ``members/<i>/logits`` of one batch, cast to the stored dtype."""
+def host_arrays(host: dict[str, torch.Tensor], outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The stored numpy arrays of host copies of :func:`batch_outputs`' tensors: bfloat16 bits as uint16,
+    class ids and counts in their stored integer dtypes."""
+    entry, kept = outputs["logits"], outputs.get("members") or {}
+    logical = {"logits": entry.get("dtype"), "topk/values": entry.get("dtype"),
+               **{name: kept.get("dtype") for name in kept.get("arrays", [])}}
+    casts = {"topk/indices": entry.get("index_dtype"), "sampled/ids": entry.get("index_dtype"),
+             "sampled/counts": entry.get("count_dtype")}
+    out = {}
+    for name, tensor in host.items():
+        array = from_device(tensor, logical[name]) if name in logical else tensor.numpy()
+        out[name] = array.astype(casts[name]) if name in casts else array
+    return out
+
+
+def member_outputs(members: Sequence[torch.Tensor], outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The kept member logits ``members/<i>/logits`` of one batch, cast to the stored dtype on the device."""
     kept = outputs.get("members")
     if not kept or not members:
         return {}
-    return {name: to_stored(z, kept["dtype"]) for name, z in zip(kept["arrays"], members)}
+    return {name: stored_tensor(z, kept["dtype"]) for name, z in zip(kept["arrays"], members)}
 
 
 def feature_specs(entries: Sequence[dict[str, Any]]) -> list[ArraySpec]:

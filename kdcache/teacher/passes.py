@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache.cache.store import Cache
-from kdcache.runtime import AUTOCAST, prefetched
+from kdcache.runtime import AUTOCAST, HostCopier, prefetched
 from kdcache.teacher.ensemble import Ensemble
 from kdcache.teacher.outputs import FeatureCapture, batch_outputs, class_uniforms
 from kdcache.views import Renderer
@@ -96,6 +96,7 @@ def run_teacher(
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_as_is)
     capture = FeatureCapture(teacher, {f["layer"]: f["mode"] for f in outputs.get("features", [])})
     autocast_dtype = AUTOCAST[outputs.get("precision", "fp32")]  # the teacher's forward precision
+    copier = HostCopier()
     total = sum(len(b.samples) for b in batches)
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc=desc, disable=not progress,
@@ -115,7 +116,7 @@ def run_teacher(
                     on_batch(inputs, logits)
                 if uniforms is not None:
                     uniforms = torch.as_tensor(uniforms).to(device)
-                arrays = batch_outputs(capture, logits, outputs, uniforms, params, members)
+                arrays = batch_outputs(capture, logits, outputs, uniforms, params, members, copier)
                 yield PassOutput(batches[k], inputs, logits, members, arrays)
                 if reuse_maps:
                     capture.give_back()
