@@ -11,7 +11,6 @@ from kdcache import checks, dataset_specs
 from kdcache.errors import InvalidSpec
 from kdcache.preprocess import parse_norm
 
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -14,8 +14,8 @@ from kdcache import models
 from kdcache.augment.rng import Draws
 from kdcache.cache.arrays import MAP_CODEC, MAP_LEVEL, ArraySpec
 from kdcache.cache.logits import from_device, storage_dtype, stored_tensor
-from kdcache.runtime import HostCopier
 from kdcache.errors import InvalidSpec
+from kdcache.runtime import HostCopier
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32")
 FEATURE_MODES = ("full", "pooled", "attention")

@@ -23,11 +23,11 @@ import torch
 from kdcache import data, distributed, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec
+from kdcache.cache.integrity import damaged_shards, reopen_shards
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, join, write_alias
 from kdcache.cache.store import Cache, cache_exists, create_cache, limit_codec_threads, open_cache
-from kdcache.cache.integrity import damaged_shards, reopen_shards
 from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, InvalidSpec, KdcacheError, MissingData
 from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, resolve_precision
