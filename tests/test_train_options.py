@@ -145,3 +145,26 @@ def test_running_sums_stay_on_the_device_and_name_the_steps_a_non_finite_loss_hi
     sums.check(0, Path("nowhere"), bar)  # not yet: read every 3 steps
     with pytest.raises(TrainingDiverged, match="epoch 1, step 4 — lower --lr"):
         sums.check(0, Path("nowhere"), bar, force=True)
+
+
+@pytest.mark.parametrize("mode", ["dense:float16", "dense:bfloat16", "topk:3", "sampled:20"])
+def test_cached_targets_decoded_on_the_device_equal_the_numpy_decoding(tmp_path, teacher_weights, mode):
+    import numpy as np
+    from tests_support import precompute_config
+
+    from kdcache.cache.store import open_cache
+    from kdcache.student.targets import CacheTargets
+    from kdcache.teacher.precompute import precompute
+
+    logits, _, dtype = mode.partition(":") if mode.startswith("dense") else (mode, "", "float16")
+    cache = open_cache(precompute(precompute_config(tmp_path, teacher_weights, logits=logits,
+                                                    logit_dtype=dtype or "float16")).path)
+    targets = CacheTargets(cache, energy=True)
+    stored = cache.read_block(targets.arrays(), 0, 16, 1)
+    batch = {f"teacher/{name}": torch.from_numpy(np.ascontiguousarray(v)) for name, v in stored.items()}
+    on_device = targets(batch, torch.device("cpu"))  # the trainer's path: decode where the loss runs
+    reference = targets.decode(batch)  # the loader's numpy path (kdcache.loader)
+    got = on_device.logits if on_device.logits is not None else on_device.probs
+    want = reference["logits"] if "logits" in reference else reference["probs"]
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(on_device.energy, reference["energy"][:, targets.energy_column])

@@ -89,3 +89,32 @@ def densify(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, np.nd
     if temperature != 1.0:
         probs = probs ** (1.0 / temperature)
     return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def decode_logits_tensor(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """:func:`decode_logits` in torch, on the tensor's own device (the trainer's, for cached targets that
+    cross to it as stored)."""
+    if dtype == "bfloat16":
+        return (values.to(torch.int32) << 16).view(torch.float32)
+    return values.float()
+
+
+def densify_tensors(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`densify` at T = 1 in torch, on the block's device: float32 ``[B, C]`` probabilities."""
+    mode = spec["mode"]
+    if mode == "dense":
+        return decode_logits_tensor(block["logits"], spec["dtype"]).softmax(dim=-1)
+    if mode == "topk":
+        p = decode_logits_tensor(block["topk/values"], spec["dtype"]).double().exp()
+        k = p.shape[-1]
+        rest = (1.0 - p.sum(dim=-1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)
+        probs = rest.expand(*p.shape[:-1], num_classes).clone()
+        probs.scatter_(-1, block["topk/indices"].long(), p)
+    elif mode == "sampled":
+        ids = block["sampled/ids"].long()
+        probs = torch.zeros((*ids.shape[:-1], num_classes + 1), dtype=torch.float64, device=ids.device)
+        probs.scatter_(-1, torch.where(ids >= 0, ids, num_classes), block["sampled/counts"].double())
+        probs = probs[..., :num_classes]
+    else:
+        raise UnsupportedFormat(f"logit mode {mode!r} is unknown to this kdcache — upgrade kdcache")
+    return (probs / probs.sum(dim=-1, keepdim=True)).float()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kdcache import losses
-from kdcache.cache.logits import decode_logits
+from kdcache.cache.logits import decode_logits, decode_logits_tensor, densify_tensors
 from kdcache.cache.manifest import energy_temperature
 from kdcache.cache.store import Cache
 from kdcache.errors import CacheMismatch, InvalidSpec
@@ -124,15 +124,19 @@ class CacheTargets:
         return out
 
     def __call__(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> losses.TeacherBatch:
-        decoded = self.decode(batch)
+        """The teacher's side of a training batch on ``device``: the stored arrays cross as they are
+        (float16 or bfloat16 bits, ids and counts; non-blocking from the loader's pinned memory) and are
+        decoded and densified there."""
+        block = {name: batch[f"teacher/{name}"].to(device, non_blocking=True) for name in self.targets}
         teacher = losses.TeacherBatch()
-        if "logits" in decoded:
-            teacher.logits = decoded["logits"].to(device)
+        if self.dense:
+            teacher.logits = decode_logits_tensor(block["logits"], self.cache.logit_dtype)
         else:
-            teacher.probs = decoded["probs"].to(device)
+            teacher.probs = densify_tensors(self.cache.manifest["outputs"]["logits"], self.cache.num_classes, block)
         if self.energy_column is not None:
-            teacher.energy = decoded["energy"][:, self.energy_column].to(device)
-        teacher.features = {layer: fmap.to(device) for layer, fmap in decoded["features"].items()}
+            teacher.energy = batch["teacher/energy"][:, self.energy_column].to(device, non_blocking=True).float()
+        teacher.features = {layer: batch[f"teacher/{name}"].to(device, non_blocking=True).float()
+                            for layer, name in self.features.items()}
         return teacher
 
 
