@@ -5,8 +5,9 @@
   (decoding and rendering included), and at 32 px from memory (separating decoding from the teacher);
 - training images/s of a ResNet-18 student from the cache, against the student alone (CE, live views)
   and against online KD (the teacher run on every batch);
-- peak GPU memory of each phase, and the share of a training step spent waiting for data (a loop over
-  ``kdcache.loader`` timing ``next()`` apart from the step).
+- peak GPU memory of each phase, the share of a training step spent waiting for data (a loop over
+  ``kdcache.loader`` timing ``next()`` apart from the step), and the host synchronisations per training
+  step that ``torch.cuda.set_sync_debug_mode("warn")`` reports (evaluation included, one epoch).
 
 Weights are random (nothing is downloaded): speed does not depend on them. ``--tiny`` shrinks every
 size so the whole script runs on a CPU in seconds (tests/test_benchmarks.py runs it).
@@ -111,15 +112,37 @@ def train_phase(s: dict[str, Any], dataset: str, cache: str, teacher_weights: st
                 workers: int | None) -> dict[str, Any]:
     common = dict(dataset=dataset, model=s["student"], epochs=s["epochs"], batch_size=s["batch"], device=str(dev),
                   workers=workers, progress=False, size=s["size"])
-    rates = {}
+    rates: dict[str, Any] = {}
     for name, extra in (("from_cache", {"cache": cache, "loss": "kd"}), ("alone", {"loss": "ce"}),
                         ("online_kd", {"online_teacher": s["teacher"], "teacher_weights": teacher_weights,
                                        "loss": "kd"})):
         result = train(TrainConfig(out=str(out / name), **common, **extra))
         rates[name] = {"images_per_s": result.final["images_per_s"], "peak_bytes": _peak(dev)}
+    rates["host_syncs_per_step"] = sync_count(s, dataset, cache, out / "syncs", dev, workers)
     rates["cached_vs_alone"] = rates["from_cache"]["images_per_s"] / rates["alone"]["images_per_s"]
     rates["online_vs_cached"] = rates["online_kd"]["images_per_s"] / rates["from_cache"]["images_per_s"]
     return rates
+
+
+def sync_count(s: dict[str, Any], dataset: str, cache: str, out: Path, dev: torch.device,
+               workers: int | None) -> float | None:
+    """Host synchronisations per training step from the cache, counted by CUDA's sync debug mode (one
+    warning each); None on a CPU, which has nothing to synchronise with."""
+    if dev.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(TrainConfig(dataset=dataset, model=s["student"], out=str(out), cache=cache, loss="kd",
+                                       epochs=1, batch_size=s["batch"], device=str(dev), workers=workers,
+                                       progress=False, size=s["size"]))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    steps = max(1, round(result.final["seconds"] * result.final["images_per_s"] / s["batch"]))
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def data_wait(s: dict[str, Any], dataset: str, cache: str, dev: torch.device, workers: int | None) -> float:
