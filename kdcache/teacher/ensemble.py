@@ -116,8 +116,8 @@ def load_teachers(
     if ensemble not in ENSEMBLE_MODES:
         raise InvalidSpec(f"--ensemble {ensemble!r} is not one of {', '.join(ENSEMBLE_MODES)}")
     pairs = member_pairs(teacher, weights)
-    loaded = _given(pairs, modules, num_classes) if modules is not None else [_load(s, w, num_classes, channels)
-                                                                               for s, w in pairs]
+    loaded = (_given(pairs, modules, num_classes, mapped=class_map is not None) if modules is not None
+              else [_load(s, w, num_classes, channels) for s, w in pairs])
     section: dict[str, Any] = {"members": [m.entry() for m in loaded], "ensemble": None}
     counts = {m.num_classes for m in loaded}
     if len(counts) > 1:
@@ -141,12 +141,15 @@ def load_teachers(
     return Teachers(Ensemble(nets, ensemble, keep_members), section, pre)
 
 
-def _given(pairs: list[tuple[str, str | None]], modules: nn.Module | Sequence[nn.Module],
-           num_classes: int) -> list[LoadedModel]:
+def _given(pairs: list[tuple[str, str | None]], modules: nn.Module | Sequence[nn.Module], num_classes: int,
+           mapped: bool) -> list[LoadedModel]:
+    """Teachers handed over as modules: taken to have the dataset's classes, or with a class map the
+    outputs of their last Linear layer."""
     given = [modules] if isinstance(modules, nn.Module) else list(modules)
     if len(given) != len(pairs):
         raise InvalidSpec(f"{len(given)} teacher modules but {len(pairs)} teacher specs — name each module")
-    return [LoadedModel(m, spec, w, state_sha256(m), _outputs(m, num_classes)) for (spec, w), m in zip(pairs, given)]
+    return [LoadedModel(m, spec, w, state_sha256(m), _outputs(m, num_classes) if mapped else num_classes)
+            for (spec, w), m in zip(pairs, given)]
 
 
 def _outputs(model: nn.Module, default: int) -> int:
