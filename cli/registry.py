@@ -27,13 +27,16 @@ def models() -> None:
 
 @app.command("losses")
 def list_losses() -> None:
-    """List the distillation losses: name, teacher inputs needed, scope, defaults, source."""
+    """List the distillation losses: name, teacher inputs needed, scope, defaults, source, and what a
+    sparse (top-k or sampled) cache gives each loss that reads the teacher's distribution."""
     from kdcache import losses
 
     for cls in losses.available():
         needs = ",".join(sorted(cls.needs)) or "none"
         defaults = " ".join(f"{k}={v}" for k, v in cls.defaults.items())
         typer.echo(f"{cls.name:<11} needs={needs:<20} scope={cls.scope:<6} {defaults}  [{cls.source}]")
+        if cls.sparse:
+            typer.echo(f"{'':<11} sparse caches: {cls.sparse}")
 
 
 @app.command()

@@ -321,14 +321,13 @@ def test_online_teacher_gives_the_loss_of_a_float32_cache(tmp_path, feature_cach
         assert torch.allclose(value.float(), online.model.state_dict()[key].float(), rtol=0, atol=1e-6), key
 
 
-def test_sparse_cache_trains_kd_and_dr_and_refuses_losses_that_need_dense_logits(tmp_path, teacher_weights):
+@pytest.mark.parametrize("mode", ["topk:3", "sampled:20"])
+def test_every_logit_loss_trains_from_a_sparse_cache(tmp_path, teacher_weights, mode):
     sparse = precompute(PrecomputeConfig(dataset=DATASET, teacher="cnn", weights=teacher_weights,
-                                         out=str(tmp_path / "c"), views=2, logits="topk:3", progress=False)).path
-    for loss in ("kd", "dr"):
-        result = train(cfg(tmp_path / loss, cache=sparse, loss=loss, epochs=1))
-        assert np.isfinite(result.final["loss"]) and 0 <= result.final["teacher_agreement"] <= 100
-    with pytest.raises(CacheMismatch, match="sparse"):
-        train(cfg(tmp_path / "dkd", cache=sparse, loss="dkd"))
+                                         out=str(tmp_path / "c"), views=2, logits=mode, progress=False)).path
+    for loss in ("kd", "dr", "dkd", "nkd", "dist", "cskd", "r2kd", "energy_kd", "energy_dkd", "pld", "mixkd"):
+        result = train(cfg(tmp_path / loss, cache=sparse, loss=loss, epochs=1, batch_size=32))
+        assert np.isfinite(result.final["loss"]) and 0 <= result.final["teacher_agreement"] <= 100, loss
 
 
 def test_train_command_passes_teacher_and_robust_options_through(tmp_path, teacher_weights, monkeypatch, capsys):

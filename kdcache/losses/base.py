@@ -70,6 +70,7 @@ class Loss(torch.nn.Module):
     source: ClassVar[str]
     defaults: ClassVar[dict[str, Any]]
     feature_modes: ClassVar[tuple[str, ...]] = ()  # cached map modes usable for each layer
+    sparse: ClassVar[str] = ""  # what a top-k or sampled cache gives the loss; "" if it reads no logits
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -131,8 +132,7 @@ class Loss(torch.nn.Module):
         if need == "logits" and "probs" in available:
             return (
                 f"loss {self.name} needs dense teacher logits; this cache holds sparse "
-                "(top-k or sampled) probabilities only — re-run precompute with dense logits, "
-                "or use a loss that accepts sparse caches (kd, dr)"
+                "(top-k or sampled) probabilities only — re-run precompute with --logits dense"
             )
         if need == "energy":
             return (
@@ -214,27 +214,43 @@ def kl_rows(target: torch.Tensor, log_pred: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(target, target) - target * log_pred).sum(1)
 
 
-def teacher_log_probs(loss: str, teacher: TeacherBatch, T: float | torch.Tensor) -> torch.Tensor:
-    """log softmax(zt/T); from probabilities (sparse caches) as log of p^(1/T) renormalised.
+def teacher_scores(loss: str, teacher: TeacherBatch) -> torch.Tensor:
+    """The teacher's logits as float32 [B,C]; from a sparse cache, ``log p`` of the densified
+    distribution (``-inf`` where p = 0).
 
-    For dense probabilities the two agree exactly; for a densified sparse cache the tempering
-    also lifts the uniformly spread tail, which is the documented approximation.
+    ``log softmax(zt) = zt - logsumexp(zt)``, so ``log p`` equals the logits up to a per-row
+    constant, and every function of ``softmax(zt/T)``, ranks or the logits' spread reads it as the
+    logits. Where ``p`` is exact (dense, top-k's own classes) the loss is exact; the tail (uniform
+    for top-k, zero for unsampled classes) is the approximation docs/losses.md states.
     """
     if teacher.logits is not None:
-        return F.log_softmax(teacher.logits.float() / T, dim=1)
+        return teacher.logits.float()
     if teacher.probs is not None:
-        return F.log_softmax(torch.log(teacher.probs.float()) / T, dim=1)
+        return torch.log(teacher.probs.float())
     raise CacheMismatch(
         f"loss {loss} got a batch without teacher logits or probabilities "
         "— check that the cache holds logits"
     )
 
 
-def teacher_logits(loss: str, teacher: TeacherBatch) -> torch.Tensor:
-    """Dense teacher logits as float32, or a one-line error when the batch has none."""
-    if teacher.logits is None:
-        raise CacheMismatch(
-            f"loss {loss} needs dense teacher logits and the batch has none "
-            "— re-run precompute with dense logits"
-        )
-    return teacher.logits.float()
+def softmax_rows(scores: torch.Tensor, T: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``softmax(scores / T)`` per row, with rows that are all ``-inf`` (no mass at all, e.g. the
+    non-target classes of a sampled view whose every draw hit its label) set to zeros, not NaN."""
+    return torch.nan_to_num(F.softmax(scores / T, dim=1), nan=0.0)
+
+
+def mean_over(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``keep``: the batch-level losses average their per-class terms over
+    the classes the teacher gives some spread in this batch. A class no view has mass on (possible
+    only from a sampled cache) has no defined correlation and would only dilute the others."""
+    keep = keep.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp_min(1)
+
+
+def teacher_log_probs(loss: str, teacher: TeacherBatch, T: float | torch.Tensor) -> torch.Tensor:
+    """log softmax(zt/T); from probabilities (sparse caches) as log of p^(1/T) renormalised.
+
+    For dense probabilities the two agree exactly; for a densified sparse cache the tempering
+    also lifts the uniformly spread tail, which is the documented approximation.
+    """
+    return F.log_softmax(teacher_scores(loss, teacher) / T, dim=1)

@@ -16,7 +16,9 @@ from kdcache.losses.base import (
     StudentOutput,
     TeacherBatch,
     cross_entropy,
-    teacher_logits,
+    mean_over,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.registry import register
 
@@ -24,8 +26,9 @@ _CS_TOL = 1e-6  # cosine spans below this are float32 rounding noise, not a real
 
 
 def class_cosine_distance(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
-    """``L_CS = 1 - mean_c cos(Ps[:,c], Pt[:,c])``: cosine along the batch axis per class."""
-    return 1 - F.cosine_similarity(ps, pt, dim=0).mean()
+    """``L_CS = 1 - mean_c cos(Ps[:,c], Pt[:,c])``: cosine along the batch axis per class, over the
+    classes the teacher gives mass in the batch (all of them, unless the cache is sampled)."""
+    return 1 - mean_over(F.cosine_similarity(ps, pt, dim=0), pt.sum(0) > 0)
 
 
 @register
@@ -39,9 +42,13 @@ class CSKD(Loss):
     """
 
     name = "cskd"
-    needs = frozenset({"logits"})
+    needs = frozenset({"probs"})
     scope = "batch"
     source = "Ham et al., arXiv 2311.14307"
+    sparse = (
+        "approximate: softmax(zt/T) and the CSWT cosines use p^(1/T) renormalised; the tail is uniform (top-k) or zero (sampled); "
+        "the per-class means skip classes without mass in the batch"
+    )
     defaults = {"T": 4.0, "t_low": 2.0, "t_high": 6.0, "ce_weight": 1.0}
     T: float
     t_low: float
@@ -60,7 +67,7 @@ class CSKD(Loss):
     def cswt_temperatures(self, zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
         """Per-sample temperatures [B]: the least teacher-like student rows get t_high."""
         with torch.no_grad():
-            cs = F.cosine_similarity(F.softmax(zs, dim=1), F.softmax(zt, dim=1), dim=1)
+            cs = F.cosine_similarity(F.softmax(zs, dim=1), softmax_rows(zt), dim=1)
             span = cs.max() - cs.min()
             frac = torch.where(
                 span > _CS_TOL, (cs.max() - cs) / span.clamp_min(_CS_TOL), torch.full_like(cs, 0.5)
@@ -70,14 +77,14 @@ class CSKD(Loss):
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
         T = self.T
-        cs = 2 * T**2 * class_cosine_distance(F.softmax(zs / T, dim=1), F.softmax(zt / T, dim=1))
+        cs = 2 * T**2 * class_cosine_distance(F.softmax(zs / T, dim=1), softmax_rows(zt, T))
         Ti = self.cswt_temperatures(zs, zt).unsqueeze(1)
         cswt = (
             2
             * Ti.mean() ** 2
-            * class_cosine_distance(F.softmax(zs / Ti, dim=1), F.softmax(zt / Ti, dim=1))
+            * class_cosine_distance(F.softmax(zs / Ti, dim=1), softmax_rows(zt, Ti))
         )
         ce = self.ce_weight * cross_entropy(zs, batch)
         return ce + cs + cswt, {"ce": ce.detach(), "cs": cs.detach(), "cswt": cswt.detach()}

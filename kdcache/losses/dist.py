@@ -14,7 +14,9 @@ from kdcache.losses.base import (
     StudentOutput,
     TeacherBatch,
     cross_entropy,
-    teacher_logits,
+    mean_over,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.registry import register
 
@@ -29,9 +31,13 @@ class DIST(Loss):
     """``L = ce_weight·CE + T²·(beta·L_inter + gamma·L_intra)``; beta = gamma = 2 is 2·τ²."""
 
     name = "dist"
-    needs = frozenset({"logits"})
+    needs = frozenset({"probs"})
     scope = "batch"
     source = "Huang et al., arXiv 2205.10536"
+    sparse = (
+        "approximate: softmax(zt/T) is p^(1/T) renormalised; the tail is uniform (top-k) or zero (sampled); "
+        "the per-class mean skips classes without spread in the batch"
+    )
     defaults = {"T": 4.0, "beta": 2.0, "gamma": 2.0, "ce_weight": 1.0}
     T: float
     beta: float
@@ -45,10 +51,11 @@ class DIST(Loss):
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
-        ps, pt = F.softmax(zs / self.T, dim=1), F.softmax(zt / self.T, dim=1)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
+        ps, pt = F.softmax(zs / self.T, dim=1), softmax_rows(zt, self.T)
         inter = self.beta * self.T**2 * (1 - pearson_rows(ps, pt).mean())
-        intra = self.gamma * self.T**2 * (1 - pearson_rows(ps.t(), pt.t()).mean())
+        varies = (pt - pt.mean(0)).abs().amax(0) > 0
+        intra = self.gamma * self.T**2 * (1 - mean_over(pearson_rows(ps.t(), pt.t()), varies))
         ce = self.ce_weight * cross_entropy(zs, batch)
         return ce + inter + intra, {
             "ce": ce.detach(),

@@ -13,7 +13,8 @@ from kdcache.losses.base import (
     TeacherBatch,
     cross_entropy,
     kl_rows,
-    teacher_logits,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.registry import register
 
@@ -38,7 +39,7 @@ def dkd_terms(
     rows, classes = zs.shape
     zs_other = zs[~target].view(rows, classes - 1)
     zt_other = zt[~target].view(rows, classes - 1)
-    nckd = kl_rows(F.softmax(zt_other / T, dim=1), F.log_softmax(zs_other / T, dim=1))
+    nckd = kl_rows(softmax_rows(zt_other, T), F.log_softmax(zs_other / T, dim=1))
     return tckd, nckd
 
 
@@ -47,9 +48,12 @@ class DKD(Loss):
     """``L = ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD)``, both ×T²."""
 
     name = "dkd"
-    needs = frozenset({"logits"})
+    needs = frozenset({"probs"})
     scope = "sample"
     source = "Zhao et al., arXiv 2203.08679"
+    sparse = (
+        "approximate: log p stands in for zt (equal up to a per-row constant); the tail is uniform (top-k) or zero (sampled); a view with no non-target mass has NCKD 0"
+    )
     defaults = {"T": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20, "ce_weight": 1.0}
     T: float
     alpha: float
@@ -66,7 +70,7 @@ class DKD(Loss):
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
         tckd, nckd = dkd_terms(zs, zt, batch.labels, self.T)
         scale = warmup_factor(batch.epoch, self.warmup) * self.T**2
         tc = scale * self.alpha * tckd.mean()

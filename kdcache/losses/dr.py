@@ -28,6 +28,9 @@ class DR(Loss):
     needs = frozenset({"probs"})
     scope = "sample"
     source = "Faghri et al. (dataset reinforcement), arXiv 2303.08983"
+    sparse = (
+        "approximate: the target is the densified distribution (the paper's own target for its top-k sets); a sampled cache gives an unbiased gradient"
+    )
     defaults = {}
 
     def forward(

@@ -18,7 +18,8 @@ from kdcache.losses.base import (
     TeacherBatch,
     cross_entropy,
     kl_rows,
-    teacher_logits,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.dkd import dkd_terms, warmup_factor
 from kdcache.losses.registry import register
@@ -44,9 +45,12 @@ class EnergyKD(Loss):
     """
 
     name = "energy_kd"
-    needs = frozenset({"logits", "energy"})
+    needs = frozenset({"probs", "energy"})
     scope = "sample"
     source = "Kim et al., arXiv 2311.14334"
+    sparse = (
+        "temperatures exact (the stored energies come from the full logits); the KL target is p^(1/T_i) renormalised, as for kd"
+    )
     defaults = {"ce_weight": 0.1, "kd_weight": 0.9, **_ENERGY_DEFAULTS}
     r_low: float
     r_high: float
@@ -113,8 +117,8 @@ class EnergyKD(Loss):
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         T = self.temperatures(teacher.energy, batch.mixed).unsqueeze(1)
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
-        kl = kl_rows(F.softmax(zt / T, dim=1), F.log_softmax(zs / T, dim=1))
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
+        kl = kl_rows(softmax_rows(zt, T), F.log_softmax(zs / T, dim=1))
         kd = self.kd_weight * (T.squeeze(1) ** 2 * kl).mean()
         ce = self.ce_weight * cross_entropy(zs, batch)
         return ce + kd, {"ce": ce.detach(), "kd": kd.detach()}
@@ -128,6 +132,9 @@ class EnergyDKD(EnergyKD):
     """
 
     name = "energy_dkd"
+    sparse = (
+        "temperatures exact (the stored energies come from the full logits); TCKD and NCKD as for dkd"
+    )
     defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "warmup": 20, **_ENERGY_DEFAULTS}
     alpha: float
     beta: float
@@ -137,7 +144,7 @@ class EnergyDKD(EnergyKD):
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         T = self.temperatures(teacher.energy, batch.mixed).unsqueeze(1)
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
         tckd, nckd = dkd_terms(zs, zt, batch.labels, T)
         scale = warmup_factor(batch.epoch, self.warmup) * T.squeeze(1) ** 2
         tc = self.alpha * (scale * tckd).mean()

@@ -11,7 +11,8 @@ from kdcache.losses.base import (
     StudentOutput,
     TeacherBatch,
     cross_entropy,
-    teacher_logits,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.registry import register
 
@@ -25,9 +26,12 @@ class NKD(Loss):
     """
 
     name = "nkd"
-    needs = frozenset({"logits"})
+    needs = frozenset({"probs"})
     scope = "sample"
     source = "Yang et al., arXiv 2303.13005"
+    sparse = (
+        "approximate: log p stands in for zt; the tail is uniform (top-k) or zero (sampled); a view with no non-target mass has a non-target term of 0"
+    )
     defaults = {"T": 3.0, "gamma": 3.5, "ce_weight": 1.0}
     T: float
     gamma: float
@@ -40,15 +44,15 @@ class NKD(Loss):
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
         y = batch.labels.unsqueeze(1)
-        pt_y = F.softmax(zt, dim=1).gather(1, y)
+        pt_y = softmax_rows(zt).gather(1, y)
         log_ps_y = F.log_softmax(zs, dim=1).gather(1, y)
         target = -(pt_y * log_ps_y).mean()
         rows, classes = zs.shape
         other = ~F.one_hot(batch.labels, classes).bool()
         zs_o, zt_o = zs[other].view(rows, classes - 1), zt[other].view(rows, classes - 1)
-        cross = (F.softmax(zt_o / self.T, dim=1) * F.log_softmax(zs_o / self.T, dim=1)).sum(1)
+        cross = (softmax_rows(zt_o, self.T) * F.log_softmax(zs_o / self.T, dim=1)).sum(1)
         non_target = -self.gamma * self.T**2 * cross.mean()
         ce = self.ce_weight * cross_entropy(zs, batch)
         return ce + target + non_target, {

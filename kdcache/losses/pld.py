@@ -10,7 +10,8 @@ from kdcache.losses.base import (
     Loss,
     StudentOutput,
     TeacherBatch,
-    teacher_logits,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.registry import register
 
@@ -23,9 +24,12 @@ class PLD(Loss):
     """
 
     name = "pld"
-    needs = frozenset({"logits"})
+    needs = frozenset({"probs"})
     scope = "sample"
     source = "PLD (Plackett-Luce distillation), arXiv 2506.12542"
+    sparse = (
+        "approximate: classes are ranked by p and tied classes (top-k's uniform tail, unsampled classes) keep class order; qt is p^(1/T) renormalised"
+    )
     defaults = {"T": 1.0}
     T: float
 
@@ -36,11 +40,11 @@ class PLD(Loss):
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
         label_first = zt.scatter(1, batch.labels.unsqueeze(1), float("inf"))
         order = torch.sort(label_first, dim=1, descending=True, stable=True).indices
         zs_ranked = zs.gather(1, order)
-        q_ranked = F.softmax(zt / self.T, dim=1).gather(1, order)
+        q_ranked = softmax_rows(zt, self.T).gather(1, order)
         suffix_lse = torch.logcumsumexp(zs_ranked.flip(1), dim=1).flip(1)
         kd = (q_ranked * (suffix_lse - zs_ranked)).sum(1).mean()
         return kd, {"kd": kd.detach()}

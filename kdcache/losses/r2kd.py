@@ -14,7 +14,9 @@ from kdcache.losses.base import (
     StudentOutput,
     TeacherBatch,
     cross_entropy,
-    teacher_logits,
+    mean_over,
+    softmax_rows,
+    teacher_scores,
 )
 from kdcache.losses.registry import register
 
@@ -30,9 +32,13 @@ class R2KD(Loss):
     """
 
     name = "r2kd"
-    needs = frozenset({"logits"})
+    needs = frozenset({"probs"})
     scope = "batch"
     source = "Kim et al., arXiv 2311.13934"
+    sparse = (
+        "approximate: softmax(zt/T) is p^(1/T) renormalised; the tail is uniform (top-k) or zero (sampled); "
+        "the per-class mean skips classes without mass in the batch"
+    )
     defaults = {"T": 4.0, "ce_weight": 1.0}
     T: float
     ce_weight: float
@@ -44,11 +50,11 @@ class R2KD(Loss):
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        zs, zt = student.logits.float(), teacher_logits(self.name, teacher)
-        ps, pt = F.softmax(zs / self.T, dim=1), F.softmax(zt / self.T, dim=1)
+        zs, zt = student.logits.float(), teacher_scores(self.name, teacher)
+        ps, pt = F.softmax(zs / self.T, dim=1), softmax_rows(zt, self.T)
         scale = 2 * self.T**2
         inter = scale * (1 - F.cosine_similarity(ps, pt, dim=1).mean())
-        intra = scale * (1 - F.cosine_similarity(ps, pt, dim=0).mean())
+        intra = scale * (1 - mean_over(F.cosine_similarity(ps, pt, dim=0), pt.sum(0) > 0))
         ce = self.ce_weight * cross_entropy(zs, batch)
         return ce + inter + intra, {
             "ce": ce.detach(),

@@ -16,6 +16,8 @@ def register(cls: type[Loss]) -> type[Loss]:
         raise ValueError(f"loss name {cls.name!r} registered twice")
     if not cls.needs <= NEEDS or cls.scope not in {"sample", "batch"}:
         raise ValueError(f"loss {cls.name!r} declares unknown needs or scope")
+    if "probs" in cls.needs and not cls.sparse:
+        raise ValueError(f"loss {cls.name!r} reads the teacher distribution but says nothing of sparse caches")
     _LOSSES[cls.name] = cls
     return cls
 
