@@ -223,24 +223,29 @@ def evaluate(
 def quickstart(
     out: Annotated[Path, typer.Option(help="Directory for the teacher, cache and students.")] = Path("quickstart"),
     dataset: Annotated[Optional[str], typer.Option(help="Dataset spec. [default: mnist5k]")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher model spec. [default: resnet32x4]")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student model spec. [default: resnet8x4]")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input side in pixels, teacher and student. [default: 12]")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(help="Teacher training epochs. [default: 4]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each student. [default: 2]")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher model spec. [default: resnet20]")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student model spec. [default: resnet8]")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Input side in pixels, teacher and student. [default: 16]")] = None,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="Teacher training epochs. [default: 6]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of each student. [default: 5]")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views per sample in the cache. [default: 8]")] = None,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    loss: Annotated[Optional[str], typer.Option(help="Loss of the online and the cached student (see `kdcache losses`). [default: kd]")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads for every stage, so that the result does not depend on the machine. [default: 2]")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the teacher, the cache's views and the students.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Teacher → cache → student alone vs. from the cache, on built-in data; prints a table."""
-    from kdcache.quickstart import QuickstartConfig, run_quickstart, table
+    """Teacher → cache → the student alone, with the teacher online, and from the cache, on built-in data;
+    prints a table and what the cache saved."""
+    from kdcache.quickstart import QuickstartConfig, run_quickstart, summary, table
 
     given = dict(dataset=dataset, teacher=teacher, student=student, size=size, teacher_epochs=teacher_epochs,
-                 student_epochs=epochs, views=views)
+                 student_epochs=epochs, views=views, loss=loss, threads=threads)
     cfg = QuickstartConfig(out=str(out), seed=seed, progress=not quiet,
                            **{key: value for key, value in given.items() if value is not None})
+    cfg.validate()
     stages = run_quickstart(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(table(stages))
+    typer.echo(summary(stages))
 
 
 @app.command()
