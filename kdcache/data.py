@@ -21,14 +21,13 @@ from PIL import Image
 
 from kdcache import dataset_specs
 from kdcache.errors import MissingData, MissingDependency
+from kdcache.fake import TEST_OFFSET as FAKE_TEST_OFFSET
+from kdcache.fake import fake_images
 
 # Seed of the fixed train/test splits of mnist5k and digits. numpy's legacy RandomState is used
 # because its streams are frozen across numpy versions, so the split never changes.
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
-# FakeData seeds image i with torch.manual_seed(i + random_offset); test images start here so they
-# never coincide with train images of any fake:N.
-FAKE_TEST_OFFSET = 10**9
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Image folders are not scanned for statistics; these are the usual ImageNet constants.
 RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -192,16 +191,12 @@ def _stratified_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fake(spec: str, n: int, c: int, s: int) -> Source:
-    from torchvision.datasets import FakeData
-    from torchvision.transforms.functional import pil_to_tensor
+    """``fake:N:C:S``: N train and max(N//4, 1) test images made by kdcache.fake's formula."""
+    def split(first: int, count: int) -> TensorImageSet:
+        images, labels = fake_images(first, count, s, c)
+        return TensorImageSet(torch.from_numpy(images), labels)
 
-    def materialise(size: int, offset: int) -> TensorImageSet:
-        data = FakeData(size=size, image_size=(3, s, s), num_classes=c, random_offset=offset)
-        pairs = [data[i] for i in range(size)]
-        images = torch.stack([pil_to_tensor(im) for im, _ in pairs])
-        return TensorImageSet(images, np.array([int(t) for _, t in pairs], dtype=np.int64))
-
-    train, test = materialise(n, 0), materialise(max(n // 4, 1), FAKE_TEST_OFFSET)
+    train, test = split(0, n), split(FAKE_TEST_OFFSET, max(n // 4, 1))
     return _tensor_source(spec, train, test, tuple(str(k) for k in range(c)))
 
 

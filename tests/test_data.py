@@ -102,6 +102,36 @@ def test_fake_images_depend_only_on_their_index():
     assert np.array_equal(small.train.labels, large.train.labels[:8])
 
 
+def _mix64(x: int) -> int:
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_fake_images_follow_the_documented_formula():
+    """Written from docs/datasets-and-models.md in plain Python integers, not through kdcache.fake."""
+    source = open_source("fake:4:7:5")
+    for index, (image, label) in enumerate([source.train[3], source.test[0]]):
+        i = (3, 10**9)[index]
+        stream = b"".join(_mix64(i * 2**24 + j).to_bytes(8, "little") for j in range(10))
+        assert image.numpy().tobytes() == stream[: 3 * 5 * 5]
+        assert label == _mix64(i * 2**24 + 2**24 - 1) % 7
+
+
+def test_fake_images_are_the_same_on_every_machine():
+    """Fixed hashes: a change here changes every fake: dataset's fingerprint and every cache made from one."""
+    import hashlib
+
+    source = open_source("fake:64")
+    digests = [hashlib.sha256(im.numpy().tobytes()).hexdigest()[:16]
+               for im in (source.train.images[0], source.train.images[63], source.test.images[15])]
+    assert digests == ["877dbe0255c923c7", "f101e5588cd2ceb3", "fad01b07e4cea10f"]
+    assert source.train.labels[:8].tolist() == [1, 2, 3, 9, 4, 5, 5, 8]
+    assert source.fingerprint == "sha256:5bfb557738d3e62522ef92d8a2699fe774af16c5b11e04113a860af4061d1cfd"
+
+
 def test_fingerprint_differs_between_datasets():
     prints = {open_source(s).fingerprint for s in ("fake:8", "fake:9", "fake:8:3", "digits")}
     assert len(prints) == 4
