@@ -22,7 +22,7 @@ def info(
 
     Sizes: stored and raw bytes per array, their ratio, stored bytes per view.
     Teacher top-1: argmax of the cached targets against the labels, over every cached view.
-    Energy quantiles: the 0/20/50/80/100% points at each stored temperature.
+    Energy quantiles: the 0/20/50/80/100% points at each stored temperature (of an even sample of 2**20 views beyond that many; extremes exact).
     """
     from kdcache.cache.info import describe, modes
 
@@ -90,13 +90,16 @@ def verify(
     resample bit for bit and outputs match within the tolerance of docs/format.md.
     Exit code 0: intact; 1: problems found; 2: the cache could not be opened.
     """
-    from kdcache.audit import recompute as replay
     from kdcache.cache.integrity import repair as mend
     from kdcache.cache.integrity import verify as run
 
     report, reopened = mend(cache) if repair else (run(cache), [])
-    replayed = replay(cache, recompute, [str(w) for w in weights or ()] or None, recompute_seed, dataset,
-                      device=device) if recompute and report.ok else None
+    replayed = None
+    if recompute and report.ok:
+        from kdcache.audit import recompute as replay  # the teacher's side, torch: only to recompute
+
+        replayed = replay(cache, recompute, [str(w) for w in weights or ()] or None, recompute_seed, dataset,
+                          device=device)
     problems = [*report.problems, *(replayed.problems if replayed else ())]
     if as_json:
         typer.echo(json.dumps(report.to_json() | ({"recompute": replayed.to_json()} if replayed else {})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_sizes_and_prints_one_json(tmp_path, capsys):
     from benchmarks import gpu
@@ -18,3 +20,28 @@ def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_sizes_and_prints_one_json(tmp_p
     assert {"from_cache", "alone", "online_kd"} <= set(training) and training["cached_vs_alone"] > 0
     assert 0 <= record["data_wait_share"] <= 1
     assert (tmp_path / "gpu.json").is_file()
+
+
+def test_the_fake_data_benchmark_compares_the_formula_with_torchvision(tmp_path, capsys, monkeypatch):
+    from benchmarks import fake_data
+
+    monkeypatch.setattr(fake_data, "torchvision_fake", lambda count, side: 125.0)  # FakeData costs seconds
+    record = fake_data.main(["--quick", "--reps", "1", "--out", str(tmp_path)])
+    assert [row["side"] for row in record["rows"]] == [8, 32]
+    assert all(row["formula_images_per_s"] > 0 and row["speed-up"] > 0 for row in record["rows"])
+
+
+@pytest.mark.slow
+def test_the_scaling_benchmark_runs_every_stage_and_counts_files(tmp_path, capsys, monkeypatch):
+    from benchmarks import scaling
+
+    monkeypatch.setattr(scaling, "s3_requests", lambda root, n, weights: None)
+    monkeypatch.setattr(scaling, "DENSE_UP_TO", 0)
+    record = scaling.main(["--sizes", "256", "--out", str(tmp_path), "--chart", str(tmp_path / "s.png")])
+    rows = record["rows"]
+    assert [(r["stage"], r["logits"]) for r in rows] == [
+        (stage, "topk:10") for stage in scaling.STAGES]
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    precompute = [r for r in rows if r["stage"] == "precompute"]
+    assert all(r["files"] > 0 and r["bytes_per_view"] > 0 for r in precompute)
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -142,3 +142,31 @@ def test_ls_lists_every_cache_of_a_root_with_alias_modes_and_status(tmp_path, te
     assert code == 0 and a.cache_id in out and Path(b.alias).name in out
     code, out, _ = run(["ls", str(root), "--json"], capsys)
     assert code == 0 and {r["id"] for r in json.loads(out)} == {a.cache_id, b.cache_id}
+
+
+def test_info_energy_quantiles_use_a_bounded_even_sample_beyond_energy_sample(cache_path, monkeypatch):
+    """64 samples x 3 views = 192 views; a bound of 50 keeps every 4th view (48) and the exact extremes."""
+    from kdcache.cache import info
+
+    monkeypatch.setattr(info, "ENERGY_SAMPLE", 50)
+    energy = open_cache(cache_path).read_samples("energy", 0, 64).reshape(-1, 2)
+    d = describe(cache_path)
+    assert d["energy_quantile_views"] == 48
+    sample = energy[::4, 1]
+    expected = np.quantile(sample, [0, .2, .5, .8, 1])
+    expected[0], expected[-1] = energy[:, 1].min(), energy[:, 1].max()
+    assert d["energy_quantiles"]["4.0"] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("argv", [["info", "{cache}"], ["info", "{cache}", "--quick"], ["verify", "{cache}"],
+                                  ["ls", "{root}"]])
+def test_cache_commands_that_need_no_model_never_import_torch(cache_path, argv):
+    """ls, info and verify read the manifest and chunks only; importing torch alone costs seconds."""
+    import subprocess
+    import sys
+
+    args = [a.format(cache=cache_path, root=str(Path(cache_path).parent)) for a in argv]
+    script = ("import sys\nfrom kdcache_cli.main import main\nsys.argv = ['kdcache', *sys.argv[1:]]\n"
+              "try:\n    main()\nfinally:\n    print('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    assert done.stderr.strip().splitlines()[-1] == "False", done.stderr[-2000:]

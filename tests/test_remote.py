@@ -138,3 +138,27 @@ def test_wait_lets_the_second_writer_finish_after_the_first(root, teacher_weight
     code, out, err = run_cli(cli_precompute(root, teacher_weights, "--wait"), capsys)
     timer.join()
     assert code == 0 and " written to " in out, err
+
+
+def test_reading_a_cache_on_s3_costs_one_request_per_object(s3_root, teacher_weights, monkeypatch):
+    """No zarr v2 probes (.zgroup, .zattrs, .zmetadata) and no HEAD before each GET (s3fs's concurrent
+    download asks every object's size first): before the fix an epoch's fixed cost was 46 HEADs."""
+    import s3fs
+
+    from tests_support import precompute_config
+
+    path = precompute(precompute_config(s3_root + "/reqs", teacher_weights)).path
+    calls: list[tuple[str, str]] = []
+    original = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        calls.append((getattr(method, "__name__", str(method)), kwargs.get("Key", "")))
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    cache = open_cache(path)
+    cache.read_blocks(cache.target_arrays(), [(0, 16, 0), (16, 32, 1)])
+    keys = [key for _, key in calls]
+    assert not [k for k in keys if k.endswith((".zgroup", ".zattrs", ".zmetadata"))], keys
+    heads = [key for method, key in calls if method == "head_object"]
+    assert not [k for k in heads if k.endswith("zarr.json") or "/c/" in k], heads

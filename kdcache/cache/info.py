@@ -14,6 +14,7 @@ from kdcache.cache.store import Cache, cache_exists, open_cache
 from kdcache.errors import InvalidSpec, KdcacheError, MissingData
 
 ENERGY_QUANTILES = (0.0, 0.2, 0.5, 0.8, 1.0)
+ENERGY_SAMPLE = 1 << 20  # views whose energies info's quantiles use at most (an even stride beyond)
 
 def describe(path: str, scan: bool = True) -> dict[str, Any]:
     """What ``kdcache info`` shows: manifest, per-array stored/raw bytes and, with ``scan``, the
@@ -46,23 +47,37 @@ def describe(path: str, scan: bool = True) -> dict[str, Any]:
 
 
 def _scan(cache: Cache, done: np.ndarray) -> dict[str, Any]:
+    """Teacher top-1 over every written view (streamed shard by shard) and energy quantiles, exact up to
+    ``ENERGY_SAMPLE`` views and beyond that of an evenly strided sample of that many, so that memory
+    stays bounded however large the cache."""
     labels = cache.labels()
+    temps = _temperatures(cache)
     correct = seen = 0
-    energies = []
+    total = sum(np.subtract(*cache.shard_range(int(shard))[::-1]) for shard in np.flatnonzero(done))
+    stride = max(1, -(-int(total) * cache.views // ENERGY_SAMPLE))
+    energies, skip = [], 0
+    low = high = None
     for shard in np.flatnonzero(done):
         start, stop = cache.shard_range(int(shard))
         for view in range(cache.views):
             block = cache.read_block(cache.target_arrays(), start, stop, view)
             correct += int((cache.teacher_probs(block).argmax(axis=-1) == labels[start:stop]).sum())
             seen += stop - start
-        energies.append(cache.read_samples("energy", start, stop).reshape(-1, len(_temperatures(cache))))
+        values = cache.read_samples("energy", start, stop).reshape(-1, len(temps))
+        energies.append(values[skip::stride].copy())
+        skip = (skip - len(values)) % stride
+        low = values.min(0) if low is None else np.minimum(low, values.min(0))
+        high = values.max(0) if high is None else np.maximum(high, values.max(0))
     quantiles = {}
     if energies:
         values = np.concatenate(energies)
-        quantiles = {str(t): np.quantile(values[:, col], ENERGY_QUANTILES).round(4).tolist()
-                     for col, t in enumerate(_temperatures(cache))}
+        quantiles = {}
+        for col, t in enumerate(temps):
+            q = np.quantile(values[:, col], ENERGY_QUANTILES)
+            q[0], q[-1] = low[col], high[col]  # the extremes stay exact
+            quantiles[str(t)] = q.round(4).tolist()
     return {"teacher_top1": 100.0 * correct / seen if seen else None, "views_scanned": seen,
-            "energy_quantiles": quantiles}
+            "energy_quantiles": quantiles, "energy_quantile_views": int(sum(len(e) for e in energies))}
 
 
 def _temperatures(cache: Cache) -> list[float]:

@@ -6,12 +6,14 @@ and :func:`decode_logits` are the one place that knows it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 
 from kdcache.errors import UnsupportedFormat
+
+if TYPE_CHECKING:  # torch is imported where a tensor is handled: ls, info and verify never load it
+    import torch
 
 #: The arrays holding the teacher target, per logit mode.
 TARGET_ARRAYS = {
@@ -42,6 +44,8 @@ def to_stored(values: torch.Tensor, dtype: str) -> np.ndarray:
 def stored_tensor(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """``values`` cast to the logical ``dtype`` on their own device; bfloat16 as its int16 bit patterns
     (numpy has no bfloat16), so the tensor can be copied to the host as it is stored."""
+    import torch
+
     t = values.to(getattr(torch, dtype))
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
@@ -94,6 +98,8 @@ def densify(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, np.nd
 def decode_logits_tensor(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """:func:`decode_logits` in torch, on the tensor's own device (the trainer's, for cached targets that
     cross to it as stored)."""
+    import torch
+
     if dtype == "bfloat16":
         return (values.to(torch.int32) << 16).view(torch.float32)
     return values.float()
@@ -101,6 +107,8 @@ def decode_logits_tensor(values: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def densify_tensors(spec: Mapping[str, Any], num_classes: int, block: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """:func:`densify` at T = 1 in torch, on the block's device: float32 ``[B, C]`` probabilities."""
+    import torch
+
     mode = spec["mode"]
     if mode == "dense":
         return decode_logits_tensor(block["logits"], spec["dtype"]).softmax(dim=-1)

@@ -63,14 +63,28 @@ def _is_url(path: str) -> bool:
 
 def _open_store(path: str, read_only: bool) -> zarr.abc.store.Store:
     if _is_url(path):
-        return zarr.storage.FsspecStore.from_url(path, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(path, storage_options=_storage_options(path), read_only=read_only)
     local = path.removeprefix("file://")
     return zarr.storage.LocalStore(local, read_only=read_only)
 
 
+def _storage_options(url: str) -> dict[str, Any] | None:
+    """fsspec options for ``url``. On S3, one request per object read: s3fs's concurrent download (for
+    objects larger than its block size, which no chunk or zarr.json is) first asks every object's size
+    with a HEAD, a second request per read."""
+    if url.startswith(("s3://", "s3a://")):
+        import inspect
+
+        import s3fs
+
+        if "max_concurrency" in inspect.signature(s3fs.S3FileSystem.__init__).parameters:
+            return {"max_concurrency": 1}
+    return None
+
+
 def _exists(path: str) -> bool:
     try:
-        zarr.open_group(_open_store(path, read_only=True), mode="r")
+        zarr.open_group(_open_store(path, read_only=True), mode="r", zarr_format=3)
         return True
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
         return False
@@ -89,7 +103,7 @@ def _group_metadata(path: str) -> bytes | None:
 
 def _manifest_at(path: str) -> dict[str, Any] | None:
     try:
-        group = zarr.open_group(_open_store(path, read_only=True), mode="r")
+        group = zarr.open_group(_open_store(path, read_only=True), mode="r", zarr_format=3)
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
         return None
     manifest = group.attrs.get(MANIFEST_KEY)
@@ -607,7 +621,7 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
     """
     path = resolve(str(path))
     try:
-        group = zarr.open_group(_open_store(path, read_only=mode == "r"), mode=mode)
+        group = zarr.open_group(_open_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as exc:
         if _group_metadata(path) is not None:
             raise CacheCorrupt(f"cache {path}: its zarr.json (the group metadata holding the manifest) is not valid "
