@@ -53,12 +53,11 @@ def _scan(cache: Cache, done: np.ndarray) -> dict[str, Any]:
     labels = cache.labels()
     temps = _temperatures(cache)
     correct = seen = 0
-    total = sum(np.subtract(*cache.shard_range(int(shard))[::-1]) for shard in np.flatnonzero(done))
-    stride = max(1, -(-int(total) * cache.views // ENERGY_SAMPLE))
+    ranges = [cache.shard_range(int(shard)) for shard in np.flatnonzero(done)]
+    stride = max(1, -(-sum(stop - start for start, stop in ranges) * cache.views // ENERGY_SAMPLE))
     energies, skip = [], 0
     low = high = None
-    for shard in np.flatnonzero(done):
-        start, stop = cache.shard_range(int(shard))
+    for start, stop in ranges:
         for view in range(cache.views):
             block = cache.read_block(cache.target_arrays(), start, stop, view)
             correct += int((cache.teacher_probs(block).argmax(axis=-1) == labels[start:stop]).sum())
