@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if s3:
         text += (f"\nS3 (SeaweedFS), one training epoch at N={s3['N']:,}: {s3['requests']:,} requests for "
                  f"{s3['chunks_read']:,} chunks read ({s3['requests_per_chunk']:.3f} per chunk): {s3['by_method']}")
-    text += (f"\nus_per_view: (seconds - start-up) / views: N·K, or N for the epoch; start-up {fixed['light']:.2f} s for the cache commands, "
-             f"{fixed['heavy']:.2f} s for precompute and train")
+    text += (f"\nus_per_view: (seconds - start-up) / views: N·K, or N for the epoch; start-up "
+             f"{fixed['light']:.2f} s for the cache commands, {fixed['heavy']:.2f} s for precompute and train")
     if args.chart:
         text += f"\nchart: {draw(rows, Path(args.chart))}"
     return emit(NAME, args, device("cpu"), {"load_average": load, "start_up_seconds": fixed, "rows": rows,

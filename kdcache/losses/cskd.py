@@ -46,8 +46,8 @@ class CSKD(Loss):
     scope = "batch"
     source = "Ham et al., arXiv 2311.14307"
     sparse = (
-        "approximate: softmax(zt/T) and the CSWT cosines use p^(1/T) renormalised; the tail is uniform (top-k) or zero (sampled); "
-        "the per-class means skip classes without mass in the batch"
+        "approximate: softmax(zt/T) and the CSWT cosines use p^(1/T) renormalised; the tail is uniform "
+        "(top-k) or zero (sampled); the per-class means skip classes without mass in the batch"
     )
     defaults = {"T": 4.0, "t_low": 2.0, "t_high": 6.0, "ce_weight": 1.0}
     T: float

@@ -52,7 +52,8 @@ class DKD(Loss):
     scope = "sample"
     source = "Zhao et al., arXiv 2203.08679"
     sparse = (
-        "approximate: log p stands in for zt (equal up to a per-row constant); the tail is uniform (top-k) or zero (sampled); a view with no non-target mass has NCKD 0"
+        "approximate: log p stands in for zt (equal up to a per-row constant); the tail is uniform (top-k) or"
+        " zero (sampled); a view with no non-target mass has NCKD 0"
     )
     defaults = {"T": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20, "ce_weight": 1.0}
     T: float

@@ -29,7 +29,8 @@ class DR(Loss):
     scope = "sample"
     source = "Faghri et al. (dataset reinforcement), arXiv 2303.08983"
     sparse = (
-        "approximate: the target is the densified distribution (the paper's own target for its top-k sets); a sampled cache gives an unbiased gradient"
+        "approximate: the target is the densified distribution (the paper's own target for its top-k sets); a"
+        " sampled cache gives an unbiased gradient"
     )
     defaults = {}
 

@@ -49,7 +49,8 @@ class EnergyKD(Loss):
     scope = "sample"
     source = "Kim et al., arXiv 2311.14334"
     sparse = (
-        "temperatures exact (the stored energies come from the full logits); the KL target is p^(1/T_i) renormalised, as for kd"
+        "temperatures exact (the stored energies come from the full logits); the KL target is p^(1/T_i) "
+        "renormalised, as for kd"
     )
     defaults = {"ce_weight": 0.1, "kd_weight": 0.9, **_ENERGY_DEFAULTS}
     r_low: float

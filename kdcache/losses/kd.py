@@ -30,7 +30,8 @@ class KD(Loss):
     scope = "sample"
     source = "Hinton et al., arXiv 1503.02531"
     sparse = (
-        "approximate: the target p^(1/T) renormalised, p the densified distribution; top-k's tail is uniform and T>1 lifts it; at T=1 a sampled cache gives an unbiased gradient"
+        "approximate: the target p^(1/T) renormalised, p the densified distribution; top-k's tail is uniform "
+        "and T>1 lifts it; at T=1 a sampled cache gives an unbiased gradient"
     )
     defaults = {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
     T: float

@@ -43,7 +43,8 @@ class MixKD(Loss):
     scope = "sample"
     source = "Choi et al., arXiv 2211.03946"
     sparse = (
-        "approximate: sigma_t is the std of log p over the classes with p > 0 (a row with one such class is left as it is); the target is p^(1/sigma_t) renormalised"
+        "approximate: sigma_t is the std of log p over the classes with p > 0 (a row with one such class is "
+        "left as it is); the target is p^(1/sigma_t) renormalised"
     )
     defaults = {"ce_weight": 0.1, "kd_weight": 0.9}
     ce_weight: float

@@ -30,7 +30,8 @@ class NKD(Loss):
     scope = "sample"
     source = "Yang et al., arXiv 2303.13005"
     sparse = (
-        "approximate: log p stands in for zt; the tail is uniform (top-k) or zero (sampled); a view with no non-target mass has a non-target term of 0"
+        "approximate: log p stands in for zt; the tail is uniform (top-k) or zero (sampled); a view with no "
+        "non-target mass has a non-target term of 0"
     )
     defaults = {"T": 3.0, "gamma": 3.5, "ce_weight": 1.0}
     T: float

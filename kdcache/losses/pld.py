@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kdcache.losses.base import (
     Batch,
@@ -28,7 +27,8 @@ class PLD(Loss):
     scope = "sample"
     source = "PLD (Plackett-Luce distillation), arXiv 2506.12542"
     sparse = (
-        "approximate: classes are ranked by p and tied classes (top-k's uniform tail, unsampled classes) keep class order; qt is p^(1/T) renormalised"
+        "approximate: classes are ranked by p and tied classes (top-k's uniform tail, unsampled classes) keep"
+        " class order; qt is p^(1/T) renormalised"
     )
     defaults = {"T": 1.0}
     T: float
