@@ -11,7 +11,7 @@ import pytest
 import zarr
 from tests_support import precompute_config, run_cli
 
-from kdcache.cache import store
+from kdcache.cache import writing
 from kdcache.cache.info import describe, list_caches
 from kdcache.cache.integrity import verify
 from kdcache.cache.store import open_cache
@@ -65,7 +65,7 @@ def test_one_flipped_byte_in_a_chunk_file_fails_verify_naming_array_and_chunk(da
 
 
 def test_a_flipped_byte_in_a_zarr_shard_names_the_shard_file(tmp_path, teacher_weights, monkeypatch, capsys):
-    monkeypatch.setattr(store, "MAX_CHUNK_FILES", 1)
+    monkeypatch.setattr(writing, "MAX_CHUNK_FILES", 1)
     result = precompute(config(tmp_path / "root", teacher_weights))
     flip_byte(Path(result.path) / "energy" / "c" / "0" / "0" / "0")
     report = verify(result.path)

@@ -15,7 +15,8 @@ import zarr
 from tests_support import precompute_config
 
 from kdcache.cache import logits as stored_logits
-from kdcache.cache import store
+from kdcache.cache import writing
+from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.logits import densify
 from kdcache.cache.store import open_cache
 from kdcache.errors import CacheCorrupt, MissingData, UnsupportedFormat
@@ -41,7 +42,7 @@ def set_manifest(path: str, **changes) -> None:
     group.attrs["kdcache"] = {**group.attrs["kdcache"], **changes}
 
 
-@pytest.mark.parametrize("version", [2, 99, None, "1"])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99, None, "1", 0, True])
 def test_cache_of_an_unknown_format_version_is_refused_with_an_upgrade_hint(cache_path, tmp_path, version):
     path = copy_cache(cache_path, tmp_path)
     set_manifest(path, format_version=version)
@@ -90,7 +91,7 @@ def test_cache_on_an_fsspec_url_is_written_reused_and_opened_by_alias(tmp_path, 
 
 def test_many_chunk_files_switch_to_zarr_shards_of_exactly_one_writer_shard(tmp_path, teacher_weights, monkeypatch):
     plain = open_cache(precompute(config(tmp_path / "plain", teacher_weights, features=("layer1:pooled",))).path)
-    monkeypatch.setattr(store, "MAX_CHUNK_FILES", 11)  # 64/16 chunks x 3 views = 12 chunk files per array
+    monkeypatch.setattr(writing, "MAX_CHUNK_FILES", 11)  # 64/16 chunks x 3 views = 12 chunk files per array
     sharded = open_cache(precompute(config(tmp_path / "sharded", teacher_weights, features=("layer1:pooled",))).path)
     assert not plain.manifest["layout"]["sharded"] and sharded.manifest["layout"]["sharded"]
     assert sharded.id == plain.id  # the layout is not part of the identity

@@ -30,6 +30,7 @@ def describe(path: str, scan: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "path": cache.path,
         "cache_id": cache.id,
+        "stored_format": cache.stored_format,
         "shards_done": int(done.sum()),
         "num_shards": cache.num_shards,
         "arrays": arrays,

@@ -15,8 +15,6 @@ import zarr
 
 from kdcache.errors import CacheMismatch
 
-FORMAT_VERSION = 1
-
 #: Manifest sections whose canonical JSON defines a cache's identity.
 IDENTITY_KEYS = ("teacher", "dataset", "recipe", "outputs")
 
@@ -34,6 +32,16 @@ def cache_id(manifest: Mapping[str, Any]) -> str:
         if str(member.get("spec", "")).startswith("hf:"):
             member["spec"] = "hf"  # nor where a Hugging Face folder lay: its sha256 covers config and weights
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def record_change(manifest: dict[str, Any], previous_id: str, change: Mapping[str, Any]) -> None:
+    """Give ``manifest`` its id and append a ``history`` entry for ``change`` (extend, add_members, upgrade)."""
+    from kdcache import __version__
+
+    manifest["cache_id"] = cache_id(manifest)
+    manifest.setdefault("history", []).append({
+        **change, "previous_id": previous_id, "cache_id": manifest["cache_id"], "kdcache": __version__,
+        "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def provenance() -> dict[str, str]:

@@ -1,0 +1,95 @@
+"""Where a cache's bytes live: the Zarr store for a path or fsspec URL, and the raw reads that work
+before (or without) a valid cache.
+
+Only ``kdcache.cache`` opens stores; local folders, ``memory://`` and object stores such as
+``s3://bucket/prefix`` look the same from here on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zarr
+import zarr.storage
+from zarr.core.sync import sync
+
+MANIFEST_KEY = "kdcache"
+STATUS_ARRAY = "status/shards"
+
+#: What opening a group raises when there is none (or not a valid one) at a path.
+NO_GROUP = (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names an fsspec URL other than a local ``file://`` one."""
+    return "://" in path and not path.startswith("file://")
+
+
+def open_store(path: str, read_only: bool) -> zarr.abc.store.Store:
+    """The Zarr store of a local folder or an fsspec URL."""
+    if is_url(path):
+        return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options(path), read_only=read_only)
+    local = path.removeprefix("file://")
+    return zarr.storage.LocalStore(local, read_only=read_only)
+
+
+def storage_options(url: str) -> dict[str, Any] | None:
+    """fsspec options for ``url``. On S3, one request per object read: s3fs's concurrent download (for
+    objects larger than its block size, which no chunk or zarr.json is) first asks every object's size
+    with a HEAD, a second request per read."""
+    if url.startswith(("s3://", "s3a://")):
+        import inspect
+
+        import s3fs
+
+        if "max_concurrency" in inspect.signature(s3fs.S3FileSystem.__init__).parameters:
+            return {"max_concurrency": 1}
+    return None
+
+
+def open_group(path: str, mode: str) -> zarr.Group:
+    """The Zarr v3 group at ``path`` (``mode`` "r", "r+", "a" or "w"); raises one of :data:`NO_GROUP`."""
+    return zarr.open_group(open_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
+def cache_exists(path: str) -> bool:
+    """Whether ``path`` holds any Zarr group (complete or not)."""
+    try:
+        open_group(str(path), "r")
+        return True
+    except NO_GROUP:
+        return False
+
+
+def group_metadata(path: str) -> bytes | None:
+    """The raw bytes of the group's zarr.json, or None when there is none."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    try:
+        found = sync(open_store(path, read_only=True).get("zarr.json", prototype=default_buffer_prototype()))
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+    return None if found is None else found.to_bytes()
+
+
+def manifest_at(path: str) -> dict[str, Any] | None:
+    """The manifest stored at ``path`` as written (no normalisation), or None when there is none."""
+    try:
+        group = open_group(path, "r")
+    except NO_GROUP:
+        return None
+    manifest = group.attrs.get(MANIFEST_KEY)
+    return manifest if isinstance(manifest, dict) else None
+
+
+def limit_codec_threads(threads: int | None) -> None:
+    """Let Zarr encode and decode chunks on at most ``threads`` threads in this process (None: leave
+    Zarr's default).
+
+    On a CPU the model's threads need the cores: Zarr's default pool (cores + 4 threads) compresses a
+    shard in a burst that preempts them (docs/benchmarks.md). A limit the user set already (Zarr's
+    ``threading.max_workers``, e.g. ``ZARR_THREADING__MAX_WORKERS``) is kept. Zarr builds its pool at
+    the next read or write and keeps it for the life of the process.
+    """
+    if threads is not None and zarr.config.get("threading.max_workers", None) is None:
+        zarr.config.set({"threading.max_workers": max(1, int(threads))})
