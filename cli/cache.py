@@ -1,4 +1,4 @@
-"""Commands that look at caches: info, verify, ls."""
+"""Commands that look at caches, and the one that brings an old one up to date: info, verify, ls, upgrade."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from kdcache_cli.app import app, format_size, print_table
-
 
 
 @app.command()
@@ -34,7 +33,10 @@ def info(
     members = ", ".join(f"{t['spec']}{' ' + t['tag'] if t.get('tag') else ''} ({t['sha256'][:19]}…)"
                         for t in m["teacher"]["members"])
     lay, ds, rec = m["layout"], m["dataset"], m["recipe"]
-    typer.echo(f"cache {d['cache_id']} at {d['path']}  format {m['format_version']}  status {m['status']} "
+    stored = d["stored_format"]
+    fmt = (f"format {stored} (read as {m['format_version']}; `kdcache upgrade` rewrites it)"
+           if stored != m["format_version"] else f"format {stored}")
+    typer.echo(f"cache {d['cache_id']} at {d['path']}  {fmt}  status {m['status']} "
                f"({d['shards_done']}/{d['num_shards']} shards)")
     typer.echo(f"teacher   {members}")
     if m["teacher"].get("class_map"):
@@ -43,7 +45,7 @@ def info(
     typer.echo(f"dataset   {ds['spec']} train split: {ds['num_samples']} samples, {ds['num_classes']} classes, "
                f"{ds['fingerprint'][:23]}…")
     typer.echo(f"recipe    {rec['augment']['spec']}  views {rec['views']}  seed {rec['seed']}  "
-               f"input {rec['input_size']}px {rec.get('interpolation', 'bilinear')}, mean {rec['mean']} std {rec['std']}")
+               f"input {rec['input_size']}px {rec['interpolation']}, mean {rec['mean']} std {rec['std']}")
     typer.echo(f"outputs   {modes(m)}  energy T={m['outputs']['energy']['temperatures']}")
     if "extra_views" in d:
         he, spec = d["extra_views"], rec["he_extra"]
@@ -143,3 +145,33 @@ def list_caches(
         table.append((r["id"], alias, r["teacher"], r["dataset"], str(r["views"]), r["modes"], format_size(r["size_bytes"]),
                       r["status"], f"{r['created_by']} {r['created']}"))
     print_table(table)
+
+
+@app.command()
+def upgrade(
+    cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL made by an earlier kdcache.")],
+    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it instead of stopping.")] = False,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
+) -> None:
+    """Rewrite an older cache's manifest in today's format, in place (docs/format.md §Versions).
+
+    Only the manifest changes, in one write under the writer lock: no array byte is rewritten. Every
+    older cache is readable without it; upgrading lets reads refuse missing chunks (when a listing
+    finds them all present) and gives the cache the id today's precompute computes for it, with an
+    alias ROOT/<new id>, so a precompute of the same settings reuses it. Running it again is harmless.
+    """
+    from kdcache.cache.upgrade import upgrade as run
+
+    r = run(cache, wait=wait, break_lock=break_lock)
+    if not r.changed:
+        typer.echo(f"cache {r.cache_id} at {r.path} is already format {r.format_version}")
+    else:
+        typer.echo(f"cache {r.previous_id} at {r.path}: format {r.previous_format} -> {r.format_version}, "
+                   f"id {r.cache_id}; only the manifest was rewritten")
+    if r.every_chunk:
+        typer.echo("every chunk object is present: reads now refuse a missing one")
+    else:
+        typer.echo(f"{r.missing_chunks} chunk objects are absent (an earlier writer skipped chunks equal to the fill "
+                   "value; they read as zeros), so reads cannot tell a lost chunk from them — "
+                   "`kdcache verify --recompute N` checks values against the teacher")
+    typer.echo(f"aliases {', '.join(r.aliases)}")

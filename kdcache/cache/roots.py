@@ -73,6 +73,16 @@ def write_alias(root: str, alias: str, cid: str) -> str:
     return path
 
 
+def publish_aliases(path: str, manifest: Mapping[str, Any]) -> list[str]:
+    """Alias files ``ROOT/<readable alias>`` and, when the folder is named otherwise, ``ROOT/<cache id>``
+    naming the folder of the cache at ``path``: how a cache whose id changed (extend, upgrade) is found."""
+    root, _, folder = path.rstrip("/").rpartition("/")
+    aliases = [write_alias(root, alias_name(manifest, manifest["cache_id"]), folder)]
+    if manifest["cache_id"] != folder:
+        aliases.append(write_alias(root, manifest["cache_id"], folder))
+    return aliases
+
+
 def scan_root(root: str) -> tuple[list[str], dict[str, list[str]]]:
     """Every sub-folder of ``root`` (candidate caches) and, per cache id, the alias paths naming it."""
     fs, froot = _fs(root)
