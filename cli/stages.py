@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from kdcache_cli.app import app, parse_params
 
 from kdcache import checks
-from kdcache.student.config import TrainConfig
-from kdcache.teacher.config import PrecomputeConfig
-from kdcache_cli.app import app, parse_params
+from kdcache.student.config import EvalConfig, TrainConfig
+from kdcache.teacher.config import ExtendConfig, PrecomputeConfig
 
 NPROC_HELP = "Processes on this machine (re-runs the command under torchrun; each rank writes/trains its share)."
 
@@ -198,20 +198,23 @@ def train(
 def evaluate(
     model: Annotated[str, typer.Option(help="Model spec.")],
     dataset: Annotated[str, typer.Option(help="Dataset spec.")],
-    weights: Annotated[Optional[str], typer.Option(help="Weights: a file, torchvision:TAG or pretrained (see precompute --weights); none for hf:PATH.")] = None,
-    split: Annotated[str, typer.Option(help="train, test or val (the same as test).")] = "test",
-    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the weights' input size, else the dataset's).")] = None,
-    norm: Annotated[Optional[str], typer.Option(help="Normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the weights' own, else the dataset's).")] = None,
-    class_map: Annotated[Optional[str], typer.Option(help="The model's class of each dataset class, one line per class (see precompute --class-map).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    weights: Annotated[Optional[str], typer.Option(help="Weights: a file, torchvision:TAG or pretrained (see precompute --weights); none for hf:PATH.")] = EvalConfig.weights,
+    split: Annotated[str, typer.Option(help="train, test or val (the same as test).")] = EvalConfig.split,
+    size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the weights' input size, else the dataset's).")] = EvalConfig.size,
+    norm: Annotated[Optional[str], typer.Option(help="Normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the weights' own, else the dataset's).")] = EvalConfig.norm,
+    class_map: Annotated[Optional[str], typer.Option(help="The model's class of each dataset class, one line per class (see precompute --class-map).")] = EvalConfig.class_map,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = EvalConfig.batch_size,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = EvalConfig.device,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Evaluate weights on a split: top-1, top-5 (%) and ECE (15 bins); images larger than the input are
     resized (shorter side to size / crop_pct) and center-cropped, as torchvision and timm evaluate."""
-    from kdcache.student.evaluate import evaluate_weights
+    cfg = EvalConfig(model=model, dataset=dataset, weights=weights, split=split, size=size, norm=norm,
+                     class_map=class_map, batch_size=batch_size, device=device)
+    cfg.validate()
+    from kdcache.student.evaluate import evaluate_config
 
-    result = evaluate_weights(model, weights, dataset, split, size, batch_size, device, norm, class_map)
+    result = evaluate_config(cfg)
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -251,35 +254,30 @@ def quickstart(
 @app.command()
 def extend(
     cache: Annotated[str, typer.Argument(help="Cache path, alias path or URL to grow (it must be complete).")],
-    views: Annotated[Optional[int], typer.Option(help="Grow to this many views per sample (adds views K..VIEWS-1).")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Grow to this many views per sample (adds views K..VIEWS-1).")] = ExtendConfig.views,
     features: Annotated[Optional[list[str]], typer.Option(help="Add a feature array LAYER[:full|pooled|attention]; repeatable (runs the teacher on every view).")] = None,
     teacher: Annotated[Optional[list[str]], typer.Option(help="Add this ensemble member (repeatable; the cache needs --keep-members); --weights then pairs with these.")] = None,
     weights: Annotated[Optional[list[Path]], typer.Option(help="Weights file per member, in the manifest's order (default: the recorded paths; sha256 must match) — or, with --teacher, of the new members.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = 256,
-    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset spec where the data has moved since the cache was made (default: the manifest's; the fingerprint must match).")] = ExtendConfig.dataset,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = ExtendConfig.batch_size,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = ExtendConfig.device,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it instead of stopping.")] = False,
-    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it instead of stopping.")] = ExtendConfig.wait,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = ExtendConfig.break_lock,
 ) -> None:
     """Grow a cache in place: more views (teacher runs only on them), new feature layers, or new ensemble members.
 
     The result equals a cache built in one go with the final settings and takes its id; the folder
-    stays where it is, with aliases OUT/<new id> and a new readable alias naming it.
+    stays where it is, with aliases OUT/<new id> and a new readable alias naming it. A cache made by
+    an earlier kdcache is brought to today's format on the way (docs/format.md §Versions).
     """
-    from kdcache.errors import InvalidSpec
-    from kdcache.teacher.extend import add_members
-    from kdcache.teacher.extend import extend as run
+    cfg = ExtendConfig(cache=cache, views=views, features=tuple(features or ()), teacher=tuple(teacher or ()),
+                       weights=tuple(str(w) for w in weights or ()), dataset=dataset, batch_size=batch_size,
+                       device=device, progress=not quiet, wait=wait, break_lock=break_lock)
+    cfg.validate()
+    from kdcache.teacher.extend import run_extend
 
-    files = [str(w) for w in weights or []]
-    if teacher and (views or features):
-        raise InvalidSpec("add ensemble members in an extend call of their own — run extend once with --teacher, "
-                          "once with --views/--features")
-    if teacher:
-        result = add_members(cache, teacher, files, batch_size=batch_size, device=device, progress=not quiet,
-                             wait=wait, break_lock=break_lock)
-    else:
-        result = run(cache, views=views, features=tuple(features or ()), weights=files or None,
-                     batch_size=batch_size, device=device, progress=not quiet, wait=wait, break_lock=break_lock)
+    result = run_extend(cfg)
     typer.echo(f"cache {result.previous_id} extended to {result.cache_id} at {result.path}: "
                f"{result.views_computed} teacher views in {result.seconds:.1f} s")
     typer.echo(f"aliases {', '.join(result.aliases)}")

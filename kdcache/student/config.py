@@ -78,3 +78,32 @@ class TrainConfig:
         checks.output_folder("--out", self.out)
         if self.norm is not None:
             parse_norm(self.norm, None)
+
+
+EVAL_SPLITS = ("train", "test", "val")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``kdcache eval``: weights evaluated on a split with the model's own preprocessing."""
+
+    model: str
+    dataset: str
+    weights: str | None = None  # a file, torchvision:TAG or pretrained; none for hf:PATH
+    split: str = "test"  # train, test or val (the same as test)
+    size: int | None = None  # default: the weights' input size, else the dataset's
+    norm: str | None = None  # dataset | imagenet | clip | inception | M,M,M/S,S,S; default: the weights' own
+    class_map: str | None = None  # the model's class of each dataset class (kdcache/class_map.py)
+    batch_size: int = 256
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Refuse option values that are wrong whatever the data and model (no torch needed)."""
+        dataset_specs.parse(self.dataset)
+        if self.split not in EVAL_SPLITS:
+            raise InvalidSpec(f"--split {self.split!r} is not a split — use train, test or val (val is the same as test)")
+        checks.positive("--size", self.size)
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.device(self.device)
+        if self.norm is not None:
+            parse_norm(self.norm, None)

@@ -11,6 +11,7 @@ from kdcache.class_map import apply_class_map, check_classes, read_class_map
 from kdcache.errors import InvalidSpec
 from kdcache.preprocess import Preprocess
 from kdcache.runtime import pick_device
+from kdcache.student.config import EVAL_SPLITS, EvalConfig
 from kdcache.views import Renderer
 from kdcache.zoo import load_model
 
@@ -88,12 +89,9 @@ def eval_metrics(sums: list[float]) -> dict[str, float]:
             "ece": float((per_bin[1] - per_bin[2]).abs().sum() / n), "loss": nll / n}
 
 
-SPLITS = ("train", "test", "val")  # val is the test split: image folders call it val/
-
-
 def split_images(source: data.Source, split: str) -> data.ImageSet:
     """The images of a named split; ``val`` is accepted as ``test``."""
-    if split not in SPLITS:
+    if split not in EVAL_SPLITS:  # val is the test split: image folders call it val/
         raise InvalidSpec(f"--split {split!r} is not a split — use train, test or val (val is the same as test)")
     return source.train if split == "train" else source.test
 
@@ -109,8 +107,15 @@ def eval_loader(source: data.Source, split: str, pre: Preprocess | int, batch_si
     return DataLoader(EvalViews(renderer, rank, world), batch_size=batch_size, num_workers=workers)
 
 
+def evaluate_config(cfg: EvalConfig) -> dict[str, float]:
+    """``kdcache eval`` from its settings (see :func:`evaluate_weights`)."""
+    cfg.validate()
+    return evaluate_weights(cfg.model, cfg.weights, cfg.dataset, cfg.split, cfg.size, cfg.batch_size, cfg.device,
+                            cfg.norm, cfg.class_map)
+
+
 def evaluate_weights(model_spec: str, weights: str | None, dataset: str, split: str = "test",
-                     size: int | None = None, batch_size: int = 256, device: str = "auto",
+                     size: int | None = None, batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
                      norm: str | None = None, class_map: str | None = None, workers: int = 0) -> dict[str, float]:
     """``kdcache eval``: ``model_spec`` with ``weights`` (a file, torchvision:TAG, pretrained, or none for
     hf:PATH) evaluated on ``split`` of ``dataset`` with the model's own preprocessing."""

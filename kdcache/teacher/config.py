@@ -67,3 +67,31 @@ class PrecomputeConfig:
             checks.at_least("--chunk-samples", self.chunk_samples, 1)
         if self.teacher_norm is not None:
             parse_norm(self.teacher_norm, None)
+
+
+@dataclass
+class ExtendConfig:
+    """Settings of ``kdcache extend``: grow a complete cache in place (kdcache/teacher/extend.py)."""
+
+    cache: str
+    views: int | None = None  # grow to this many views per sample
+    features: tuple[str, ...] = ()  # add feature arrays LAYER[:full|pooled|attention]
+    teacher: tuple[str, ...] = ()  # add these ensemble members (a cache made with keep_members)
+    weights: tuple[str, ...] = ()  # per recorded member (default: the recorded paths), or of the new members
+    dataset: str | None = None  # the data's spec where it moved (default: the manifest's; fingerprint must match)
+    batch_size: int = 256
+    device: str = "auto"
+    progress: bool = True
+    wait: bool = False
+    break_lock: bool = False
+
+    def validate(self) -> None:
+        """Refuse option values that are wrong whatever the cache (no torch needed)."""
+        if self.dataset is not None:
+            dataset_specs.parse(self.dataset)
+        checks.at_least("--views", self.views, 1)
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.device(self.device)
+        if self.teacher and (self.views or self.features):
+            raise InvalidSpec("add ensemble members in an extend call of their own — run extend once with --teacher, "
+                              "once with --views/--features")

@@ -26,14 +26,16 @@ import torch
 from kdcache import data
 from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec, layout_entry
+from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.logits import decode_logits, storage_dtype
-from kdcache.cache.manifest import cache_id, provenance
-from kdcache.cache.roots import alias_name, write_alias
+from kdcache.cache.manifest import record_change
+from kdcache.cache.roots import publish_aliases
 from kdcache.cache.store import Cache, open_cache
 from kdcache.errors import InvalidSpec
 from kdcache.preprocess import Preprocess
 from kdcache.runtime import loader_workers, pick_device
+from kdcache.teacher.config import ExtendConfig
 from kdcache.teacher.ensemble import combine, load_recorded, load_teachers, member_pairs
 from kdcache.teacher.outputs import feature_entries, feature_specs, parse_features
 from kdcache.teacher.passes import Shard, ViewBatch, cache_shards, run_shards
@@ -52,15 +54,27 @@ class ExtendResult:
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+def run_extend(cfg: ExtendConfig) -> ExtendResult:
+    """``kdcache extend``: new ensemble members when ``cfg.teacher`` names some, else views and features."""
+    cfg.validate()
+    common = dict(batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress, wait=cfg.wait,
+                  break_lock=cfg.break_lock, dataset=cfg.dataset)
+    if cfg.teacher:
+        return add_members(cfg.cache, list(cfg.teacher), list(cfg.weights), **common)
+    return extend(cfg.cache, views=cfg.views, features=tuple(cfg.features), weights=list(cfg.weights) or None,
+                  **common)
+
+
 def extend(
     path: str, views: int | None = None, features: Sequence[str] = (), weights: Sequence[str] | None = None,
-    teacher: torch.nn.Module | Sequence[torch.nn.Module] | None = None, batch_size: int = 256,
-    device: str = "auto", progress: bool = True, wait: bool = False, break_lock: bool = False,
-    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    teacher: torch.nn.Module | Sequence[torch.nn.Module] | None = None, batch_size: int = ExtendConfig.batch_size,
+    device: str = ExtendConfig.device, progress: bool = True, wait: bool = False, break_lock: bool = False,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None, dataset: str | None = None,
 ) -> ExtendResult:
-    """Grow the complete cache at ``path`` to ``views`` views and/or add ``features`` (module docstring)."""
+    """Grow the complete cache at ``path`` to ``views`` views and/or add ``features`` (module docstring);
+    ``dataset`` is the data's spec where it moved since the cache was made (its fingerprint must match)."""
     began = time.perf_counter()
-    cache, source = _open(path)
+    cache, source = _open(path, dataset)
     old = cache.manifest
     k, k2 = cache.views, views or cache.views
     if k2 < k:
@@ -89,7 +103,7 @@ def extend(
     change = {"views": [k, k2]} if k2 > k else {}
     if entries:
         change["features"] = [f"{f['layer']}:{f['mode']}" for f in entries]
-    _record(old, new, change)
+    _record(cache, new, change)
 
     lock = WriterLock(cache.path, wait=wait, break_stale=break_lock).acquire()
     try:
@@ -103,53 +117,44 @@ def extend(
     finally:
         lock.release()
     return ExtendResult(cache.path, new["cache_id"], old["cache_id"], computed, time.perf_counter() - began,
-                        _publish(cache.path, new), new)
+                        publish_aliases(cache.path, new), new)
 
 
-def _open(path: str) -> tuple[Cache, data.Source]:
-    """The complete cache at ``path``, opened for writing, and its dataset (checked by fingerprint)."""
+def _open(path: str, dataset: str | None) -> tuple[Cache, data.Source]:
+    """The complete cache at ``path``, opened for writing, and its dataset (``dataset``, else the recorded
+    spec; checked by fingerprint)."""
     cache = open_cache(path, mode="r+")
     m = cache.manifest
     if "he_extra" in m["recipe"]:
         raise InvalidSpec("extend cannot grow a cache with --extra-views (their choice depends on every view) "
                           "— precompute the larger cache instead")
-    source = data.open_source(m["dataset"]["spec"])
+    source = data.open_source(dataset or m["dataset"]["spec"])
     cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
     cache.check_readable()
     return cache, source
 
 
-def _record(old: dict[str, Any], new: dict[str, Any], change: dict[str, Any]) -> None:
-    """Give ``new`` its id and a ``history`` entry for ``change``."""
-    new["cache_id"] = cache_id(new)
-    prov = provenance()
-    new.setdefault("history", []).append({**change, "previous_id": old["cache_id"], "cache_id": new["cache_id"],
-                                          "kdcache": prov["kdcache"], "host": prov["host"],
-                                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-
-
-def _publish(path: str, manifest: dict[str, Any]) -> list[str]:
-    """Alias files ``ROOT/<readable alias>`` and ``ROOT/<new id>`` naming the cache's folder."""
-    root, _, folder = path.rstrip("/").rpartition("/")
-    aliases = [write_alias(root, alias_name(manifest, manifest["cache_id"]), folder)]
-    if manifest["cache_id"] != folder:
-        aliases.append(write_alias(root, manifest["cache_id"], folder))
-    return aliases
+def _record(cache: Cache, new: dict[str, Any], change: dict[str, Any]) -> None:
+    """Give ``new`` its id and a ``history`` entry for ``change``, noting a format it brings forward."""
+    if cache.stored_format < FORMAT_VERSION:
+        change = {**change, "format": [cache.stored_format, FORMAT_VERSION]}
+    record_change(new, cache.id, change)
 
 
 def add_members(
-    path: str, teacher: Sequence[str], weights: Sequence[str], batch_size: int = 256, device: str = "auto",
-    progress: bool = True, wait: bool = False, break_lock: bool = False,
-    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    path: str, teacher: Sequence[str], weights: Sequence[str], batch_size: int = ExtendConfig.batch_size,
+    device: str = ExtendConfig.device, progress: bool = True, wait: bool = False, break_lock: bool = False,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None, dataset: str | None = None,
 ) -> ExtendResult:
-    """Add ensemble members to a cache made with ``--keep-members``, running only the new members.
+    """Add ensemble members to a cache made with ``--keep-members``, running only the new members
+    (``dataset``: as for :func:`extend`).
 
     The ensemble target (and energy) is recombined from the stored members' logits and the new
     members' float32 logits: exactly a one-shot build when members are stored as float32
     (``--logit-dtype float32``), within the storage rounding of the stored members' logits otherwise.
     """
     began = time.perf_counter()
-    cache, source = _open(path)
+    cache, source = _open(path, dataset)
     old = cache.manifest
     kept = old["outputs"].get("members")
     if not kept:
@@ -176,7 +181,7 @@ def add_members(
         listed = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
         new["config"].update(teacher=listed(new["config"]["teacher"]) + list(teacher),
                              weights=listed(new["config"]["weights"]) + list(weights))
-    _record(old, new, {"teachers": [e["spec"] for e in entries]})
+    _record(cache, new, {"teachers": [e["spec"] for e in entries]})
 
     lock = WriterLock(cache.path, wait=wait, break_stale=break_lock).acquire()
     try:
@@ -187,7 +192,7 @@ def add_members(
     finally:
         lock.release()
     return ExtendResult(cache.path, new["cache_id"], old["cache_id"], computed, time.perf_counter() - began,
-                        _publish(cache.path, new), new)
+                        publish_aliases(cache.path, new), new)
 
 
 def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], outputs: dict[str, Any],
