@@ -112,3 +112,19 @@ def test_the_student_stage_loads_without_the_teacher_stage():
             "print(sorted(m for m in sys.modules if m.startswith('kdcache.teacher') or m == 'kdcache.audit'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_function_in_the_library_is_longer_than_80_lines():
+    """Each step reads at once (docs/contributing.md): a function past 80 lines is split along its seams."""
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"split these: {', '.join(long)}"
+
+
+def test_no_module_of_the_cache_package_is_longer_than_400_lines():
+    """The cache package's rooms stay small enough to change (the one Cache is reading, stored and writing)."""
+    big = [f"{p.name} ({n})" for p in (ROOT / "cache").glob("*.py") if (n := len(p.read_text().splitlines())) > 400]
+    assert not big, f"split these: {', '.join(big)}"

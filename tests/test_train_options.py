@@ -132,7 +132,7 @@ def test_running_sums_stay_on_the_device_and_name_the_steps_a_non_finite_loss_hi
     from tqdm import tqdm
 
     from kdcache.errors import TrainingDiverged
-    from kdcache.student.train import RunningSums
+    from kdcache.student.epoch import RunningSums
 
     sums, bar = RunningSums(torch.device("cpu"), every=3), tqdm(disable=True)
     labels = torch.tensor([0, 1])
