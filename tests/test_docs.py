@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,39 @@ def test_the_worked_example_of_teachers_md_runs(tmp_path):
     assert "torchvision:resnet18 on imagefolder:imagenette/val: top-1" in done.stdout
     assert "resnet8x4 on imagefolder:imagenette/val: top-1" in done.stdout
     assert (tmp_path / "runs" / "r8x4" / "model.pt").is_file()
+
+
+def test_the_commands_of_contributing_md_run(tmp_path):
+    """Every command of docs/contributing.md runs here: pytest invocations collect (their markers and
+    paths are real, without running the suite inside the suite), `make` targets resolve, the CLI
+    reference it regenerates equals the stored one, and the fixture script finds every fixture made."""
+    text = (ROOT / "docs" / "contributing.md").read_text()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines() if line.strip()]
+    assert len(lines) >= 8
+    python = str(Path(sys.executable))
+    fixtures = ROOT / "tests" / "fixtures" / "compat" / "fixtures.json"
+    before = fixtures.read_text()
+    for line in lines:
+        words = shlex.split(line.replace(".venv/bin/python", python))
+        env = dict(os.environ)
+        while "=" in words[0]:
+            key, _, value = words.pop(0).partition("=")
+            env[key] = value
+        if words[0] == "make":
+            done = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
+            assert done.returncode == 0, f"{line}: {done.stderr}"
+            if words[1:] == ["docs"]:
+                out = tmp_path / "cli-reference.md"
+                argv = shlex.split(done.stdout.replace("\\\n", " ").strip().splitlines()[-1])
+                argv[0], argv[-1] = str(Path(python).parent / "typer"), str(out)
+                subprocess.run(argv, cwd=ROOT, check=True, env=env)
+                assert out.read_text().strip() == (ROOT / "docs" / "cli-reference.md").read_text().strip()
+            continue
+        if words[1:3] == ["-m", "pytest"]:
+            words.append("--collect-only")
+        done = subprocess.run(words, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, f"{line}: {done.stdout[-800:]} {done.stderr[-800:]}"
+        if "--collect-only" in words:
+            assert re.search(r"[1-9]\d* tests? collected", done.stdout), f"{line} collects no test"
+    assert fixtures.read_text() == before
