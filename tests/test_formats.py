@@ -87,12 +87,13 @@ def test_a_fixture_holds_only_the_keys_of_its_version_and_reads_as_todays_form(s
 
 
 @pytest.mark.parametrize("fixture_copy", FIXTURES, indirect=True, ids=[f"{s}/{c}" for s, c in FIXTURES])
-def test_todays_commands_read_verify_train_and_extend_an_old_cache(fixture_copy, tmp_path, capsys):
+def test_todays_commands_read_verify_recompute_train_and_extend_an_old_cache(fixture_copy, tmp_path, capsys):
     path, dataset = fixture_copy
     code, out, _ = run_cli(["info", path, "--quick"], capsys)
     assert code == 0 and f"format 1 (read as {FORMAT_VERSION}; `kdcache upgrade` rewrites it)" in out
-    code, out, _ = run_cli(["verify", path], capsys)
-    assert code == 0 and "intact" in out
+    code, out, _ = run_cli(["verify", path, "--recompute", "4", "--weights", str(COMPAT / "teacher.pt"),
+                            "--dataset", dataset, "--device", "cpu"], capsys)
+    assert code == 0 and "intact" in out and "4 views replayed" in out
     code, out, err = run_cli(["train", "--dataset", dataset, "--model", "cnn", "--cache", path, "--loss", "kd",
                               "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0, err
