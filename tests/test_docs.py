@@ -72,11 +72,13 @@ def test_the_commands_of_contributing_md_run(tmp_path):
             key, _, value = words.pop(0).partition("=")
             env[key] = value
         if words[0] == "make":
-            done = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(["make", "-n", "--no-print-directory", *words[1:]], cwd=ROOT, capture_output=True,
+                                  text=True)
             assert done.returncode == 0, f"{line}: {done.stderr}"
             if words[1:] == ["docs"]:
                 out = tmp_path / "cli-reference.md"
-                argv = shlex.split(done.stdout.replace("\\\n", " ").strip().splitlines()[-1])
+                command = next(c for c in done.stdout.replace("\\\n", " ").splitlines() if " utils docs " in c)
+                argv = shlex.split(command)
                 argv[0], argv[-1] = str(Path(python).parent / "typer"), str(out)
                 subprocess.run(argv, cwd=ROOT, check=True, env=env)
                 assert out.read_text().strip() == (ROOT / "docs" / "cli-reference.md").read_text().strip()

@@ -4,8 +4,8 @@
 array's decoded bytes. tests/test_golden.py runs it under :data:`PINNED` and compares with caches.json.
 
 Teacher outputs are float sums whose last bits depend on the kernels torch picks for the CPU (AVX-512
-and AMX machines round differently from AVX2 ones). :data:`PINNED` makes every x86 machine use the
-same portable kernels on one thread, so the bytes are a property of the code, not of the machine.
+and AMX machines round differently from AVX2 ones). :data:`PINNED` asks torch, oneDNN and MKL for their
+portable kernels on one thread, so that the bytes follow the code rather than the machine's vector units.
 """
 
 from __future__ import annotations
