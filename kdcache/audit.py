@@ -90,7 +90,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
     cache = open_cache(path)
     teacher = load_recorded(cache.manifest, weights)
     source = data.open_source(dataset or cache.manifest["dataset"]["spec"])
-    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
     dev = pick_device(device)
     teacher = teacher.to(dev)
     rec = cache.manifest["recipe"]

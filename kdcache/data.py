@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,13 @@ from kdcache import dataset_specs
 from kdcache.errors import MissingData, MissingDependency
 from kdcache.fake import TEST_OFFSET as FAKE_TEST_OFFSET
 from kdcache.fake import fake_images
+from kdcache.image_sets import (  # noqa: F401 - ImageSet and Source stay part of data's surface
+    FolderImageSet,
+    ImageSet,
+    Source,
+    TensorImageSet,
+    read_only_labels,
+)
 
 # Seed of the fixed train/test splits of mnist5k and digits. numpy's legacy RandomState is used
 # because its streams are frozen across numpy versions, so the split never changes.
@@ -36,67 +42,6 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _GRAY_SAMPLE = 256
 
 
-class ImageSet(torch.utils.data.Dataset):
-    """One split. ``__getitem__(i) -> (image: torch.uint8 tensor [C,H,W], label: int)``.
-
-    ``labels`` (int64 [N], read-only) gives every label without decoding any image.
-    """
-
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
-
-
-class TensorImageSet(ImageSet):
-    """A split held in memory as one uint8 tensor ``images [N,C,H,W]`` (do not modify it in place:
-    sources are shared within a process)."""
-
-    def __init__(self, images: torch.Tensor, labels: np.ndarray) -> None:
-        self.images = images.contiguous()
-        self.labels = _read_only(labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i].clone(), int(self.labels[i])
-
-
-class FolderImageSet(ImageSet):
-    """A split of image files decoded on access; pickles as a list of paths, so it is cheap to send
-    to DataLoader workers."""
-
-    def __init__(self, root: Path, files: list[str], labels: np.ndarray, mode: str) -> None:
-        self.root = root
-        self.files = files
-        self.labels = _read_only(labels)
-        self.mode = mode
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.transforms.functional import pil_to_tensor
-
-        with Image.open(self.root / self.files[i]) as im:
-            image = pil_to_tensor(im.convert(self.mode))
-        return image, int(self.labels[i])
-
-
-@dataclass(frozen=True)
-class Source:
-    """A dataset: both splits plus what models, augmentations and caches need to know about it."""
-
-    spec: str
-    train: ImageSet
-    test: ImageSet
-    num_classes: int
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...]
-    fingerprint: str
-
-
 def available() -> list[tuple[str, str]]:
     """(spec pattern, one-line description) of every dataset source, for ``kdcache datasets``."""
     return [
@@ -108,6 +53,10 @@ def available() -> list[tuple[str, str]]:
         ("imagefolder:PATH", "PATH/train/<class>/*.png|jpg and PATH/val/<class>/... (or test/)"),
         ("torchvision:NAME:ROOT", "torchvision CIFAR10, CIFAR100, MNIST, FashionMNIST or KMNIST "
                                   "already downloaded under ROOT"),
+        ("wds:PATTERN", "WebDataset tar shards, local or fsspec (s3://…), brace ranges {000..146}; "
+                        "?image=jpg,png,webp&label=cls&val=PATTERN"),
+        ("hfds:PATH[:SPLIT]", "a Hugging Face datasets folder (save_to_disk) or a dataset in the local HF "
+                              "cache, offline; ?image=COL&label=COL (needs kdcache[hfds])"),
     ]
 
 
@@ -117,6 +66,14 @@ def open_source(spec: str) -> Source:
     if kind == "imagefolder":
         # Not cached: the folder may change between calls and opening it is cheap.
         source = _imagefolder(rest)
+    elif kind == "wds":
+        from kdcache.wds import open_wds
+
+        source = open_wds(spec.strip(), rest)  # not cached either: shards may be added
+    elif kind == "hfds":
+        from kdcache.hfds import open_hfds
+
+        source = open_hfds(spec.strip(), rest)
     elif kind == "fake":
         n, c, size = (int(v) for v in rest.split(":"))
         parts = (n, c, size) if size != 32 else (n, c) if c != 10 else (n,)
@@ -313,9 +270,3 @@ def _scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
 def _mode(path: Path) -> str:
     with Image.open(path) as im:
         return im.mode
-
-
-def _read_only(labels: np.ndarray) -> np.ndarray:
-    labels = np.array(labels, dtype=np.int64)
-    labels.flags.writeable = False
-    return labels

@@ -1,6 +1,6 @@
 """The grammar of dataset specs (``mnist5k``, ``digits``, ``fake:N[:C[:S]]``, ``imagefolder:PATH``,
-``torchvision:NAME:ROOT``): parsed here without importing torch, so a wrong ``--dataset`` is reported at
-once; kdcache/data.py opens what a spec names."""
+``torchvision:NAME:ROOT``, ``wds:PATTERN``, ``hfds:PATH[:SPLIT]``): parsed here without importing torch,
+so a wrong ``--dataset`` is reported at once; kdcache/data.py opens what a spec names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from kdcache.errors import InvalidSpec
 
 TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
                     "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}
-PATTERNS = ("mnist5k", "digits", "fake:N[:C[:S]]", "imagefolder:PATH", "torchvision:NAME:ROOT")
+PATTERNS = ("mnist5k", "digits", "fake:N[:C[:S]]", "imagefolder:PATH", "torchvision:NAME:ROOT",
+            "wds:PATTERN[?image=…&label=…&val=PATTERN]", "hfds:PATH[:SPLIT][?image=…&label=…]")
 
 
 def parse(spec: str) -> tuple[str, str]:
@@ -17,7 +18,7 @@ def parse(spec: str) -> tuple[str, str]:
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
-    if kind == "imagefolder" and rest:
+    if kind in ("imagefolder", "wds", "hfds") and rest:
         return kind, rest
     if kind in ("mnist5k", "digits") and not rest:
         return kind, ""

@@ -49,3 +49,8 @@ class UnsupportedFormat(KdcacheError):
 
 class TrainingDiverged(KdcacheError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DataCorrupt(KdcacheError):
+    """A dataset file is damaged: an unreadable archive, an image that does not decode, a sample
+    without its label. The message names the file (shard) and the sample's key."""

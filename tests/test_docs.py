@@ -90,3 +90,38 @@ def test_the_commands_of_contributing_md_run(tmp_path):
         if "--collect-only" in words:
             assert re.search(r"[1-9]\d* tests? collected", done.stdout), f"{line} collects no test"
     assert fixtures.read_text() == before
+
+
+@pytest.mark.parametrize("section", ["wds:PATTERN", "hfds:PATH[:SPLIT]"])
+def test_the_worked_examples_of_the_sharded_sources_run(tmp_path, section):
+    """docs/datasets-and-models.md's wds and hfds examples, run by bash as written: on a generated
+    ImageNet-shaped folder pets/ (and a DatasetDict saved from it), with a random `cnn` teacher."""
+    import numpy as np
+    import torch
+    from zoo_support import jpeg_folder
+
+    from kdcache import models
+
+    text = (ROOT / "docs" / "datasets-and-models.md").read_text()
+    block = re.search(rf"### {re.escape(section)}\n.*?Worked example.*?```bash\n(.*?)```", text, re.S).group(1)
+    folder = jpeg_folder(tmp_path / "pets", classes=3, train=4, val=2, sides=(40, 70))
+    torch.manual_seed(0)
+    torch.save(models.create_model("cnn", 3, 3).state_dict(), tmp_path / "teacher.pt")
+    if section.startswith("hfds"):
+        datasets = pytest.importorskip("datasets")
+        from PIL import Image
+
+        def split(name: str):
+            files = sorted((folder / name).glob("*/*.jpg"))
+            return datasets.Dataset.from_dict(
+                {"image": [Image.open(f) for f in files], "label": [int(f.parent.name[1:]) for f in files]},
+                features=datasets.Features({"image": datasets.Image(),
+                                            "label": datasets.ClassLabel(names=["c0", "c1", "c2"])}))
+        datasets.DatasetDict({"train": split("train"), "validation": split("val")}).save_to_disk(
+            str(tmp_path / "pets-hf"))
+        assert np.asarray(split("train")["label"]).tolist()  # the folder's labels went in
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "top-1" in done.stdout

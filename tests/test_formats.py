@@ -89,8 +89,9 @@ def test_a_fixture_holds_only_the_keys_of_its_version_and_reads_as_todays_form(s
 @pytest.mark.parametrize("fixture_copy", FIXTURES, indirect=True, ids=[f"{s}/{c}" for s, c in FIXTURES])
 def test_todays_commands_read_verify_recompute_train_and_extend_an_old_cache(fixture_copy, tmp_path, capsys):
     path, dataset = fixture_copy
+    stored = open_cache(path).stored_format
     code, out, _ = run_cli(["info", path, "--quick"], capsys)
-    assert code == 0 and f"format 1 (read as {FORMAT_VERSION}; `kdcache upgrade` rewrites it)" in out
+    assert code == 0 and f"format {stored} (read as {FORMAT_VERSION}; `kdcache upgrade` rewrites it)" in out
     code, out, _ = run_cli(["verify", path, "--recompute", "4", "--weights", str(COMPAT / "teacher.pt"),
                             "--dataset", dataset, "--device", "cpu"], capsys)
     assert code == 0 and "intact" in out and "4 views replayed" in out
@@ -105,7 +106,7 @@ def test_todays_commands_read_verify_recompute_train_and_extend_an_old_cache(fix
     assert code == 0, err
     grown = open_cache(path)
     assert grown.stored_format == FORMAT_VERSION and grown.views == 3
-    assert grown.manifest["history"][-1]["format"] == [1, FORMAT_VERSION]
+    assert grown.manifest["history"][-1]["format"] == [stored, FORMAT_VERSION]
     assert run_cli(["verify", path], capsys)[0] == 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: Subtrees whose inner keys are owned elsewhere: augmentation ops carry their own op version
 #: (kdcache/augment), provenance is free text. A path below them is not checked.
@@ -46,9 +46,12 @@ KEYS_2 = frozenset([
     *(f"teacher.members[].{k}" for k in ("sha256", "spec", "tag", "weights")),
 ])
 
+#: Version 3 adds the per-shard record of a sharded source (``wds:``): ``dataset.parts``.
+KEYS_3 = KEYS_2 | {"dataset.parts[].name", "dataset.parts[].samples", "dataset.parts[].sha256"}
+
 #: Version 1 (kdcache 0.1.0 up to 2026-12-02) held version 2's keys, some of them only from a later
 #: commit on, and ``config.he_extra``, the old name of ``config.extra_views``.
-KEYS = {1: KEYS_2 | {"config.he_extra"}, 2: KEYS_2}
+KEYS = {1: KEYS_2 | {"config.he_extra"}, 2: KEYS_2, 3: KEYS_3}
 
 # What format-1 writers used where they recorded nothing (each is the behaviour of that code).
 _V1_DEFAULTS = {
@@ -118,5 +121,10 @@ def _from_1(m: dict[str, Any]) -> None:
         entry.setdefault("codec", _V1_HE_CODEC)
 
 
+def _from_2(m: dict[str, Any]) -> None:
+    """Format 2 -> 3: nothing to fill. ``dataset.parts`` is written only for sharded sources, which no
+    format-2 writer read."""
+
+
 #: version -> the step that brings a manifest of that version to the next one.
-UPGRADES = {1: _from_1}
+UPGRADES = {1: _from_1, 2: _from_2}

@@ -9,7 +9,7 @@ import hashlib
 import json
 import platform
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import zarr
 
@@ -75,17 +75,38 @@ def energy_temperature(manifest: Mapping[str, Any]) -> float:
 
 
 def check_dataset(manifest: Mapping[str, Any], path: str, spec: str, fingerprint: str, num_classes: int,
-                  num_samples: int) -> None:
-    """Refuse data other than what the cache at ``path`` was made from: its teacher outputs would be lies."""
+                  num_samples: int, parts: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Refuse data other than what the cache at ``path`` was made from: its teacher outputs would be lies.
+    ``parts`` (a sharded source's shards) let the refusal say which shard differs."""
     made = manifest["dataset"]
     if made["fingerprint"] != fingerprint:
+        what = part_difference(made.get("parts") or [], parts)
         raise CacheMismatch(
             f"cache {path} was made from dataset {made['spec']} ({made['fingerprint'][:19]}…), "
-            f"not from {spec} ({fingerprint[:19]}…) — pass the dataset the cache was made "
-            "from, or precompute a cache for this one"
+            f"not from {spec} ({fingerprint[:19]}…){': ' + what if what else ''} — pass the dataset the cache "
+            "was made from, or precompute a cache for this one"
         )
     if made["num_classes"] != num_classes or made["num_samples"] != num_samples:
         raise CacheMismatch(
             f"cache {path} has {made['num_classes']} classes and {made['num_samples']} samples, "
             f"dataset {spec} has {num_classes} and {num_samples} — use the matching dataset"
         )
+
+
+def part_difference(made: Sequence[Mapping[str, Any]], given: Sequence[Mapping[str, Any]]) -> str:
+    """What differs between the recorded shards and the given ones, in a few words ('' when unknown)."""
+    if not made or not given:
+        return ""
+    names, now = [p["name"] for p in made], [p["name"] for p in given]
+    added, gone = [n for n in now if n not in names], [n for n in names if n not in now]
+    if added or gone:
+        return "; ".join([*(f"shard {n} added" for n in added[:2]), *(f"shard {n} missing" for n in gone[:2])])
+    if names != now:
+        at = next(i for i, (a, b) in enumerate(zip(names, now)) if a != b)
+        return f"the shards are in another order (position {at} holds {now[at]}, the cache's was {names[at]})"
+    by_name = {p["name"]: p for p in made}
+    for part in given:
+        if part["sha256"] != by_name[part["name"]]["sha256"]:
+            return (f"the samples of shard {part['name']} differ (keys, image sizes or labels; "
+                    f"{part['samples']} now, {by_name[part['name']]['samples']} then)")
+    return ""

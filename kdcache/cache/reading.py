@@ -149,9 +149,11 @@ class CacheReader:
         specs = [spec_from_entry(e) for e in he["arrays"]]
         return expected_layout("he/indices", int(he["samples"]), int(he["views"]), specs)
 
-    def check_dataset(self, spec: str, fingerprint: str, num_classes: int, num_samples: int) -> None:
-        """Refuse a dataset other than the one this cache was made from (CacheMismatch, one line)."""
-        check_dataset(self.manifest, self.path, spec, fingerprint, num_classes, num_samples)
+    def check_dataset(self, spec: str, fingerprint: str, num_classes: int, num_samples: int,
+                      parts: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Refuse a dataset other than the one this cache was made from (CacheMismatch, one line naming
+        the shard that differs when the source is sharded)."""
+        check_dataset(self.manifest, self.path, spec, fingerprint, num_classes, num_samples, parts)
 
     def target_arrays(self) -> list[str]:
         """Names of the arrays that hold the teacher target in this cache's logit mode."""

@@ -333,7 +333,7 @@ def loader(
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     source = data.open_source(dataset)
-    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
     cache.check_readable()
     own_rank, own_world = distributed.rank_world()
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])

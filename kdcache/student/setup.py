@@ -165,7 +165,7 @@ def open_checked_cache(cfg: TrainConfig, source: data.Source) -> Cache | None:
     """The cache ``cfg`` names, refused unless it was made from ``source`` and is whole."""
     cache = open_cache(cfg.cache) if cfg.cache else None
     if cache is not None:
-        cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+        cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
         cache.check_readable()
     return cache
 

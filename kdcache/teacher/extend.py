@@ -129,7 +129,7 @@ def _open(path: str, dataset: str | None) -> tuple[Cache, data.Source]:
         raise InvalidSpec("extend cannot grow a cache with --extra-views (their choice depends on every view) "
                           "— precompute the larger cache instead")
     source = data.open_source(dataset or m["dataset"]["spec"])
-    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train))
+    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
     cache.check_readable()
     return cache, source
 

@@ -95,6 +95,7 @@ def build_manifest(
             "num_classes": source.num_classes,
             "channels": source.channels,
             "classes": list(source.classes),
+            **({"parts": [dict(p) for p in source.parts]} if source.parts else {}),  # sharded sources (wds:)
         },
         "recipe": {
             "views": cfg.views,

@@ -1,0 +1,162 @@
+"""Hugging Face ``datasets`` as a dataset source: ``hfds:PATH[:SPLIT][?image=COL&label=COL]``.
+
+PATH is a folder written by ``save_to_disk`` (a ``DatasetDict`` with a train and a validation or test
+split) or a dataset the local Hugging Face cache already holds; it is opened offline, never downloaded.
+The image column is the first ``Image`` feature and the label column the first ``ClassLabel`` one
+(their names can be given), and the class names are the ``ClassLabel``'s. Images are read as their
+stored bytes and decoded by kdcache, so every source shares one decode path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from kdcache.errors import DataCorrupt, InvalidSpec, MissingData, MissingDependency
+from kdcache.image_sets import ImageSet, Source, read_only_labels
+
+TEST_SPLITS = ("validation", "test", "val")
+_SPLIT = re.compile(r"^[A-Za-z_][\w.-]*$")
+
+
+def parse_spec(rest: str) -> tuple[str, str, dict[str, str]]:
+    """``PATH[:SPLIT][?image=COL&label=COL]`` -> (path, train split, column options)."""
+    where, _, query = rest.partition("?")
+    options = dict(parse_qsl(query))
+    if set(options) - {"image", "label"} or not where:
+        raise InvalidSpec(f"bad hfds spec {rest!r} — use hfds:PATH[:SPLIT][?image=COL&label=COL]")
+    path, sep, split = where.rpartition(":")
+    if not sep or not path or not _SPLIT.match(split):
+        path, split = where, "train"
+    return path, split, options
+
+
+def _datasets():
+    """The datasets package, imported offline (it reads these at import; a value the user set is kept)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependency("hfds: datasets need the datasets package — pip install 'kdcache[hfds]'") from None
+    return datasets
+
+
+def _load(path: str) -> Any:
+    """The DatasetDict at ``path``: a save_to_disk folder, else the local HF cache, offline."""
+    datasets = _datasets()
+    folder = Path(path).expanduser()
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return datasets.load_from_disk(str(folder))
+    try:
+        return datasets.load_dataset(str(folder) if folder.exists() else path)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for "not here"
+        raise MissingData(f"no Hugging Face dataset at {path} (not a save_to_disk folder, not in the local HF "
+                          f"cache: {str(exc).splitlines()[0][:120]}) — save it with "
+                          "DatasetDict.save_to_disk(PATH) first (kdcache never downloads)") from None
+
+
+def _columns(features: Any, options: dict[str, str], spec: str) -> tuple[str, str]:
+    datasets = _datasets()
+    image = options.get("image") or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    label = options.get("label") or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    for what, column in (("image", image), ("label", label)):
+        if column is None or column not in features:
+            raise InvalidSpec(f"dataset {spec} has no {what} column{f' {column!r}' if column else ''} (columns: "
+                              f"{', '.join(features)}) — name it with ?{what}=COLUMN")
+    return image, label
+
+
+class HfImageSet(ImageSet):
+    """One split of a Hugging Face dataset, its images read as stored bytes and decoded on access."""
+
+    def __init__(self, dataset: Any, image: str, labels: np.ndarray, mode: str, where: str) -> None:
+        self.dataset = dataset.cast_column(image, _datasets().Image(decode=False))
+        self.image = image
+        self.labels = read_only_labels(labels)
+        self.mode = mode
+        self.where = where
+
+    def pil(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        cell = self.dataset[int(i)][self.image]
+        try:
+            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
+            raise DataCorrupt(f"dataset {self.where}: the image of row {i} does not decode ({exc}) — fix or drop "
+                              "that row") from None
+        return image.convert(self.mode) if self.mode else image
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pil_to_tensor(self.pil(i)), int(self.labels[i])
+
+
+def _labels(split: Any, label: str, where: str) -> np.ndarray:
+    """The label column as int64; DataCorrupt naming the first row without a class index."""
+    values = np.asarray(split.with_format("numpy", columns=[label])[label])
+    if values.dtype == object:
+        missing = [i for i, v in enumerate(values) if v is None or not float(v).is_integer()]
+        values = np.array([-1 if v is None else v for v in values], dtype=np.float64)
+    else:
+        values = values.astype(np.float64)
+        missing = []
+    bad = missing or np.flatnonzero(~np.isfinite(values) | (values < 0) | (values != np.round(values))).tolist()
+    if bad:
+        raise DataCorrupt(f"dataset {where}: row {bad[0]} has no class label (the column must hold class indices "
+                          "from 0) — fill it, or choose the label column with ?label=COLUMN")
+    return values.astype(np.int64)
+
+
+def open_hfds(spec: str, rest: str) -> Source:
+    """The source ``hfds:REST``: the train split and the first of validation/test/val beside it."""
+    path, train_name, options = parse_spec(rest)
+    loaded = _load(path)
+    splits = dict(loaded) if hasattr(loaded, "keys") else {}
+    if train_name not in splits:
+        raise MissingData(f"dataset {path} has no split {train_name!r} (it has: {', '.join(splits) or 'one unnamed'})"
+                          " — save a DatasetDict with train and validation splits, or name the split hfds:PATH:SPLIT")
+    test_name = next((s for s in TEST_SPLITS if s in splits and s != train_name), None)
+    if test_name is None:
+        raise MissingData(f"dataset {path} has no validation or test split beside {train_name!r} — add one "
+                          "(kdcache evaluates on it)")
+    train, test = splits[train_name], splits[test_name]
+    image, label = _columns(train.features, options, spec)
+    labels = {name: _labels(splits[name], label, f"{path}:{name}") for name in (train_name, test_name)}
+    feature = train.features[label]
+    names = (tuple(feature.names) if isinstance(feature, _datasets().ClassLabel)
+             else tuple(str(k) for k in range(int(max(v.max() for v in labels.values())) + 1)))
+    first = HfImageSet(train, image, labels[train_name], "", f"{path}:{train_name}").pil(0)
+    gray = first.mode in ("1", "L", "LA", "I", "I;16", "F")
+    mode = "L" if gray else "RGB"
+    return Source(spec=spec, train=HfImageSet(train, image, labels[train_name], mode, f"{path}:{train_name}"),
+                  test=HfImageSet(test, image, labels[test_name], mode, f"{path}:{test_name}"),
+                  num_classes=len(names), channels=1 if gray else 3, image_size=min(first.size),
+                  mean=(0.449,) if gray else (0.485, 0.456, 0.406), std=(0.226,) if gray else (0.229, 0.224, 0.225),
+                  classes=names, fingerprint=_fingerprint(train.features, {train_name: train, test_name: test},
+                                                          labels, image, label))
+
+
+def _fingerprint(features: Any, splits: dict[str, Any], labels: dict[str, np.ndarray], image: str, label: str) -> str:
+    """sha256 of the features, and per split its rows, labels, stored files (name, size) and HF's own
+    fingerprint of its content: the data, without reading every image."""
+    digest = hashlib.sha256(f"hfds image={image} label={label}\n".encode())
+    digest.update(json.dumps(features.to_dict(), sort_keys=True, default=str).encode())
+    for name, split in splits.items():
+        files = [(os.path.basename(f["filename"]), os.path.getsize(f["filename"])) for f in split.cache_files]
+        digest.update(f"\n{name} {split.num_rows} {getattr(split, '_fingerprint', '')} {files}\n".encode())
+        digest.update(labels[name].astype("<i8").tobytes())
+    return f"sha256:{digest.hexdigest()}"
