@@ -39,7 +39,7 @@ from kdcache.runtime import pick_device
 from kdcache.teacher.ensemble import load_recorded
 from kdcache.teacher.outputs import topk_log_probs
 from kdcache.teacher.passes import PassOutput, ViewBatch, run_teacher
-from kdcache.views import Renderer
+from kdcache.views import Renderer, recorded_decode
 
 EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23}
 
@@ -101,7 +101,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
             r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
             stored = {name: cache.read_views(f"{vset.prefix}aug/{name}", r, v) for name in vset.recipe.fields()}
             batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
-        renderer = Renderer.for_model(source.train, vset.recipe, Preprocess.from_manifest(rec))
+        renderer = Renderer.for_model(source.train, vset.recipe, Preprocess.from_manifest(rec), recorded_decode(rec))
         for out in run_teacher(teacher, renderer, batches, cache.manifest["outputs"], seed=int(rec["seed"]),
                                num_samples=cache.num_samples, device=dev):
             report.problems += _check_batch(cache, vset, out)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData, MissingDependency
-from kdcache.image_sets import ImageSet, Source, read_only_labels
+from kdcache.image_sets import ImageSet, Reduce, Source, decode_image, read_only_labels
 
 TEST_SPLITS = ("validation", "test", "val")
 _SPLIT = re.compile(r"^[A-Za-z_][\w.-]*$")
@@ -86,23 +86,28 @@ class HfImageSet(ImageSet):
         self.mode = mode
         self.where = where
 
-    def pil(self, i: int):
+    def pil(self, i: int, reduce: Reduce | None = None) -> Any:
+        """Row ``i``'s image: uint8 [C,H,W] in the set's mode (see ImageSet.load), or the decoded PIL
+        image when the set has no mode yet."""
         from PIL import Image, UnidentifiedImageError
 
         cell = self.dataset[int(i)][self.image]
         try:
             data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
             image = Image.open(io.BytesIO(data))
+            if self.mode:
+                return decode_image(image, self.mode, reduce)
             image.load()
+            return image
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
             raise DataCorrupt(f"dataset {self.where}: the image of row {i} does not decode ({exc}) — fix or drop "
                               "that row") from None
-        return image.convert(self.mode) if self.mode else image
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.transforms.functional import pil_to_tensor
+        return self.load(i), int(self.labels[i])
 
-        return pil_to_tensor(self.pil(i)), int(self.labels[i])
+    def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
+        return self.pil(i, reduce)
 
 
 def _labels(split: Any, label: str, where: str) -> np.ndarray:

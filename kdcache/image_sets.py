@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,6 +29,27 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
+        """Image ``i``; with ``reduce``, a JPEG is decoded at ``1/reduce(width, height)`` of its size
+        by libjpeg's DCT scaling (Pillow's ``draft``), which sets that cost aside. Sets of decoded
+        pixels ignore ``reduce``."""
+        return self[i][0]
+
+
+#: (full width, full height) -> the factor r in {1, 2, 4, 8} to decode a JPEG at 1/r of its size.
+Reduce = Callable[[int, int], int]
+
+
+def decode_image(image: Image.Image, mode: str, reduce: Reduce | None = None) -> torch.Tensor:
+    """An opened (not yet decoded) PIL image as uint8 [C,H,W] in ``mode``, at the reduction ``reduce`` asks."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if reduce is not None and image.format == "JPEG":
+        r = reduce(*image.size)
+        if r > 1:
+            image.draft(mode, (-(-image.size[0] // r), -(-image.size[1] // r)))
+    return pil_to_tensor(image.convert(mode))
 
 
 class TensorImageSet(ImageSet):
@@ -54,11 +75,11 @@ class FolderImageSet(ImageSet):
         self.mode = mode
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.transforms.functional import pil_to_tensor
+        return self.load(i), int(self.labels[i])
 
+    def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         with Image.open(self.root / self.files[i]) as im:
-            image = pil_to_tensor(im.convert(self.mode))
-        return image, int(self.labels[i])
+            return decode_image(im, self.mode, reduce)
 
 
 @dataclass(frozen=True)

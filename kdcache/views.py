@@ -14,8 +14,24 @@ import numpy as np
 import torch
 
 from kdcache.augment import Recipe
-from kdcache.data import ImageSet
+from kdcache.image_sets import ImageSet
 from kdcache.preprocess import DEFAULT_CROP_PCT, Preprocess, eval_view
+
+#: How a view's image is decoded: ``full`` size, or ``reduced``: a JPEG at 1/2, 1/4 or 1/8 of its size
+#: where the view's crop still has at least the output's side in pixels (a recorded recipe option).
+DECODES = ("full", "reduced")
+
+
+def recorded_decode(recipe: Mapping[str, object]) -> str:
+    """The decode a cache's ``recipe`` section records (caches without one decode at full size)."""
+    return str(recipe.get("decode", "full"))
+
+
+def reduction(width: int, height: int, box: Sequence[float], size: int) -> int:
+    """The largest r in 8, 4, 2 at which the crop ``box`` (normalised) of a width x height image keeps at
+    least ``size`` pixels on its shorter side at 1/r, else 1: the view is then a downscale still."""
+    shorter = min(box[2] * width, box[3] * height)
+    return next((r for r in (8, 4, 2) if shorter / r >= size), 1)
 
 
 @dataclass
@@ -33,11 +49,12 @@ class Renderer:
     std: Sequence[float]
     interpolation: str = "bilinear"
     crop_pct: float = DEFAULT_CROP_PCT
+    decode: str = "full"  # see DECODES
 
     @classmethod
-    def for_model(cls, images: ImageSet, recipe: Recipe, pre: Preprocess) -> Renderer:
+    def for_model(cls, images: ImageSet, recipe: Recipe, pre: Preprocess, decode: str = "full") -> Renderer:
         """The renderer of a model whose preprocessing is ``pre`` (its size set)."""
-        return cls(images, recipe, int(pre.size), pre.mean, pre.std, pre.interpolation, pre.crop_pct)
+        return cls(images, recipe, int(pre.size), pre.mean, pre.std, pre.interpolation, pre.crop_pct, decode)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -50,11 +67,18 @@ class Renderer:
     def _image(self, index: int) -> torch.Tensor:
         return self.images[index][0]
 
+    def _view_image(self, index: int, params: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """The image one view starts from: at full size, or with ``reduced`` decode as small as its crop allows."""
+        box = self.recipe.source_box(params) if self.decode == "reduced" else None
+        if box is None:
+            return self._image(index)
+        return self.images.load(index, lambda width, height: reduction(width, height, box, self.size))
+
     def normalise(self, view: torch.Tensor) -> torch.Tensor:
         return (view - self._mean) / self._std
 
     def __call__(self, index: int, params: Mapping[str, np.ndarray]) -> torch.Tensor:
-        view = self.recipe.apply(self._image(index), params, self.size, partner=self._image,
+        view = self.recipe.apply(self._view_image(index, params), params, self.size, partner=self._image,
                                  interpolation=self.interpolation)
         return self.normalise(view)
 
@@ -69,8 +93,9 @@ class Renderer:
             raise ValueError("Renderer.batch needs at least one view")
         out: torch.Tensor | None = None
         for j, index in enumerate(indices):
-            view = self.recipe.apply(self._image(index), row(params, j), self.size, partner=self._image,
-                                     interpolation=self.interpolation)
+            view_params = row(params, j)
+            view = self.recipe.apply(self._view_image(index, view_params), view_params, self.size,
+                                     partner=self._image, interpolation=self.interpolation)
             if out is None:
                 out = torch.empty((len(indices), *view.shape), dtype=view.dtype)
             out[j] = view

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.image_sets import ImageSet, Source, read_only_labels
+from kdcache.image_sets import ImageSet, Reduce, Source, decode_image, read_only_labels
 
 IMAGE_KEYS = ("jpg", "png", "webp")
 LABEL_KEY = "cls"
@@ -217,17 +217,20 @@ class ShardReader:
         self.__init__(state["urls"])
 
 
-def decode(data: bytes, url: str, key: str, mode: str | None = None):
-    """The PIL image of one member's bytes; DataCorrupt naming shard and key when it does not decode."""
+def decode(data: bytes, url: str, key: str, mode: str | None = None, reduce: Reduce | None = None):
+    """One member's bytes as uint8 [C,H,W] in ``mode`` (see ImageSet.load for ``reduce``), or with
+    ``mode`` None the decoded PIL image; DataCorrupt naming shard and key when it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(data))
+        if mode is not None:
+            return decode_image(image, mode, reduce)
         image.load()
+        return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataCorrupt(f"shard {url}: the image of sample {key} does not decode ({exc}) — re-create the "
                           "shard, or remove the sample") from None
-    return image.convert(mode) if mode else image
 
 
 class WdsImageSet(ImageSet):
@@ -245,10 +248,11 @@ class WdsImageSet(ImageSet):
         return self.reader.read(int(index.shard[i]), int(index.offsets[i]), int(index.sizes[i]))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.transforms.functional import pil_to_tensor
+        return self.load(i), int(self.labels[i])
 
+    def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         url, key = self.index.urls[int(self.index.shard[i])], self.index.keys[i]
-        return pil_to_tensor(decode(self.read_bytes(i), url, key, self.mode)), int(self.labels[i])
+        return decode(self.read_bytes(i), url, key, self.mode, reduce)
 
 
 def open_wds(spec: str, rest: str) -> Source:
@@ -262,7 +266,7 @@ def open_wds(spec: str, rest: str) -> Source:
         empty = parsed.train[0] if not len(train.keys) else parsed.val[0]
         raise MissingData(f"the shards of wds:{rest} hold no samples ({empty} and the rest) — check the pattern "
                           "and the member extensions (?image=…, ?label=…)")
-    first = decode(WdsImageSet(train, "RGB").read_bytes(0), parsed.train[0], train.keys[0])
+    first = decode(WdsImageSet(train, "RGB").read_bytes(0), parsed.train[0], train.keys[0], None)
     gray = first.mode in ("1", "L", "LA", "I", "I;16", "F")
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     digest = hashlib.sha256(f"wds image={','.join(parsed.image_keys)} label={parsed.label_key}\n".encode())

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from kdcache.augment.autoaugment import RandAugment, TrivialAugment
 from kdcache.augment.geometry import HorizontalFlip, RandomErasing, RandomResizedCrop
 from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
-from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op
+from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row
 from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
@@ -107,6 +107,18 @@ class Recipe:
     @property
     def _view_ops(self) -> tuple[Op, ...]:
         return tuple(op for op in self.ops if op.stage in (PIXEL, ERASE))
+
+    def source_box(self, params: Mapping[str, np.ndarray]) -> tuple[float, float, float, float] | None:
+        """The normalised box ``(x0, y0, w, h)`` of the whole image that one view's first step resizes to
+        the output: the ``rrc`` box, or the whole image in a recipe without one. None when another op
+        works on the full image first (then nothing may be decoded at reduced size)."""
+        ops = self._view_ops
+        crops = [k for k, op in enumerate(ops) if isinstance(op, RandomResizedCrop)]
+        if not crops:
+            return (0.0, 0.0, 1.0, 1.0)
+        if crops[0] != 0:
+            return None
+        return box_row(params, "rrc")
 
     def fields(self) -> Fields:
         """Every stored param array: field name -> (tail shape, numpy dtype name)."""

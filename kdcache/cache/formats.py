@@ -46,8 +46,10 @@ KEYS_2 = frozenset([
     *(f"teacher.members[].{k}" for k in ("sha256", "spec", "tag", "weights")),
 ])
 
-#: Version 3 adds the per-shard record of a sharded source (``wds:``): ``dataset.parts``.
-KEYS_3 = KEYS_2 | {"dataset.parts[].name", "dataset.parts[].samples", "dataset.parts[].sha256"}
+#: Version 3 adds the per-shard record of a sharded source (``wds:``), ``dataset.parts``, and the reduced
+#: JPEG decode, ``recipe.decode`` (written only when not ``full``).
+KEYS_3 = KEYS_2 | {"dataset.parts[].name", "dataset.parts[].samples", "dataset.parts[].sha256", "recipe.decode",
+                   "config.decode"}
 
 #: Version 1 (kdcache 0.1.0 up to 2026-12-02) held version 2's keys, some of them only from a later
 #: commit on, and ``config.he_extra``, the old name of ``config.extra_views``.
@@ -122,8 +124,10 @@ def _from_1(m: dict[str, Any]) -> None:
 
 
 def _from_2(m: dict[str, Any]) -> None:
-    """Format 2 -> 3: nothing to fill. ``dataset.parts`` is written only for sharded sources, which no
-    format-2 writer read."""
+    """Format 2 -> 3: ``dataset.parts`` and ``recipe.decode`` are written only for sharded sources and
+    reduced decodes, which no format-2 writer had; only the config gains its field."""
+    if isinstance(m.get("config"), dict):
+        m["config"].setdefault("decode", "full")
 
 
 #: version -> the step that brings a manifest of that version to the next one.

@@ -20,7 +20,7 @@ from kdcache.data import ImageSet
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.preprocess import Preprocess
 from kdcache.student.reader import Block, TrainViews, plan_epoch
-from kdcache.views import Renderer
+from kdcache.views import Renderer, recorded_decode
 
 
 class ExtraViews(TrainViews):
@@ -90,7 +90,7 @@ def with_extra_views(stream: TrainViews, cache: Cache | None, images: ImageSet, 
     if found is None:
         raise CacheMismatch(f"cache {cache.path} has no energy-guided extra views — precompute it with "
                             "--extra-views 0.5:4, or train without --extra-views")
-    renderer = Renderer.for_model(images, found.recipe, pre)
+    renderer = Renderer.for_model(images, found.recipe, pre, recorded_decode(cache.manifest["recipe"]))
     extra = ExtraViews(renderer, stream.labels, found.samples, found.chunk_samples, stream.seed, stream.cache_path,
                        stream.teacher_arrays, found.views, stream.batch_size, stream.keep, stream.rank, stream.world)
     return Interleaved(stream, extra)

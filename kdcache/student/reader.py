@@ -24,7 +24,7 @@ from kdcache import data, distributed, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.store import Cache, open_cache
 from kdcache.student.targets import CacheTargets
-from kdcache.views import Renderer, row
+from kdcache.views import Renderer, recorded_decode, row
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ def loader(
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     side = size or int(cache.manifest["recipe"]["input_size"])
     pre = preprocess.resolve(None, source.mean, source.std, source.channels, side, norm)
-    renderer = Renderer.for_model(source.train, recipe, pre)
+    renderer = Renderer.for_model(source.train, recipe, pre, recorded_decode(cache.manifest["recipe"]))
     stream = TeacherViews(renderer, source.train.labels, cache.chunk_samples, int(cache.manifest["recipe"]["seed"]),
                           cache.path, views=cache.views, rank=own_rank if rank is None else rank,
                           world=own_world if world is None else world, batch_size=batch_size,

@@ -30,7 +30,7 @@ from kdcache.student.extra_views import with_extra_views
 from kdcache.student.online import OnlineTeacher, check_online
 from kdcache.student.reader import TrainViews
 from kdcache.student.targets import CacheTargets, StudentFeatures, layer_pairs, teacher_inputs
-from kdcache.views import Renderer
+from kdcache.views import Renderer, recorded_decode
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -237,7 +237,8 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
     else:
         recipe, seed, views, block = Recipe.parse(cfg.augment), cfg.seed, None, 256
     labels, kept = training_labels(cfg, source)
-    renderer = Renderer.for_model(source.train, recipe, pre)
+    renderer = Renderer.for_model(source.train, recipe, pre,
+                                  recorded_decode(cache.manifest["recipe"]) if cache is not None else "full")
     keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
     stream = TrainViews(renderer, labels, block, seed, cfg.cache, targets.arrays() if targets else [], views,
                         batch_size=cfg.batch_size, keep=keep, rank=rank, world=world)

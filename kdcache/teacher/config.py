@@ -46,6 +46,7 @@ class PrecomputeConfig:
     rebuild: bool = False  # delete whatever lies at OUT/<cache id> (a damaged cache) and write it anew
     break_lock: bool = False  # remove the lock of a writer whose heartbeat stopped (kdcache/cache/lock.py)
     extra_views: str | None = None  # R:K2[:cutmix|mixup], energy-guided extra mixed views (kdcache/teacher/extra_views.py)
+    decode: str = "full"  # full | reduced: JPEGs decoded at 1/2..1/8 where the crop allows (kdcache/views.py)
 
     def validate(self) -> None:
         """Refuse option values that are wrong whatever the data, teacher and storage (no torch needed)."""
@@ -56,6 +57,8 @@ class PrecomputeConfig:
         checks.positive("--teacher-size", self.teacher_size)
         checks.at_least("--workers", self.workers, 0)
         checks.device(self.device)
+        if self.decode not in ("full", "reduced"):
+            raise InvalidSpec(f"--decode {self.decode!r} is not one of full, reduced")
         if self.precision not in PRECISIONS:
             raise InvalidSpec(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         checks.output_folder("--out", self.out)

@@ -39,7 +39,7 @@ from kdcache.teacher.config import ExtendConfig
 from kdcache.teacher.ensemble import combine, load_recorded, load_teachers, member_pairs
 from kdcache.teacher.outputs import feature_entries, feature_specs, parse_features
 from kdcache.teacher.passes import Shard, ViewBatch, cache_shards, run_shards
-from kdcache.views import Renderer
+from kdcache.views import Renderer, recorded_decode
 
 OnBatch = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -201,7 +201,8 @@ def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: 
          forward: Callable[[torch.Tensor, ViewBatch], tuple[torch.Tensor, list[torch.Tensor]]] | None = None) -> int:
     """The teacher pass over ``views`` of every shard, with the cache's recipe; ``write`` takes each shard."""
     recipe = Recipe.from_manifest(manifest["recipe"]["augment"])
-    renderer = Renderer.for_model(source.train, recipe, Preprocess.from_manifest(manifest["recipe"]))
+    renderer = Renderer.for_model(source.train, recipe, Preprocess.from_manifest(manifest["recipe"]),
+                                  recorded_decode(manifest["recipe"]))
     return run_shards(teacher, renderer, cache_shards(cache, views), outputs, write, batch_size=batch_size,
                       before_write=lock.check, seed=int(manifest["recipe"]["seed"]), num_samples=cache.num_samples,
                       device=device, workers=loader_workers(None, device), forward=forward, progress=progress,

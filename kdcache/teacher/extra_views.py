@@ -29,7 +29,7 @@ from kdcache.data import ImageSet
 from kdcache.errors import CacheCorrupt, InvalidSpec
 from kdcache.preprocess import Preprocess
 from kdcache.teacher.passes import Shard, run_shards
-from kdcache.views import Renderer
+from kdcache.views import Renderer, recorded_decode
 
 MIX_OPS = {"cutmix": CutMix(), "mixup": MixUp(alpha=0.2)}  # the paper's HE-DA settings (losses.md)
 
@@ -114,7 +114,7 @@ def add_extra_views(cache: Cache, teacher: torch.nn.Module, images: ImageSet, de
             cache.write_views(EXTRA_PREFIX + name, shard.first, 0, values)
         cache.mark_done(f"{EXTRA_PREFIX}status", shard.key)
 
-    return run_shards(teacher, Renderer.for_model(images, recipe, Preprocess.from_manifest(rec)), shards,
+    return run_shards(teacher, Renderer.for_model(images, recipe, Preprocess.from_manifest(rec), recorded_decode(rec)), shards,
                       cache.manifest["outputs"], write, batch_size=batch_size, seed=int(rec["seed"]),
                       num_samples=cache.num_samples, device=device, workers=workers, progress=progress,
                       desc="extra views")

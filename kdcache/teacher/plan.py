@@ -69,7 +69,7 @@ def plan(cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module]
     count = min(n * k, warmup or min(2 * cfg.batch_size, MAX_WARMUP))
     pairs = np.linspace(0, n * k - 1, count).round().astype(np.int64)
     indices, views = pairs // k, pairs % k
-    renderer = Renderer.for_model(source.train, recipe, pre)
+    renderer = Renderer.for_model(source.train, recipe, pre, cfg.decode)
     outputs, seconds = _warmup(cfg, source, renderer, teacher, manifest, indices, views)
     timed = count - min(cfg.batch_size, count) if count > cfg.batch_size else count
     result.warmup_views = count

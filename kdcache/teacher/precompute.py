@@ -102,6 +102,7 @@ def build_manifest(
             "seed": cfg.seed,
             "augment": recipe.to_manifest(),
             **pre.to_manifest(),  # the teacher's preprocessing: input_size, mean, std, interpolation, crop_pct
+            **({"decode": cfg.decode} if cfg.decode != "full" else {}),  # it changes the pixels: part of the id
         },
         "outputs": {
             "precision": resolve_precision(cfg.precision, pick_device(cfg.device)),  # it changes every output
@@ -173,7 +174,7 @@ def precompute(
     try:
         if cache.complete:
             return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
-        computed = _compute(cfg, cache, teacher, Renderer.for_model(source.train, recipe, pre), device, lock,
+        computed = _compute(cfg, cache, teacher, Renderer.for_model(source.train, recipe, pre, cfg.decode), device, lock,
                             on_batch)
         distributed.barrier()
         if rank == 0:  # the extra views need every sample's energy: one writer, after all shards
