@@ -11,12 +11,15 @@ reads by index (docs/datasets-and-models.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -114,15 +117,50 @@ class ShardIndex:
         return out
 
 
+def index_dir() -> Path:
+    """Where shard indices are kept between runs: ``$KDCACHE_INDEX_DIR``, else ``~/.cache/kdcache/wds-index``."""
+    return Path(os.environ.get("KDCACHE_INDEX_DIR") or Path.home() / ".cache" / "kdcache" / "wds-index")
+
+
+def _version(url: str) -> str:
+    """What changes when a shard does: its size and its ETag (object stores) or modification time."""
+    fs, path = _fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise MissingData(f"shard {url} not found — check the wds: pattern (brace ranges such as "
+                          "{000..146})") from None
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{url}\t{info.get('size')}\t{stamp}"
+
+
+def _indexed(url: str, image_keys: tuple[str, ...], label_key: str) -> list[tuple[str, int, int, int]]:
+    """One shard's samples, from the local index of an earlier scan of the same shard version, else scanned."""
+    name = hashlib.sha256(f"{_version(url)}\t{','.join(image_keys)}\t{label_key}".encode()).hexdigest()[:32]
+    path = index_dir() / f"{name}.json"
+    try:
+        return [tuple(entry) for entry in json.loads(path.read_text())]
+    except (OSError, ValueError):
+        pass
+    found = _scan_shard(url, image_keys, label_key)
+    with contextlib.suppress(OSError):  # an index that cannot be kept is scanned again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, path)
+    return found
+
+
 def scan(urls: tuple[str, ...], image_keys: tuple[str, ...], label_key: str) -> ShardIndex:
-    """Read the member headers (and the label members) of every shard, in order."""
+    """Every shard's samples in order: from one scan of its member headers (and label members), kept as
+    a small local index so that later runs and other processes read no shard to find them."""
     missing = [url for url in urls if not _fs(url)[0].exists(_fs(url)[1])]
     if missing:
         raise MissingData(f"shard {missing[0]} not found ({len(missing)} of the pattern's {len(urls)} shards are "
                           "missing) — check the wds: pattern (brace ranges such as {000..146})")
     shard, keys, offsets, sizes, labels, counts = [], [], [], [], [], []
     for s, url in enumerate(urls):
-        found = _scan_shard(url, image_keys, label_key)
+        found = _indexed(url, image_keys, label_key)
         for key, offset, size, label in found:
             shard.append(s)
             keys.append(key)
@@ -294,7 +332,8 @@ def write_shards(source: Source, out: str, per_shard: int = 1000) -> tuple[list[
             with tarfile.open(path + ".partial", "w") as tar:
                 for i in range(first, min(first + per_shard, len(images))):
                     data, ext = _member_bytes(images, i)
-                    for name, body in ((f"{split}{i:08d}.{ext}", data), (f"{split}{i:08d}.cls", b"%d" % images.labels[i])):
+                    label = b"%d" % images.labels[i]
+                    for name, body in ((f"{split}{i:08d}.{ext}", data), (f"{split}{i:08d}.cls", label)):
                         info = tarfile.TarInfo(name)
                         info.size = len(body)
                         tar.addfile(info, io.BytesIO(body))

@@ -21,6 +21,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.s3)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def shard_index_dir(tmp_path_factory):
+    """WebDataset shard indices go to a folder of the test session, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDCACHE_INDEX_DIR", str(tmp_path_factory.mktemp("wds-index")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: tiny forward passes on a shared 2-core machine are faster that way."""

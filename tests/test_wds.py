@@ -206,3 +206,20 @@ def test_shards_on_s3_read_each_byte_once_per_pass_and_match_the_local_copy(shar
     code, _, err = run_cli(["train", "--dataset", remote, "--model", "cnn", "--cache", cache, "--epochs", "1",
                             "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0, err
+
+
+def test_a_second_open_reads_the_kept_index_and_a_changed_shard_is_scanned_again(shards, tmp_path, monkeypatch):
+    from kdcache import wds
+
+    _, out = shards
+    copy = tmp_path / "s"
+    shutil.copytree(out, copy)
+    first = open_source(spec(copy))
+    scanned = []
+    original = wds._scan_shard
+    monkeypatch.setattr(wds, "_scan_shard", lambda url, *a: scanned.append(url) or original(url, *a))
+    assert open_source(spec(copy)).fingerprint == first.fingerprint and not scanned
+    _rewrite(copy / "train-000002.tar", drop_ext="nothing-is-dropped")  # same members, a new file
+    (copy / "train-000002.tar").write_bytes((copy / "train-000002.tar").read_bytes() + bytes(10240))
+    assert open_source(spec(copy)).fingerprint == first.fingerprint
+    assert [Path(u).name for u in scanned] == ["train-000002.tar"]
