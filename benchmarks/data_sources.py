@@ -15,6 +15,7 @@ on local disk >= 1.0x the folder, S3 >= 0.9x local, reduced decode >= 2x full.
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -108,9 +109,27 @@ def decode_rates(folder: Path, reps: int) -> dict[str, Any]:
             F.resize(image, [DECODE_SIZE, DECODE_SIZE], antialias=True)
         return Run(len(blobs), time.perf_counter() - began)
 
-    runs = interleave_runs({"full": lambda: run(False), "reduced": lambda: run(True)}, reps)
-    return {"images": len(blobs), "full_per_s": median(r.rate for r in runs["full"]),
-            "reduced_per_s": median(r.rate for r in runs["reduced"]), **ratios(runs["reduced"], runs["full"])}
+    variants = {"full": lambda: run(False), "reduced": lambda: run(True)}
+    try:  # a reference, not kdcache's path: libjpeg-turbo scaled by M/8 through simplejpeg
+        import simplejpeg
+
+        def scaled() -> Run:
+            began = time.perf_counter()
+            for blob in blobs:
+                F.resize(torch.from_numpy(simplejpeg.decode_jpeg(blob, "RGB", min_height=DECODE_SIZE,
+                                                                 min_width=DECODE_SIZE)).permute(2, 0, 1),
+                         [DECODE_SIZE, DECODE_SIZE], antialias=True)
+            return Run(len(blobs), time.perf_counter() - began)
+        variants["simplejpeg M/8"] = scaled
+    except ImportError:
+        pass
+    runs = interleave_runs(variants, reps)
+    out = {"images": len(blobs), "full_per_s": median(r.rate for r in runs["full"]),
+           "reduced_per_s": median(r.rate for r in runs["reduced"]), **ratios(runs["reduced"], runs["full"])}
+    if "simplejpeg M/8" in runs:
+        out["simplejpeg_per_s"] = median(r.rate for r in runs["simplejpeg M/8"])
+        out["simplejpeg_ratio"] = ratios(runs["simplejpeg M/8"], runs["full"])["ratio"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reps = min(args.reps, 2 if args.quick else 3)  # each precompute decodes every image: keep the run short
     n = args.images or (1200 if args.quick else 10_000)
     root = Path(tempfile.mkdtemp(prefix="kdcache-sources-"))
+    os.environ["KDCACHE_INDEX_DIR"] = str(root / "index")  # the shards' indices go with the run (kdcache/wds.py)
     server = None
     try:
         began = time.perf_counter()
@@ -181,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"repetitions\n\n" + table(rows, ["source", "precompute views/s", "vs folder", "loader views/s",
                                               "loader vs folder"])
             + f"\n\ndecode of {decode['images']} >= 400 px JPEGs to {DECODE_SIZE} px, one thread: full "
-            f"{decode['full_per_s']:.0f}/s, reduced {decode['reduced_per_s']:.0f}/s ({decode['ratio']:.2f}x)\n"
+            f"{decode['full_per_s']:.0f}/s, reduced {decode['reduced_per_s']:.0f}/s ({decode['ratio']:.2f}x)"
+            + (f", simplejpeg M/8 {decode['simplejpeg_per_s']:.0f}/s ({decode['simplejpeg_ratio']:.2f}x)"
+               if "simplejpeg_per_s" in decode else "") + "\n"
             + "\n".join(f"{k}: {v:.2f}" for k, v in targets.items()))
     return emit("data_sources", args, device("cpu"), {"images": n, "shards": shards, "rows": rows, "decode": decode,
                                                       "targets": targets}, text)

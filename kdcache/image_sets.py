@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,10 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """A hint that images ``indices`` are read next (a batch): sets on remote storage fetch them
+        at once; the others ignore it."""
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         """Image ``i``; with ``reduce``, a JPEG is decoded at ``1/reduce(width, height)`` of its size

@@ -91,6 +91,7 @@ class Renderer:
         indices = [int(i) for i in indices]
         if not indices:
             raise ValueError("Renderer.batch needs at least one view")
+        self.images.prefetch(indices)
         out: torch.Tensor | None = None
         for j, index in enumerate(indices):
             view_params = row(params, j)

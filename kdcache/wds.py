@@ -20,7 +20,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -30,6 +30,7 @@ from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.image_sets import ImageSet, Reduce, Source, decode_image, read_only_labels
 
 IMAGE_KEYS = ("jpg", "png", "webp")
+MERGE_GAP = 256 << 10  # members closer than this in a shard are fetched as one range
 LABEL_KEY = "cls"
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = the path up to the first dot of the file name
 
@@ -280,10 +281,41 @@ class WdsImageSet(ImageSet):
         self.labels = read_only_labels(index.labels)
         self.mode = mode
         self.reader = ShardReader(index.urls)
+        self.remote = any("://" in url and not url.startswith("file://") for url in index.urls)
+        self._fetched: dict[int, bytes] = {}
 
     def read_bytes(self, i: int) -> bytes:
+        data = self._fetched.pop(i, None)
+        if data is not None:
+            return data
         index = self.index
         return self.reader.read(int(index.shard[i]), int(index.offsets[i]), int(index.sizes[i]))
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Fetch the images of ``indices`` from an object store in one concurrent round: neighbouring
+        members of a shard as one ranged read (a precompute batch is a few), scattered ones each on its
+        own (a shuffled training batch), instead of one sequential request per image."""
+        if not self.remote:
+            return
+        self._fetched = {}
+        index, runs = self.index, []
+        for i in sorted(set(int(i) for i in indices), key=lambda i: (index.shard[i], index.offsets[i])):
+            start, end = int(index.offsets[i]), int(index.offsets[i] + index.sizes[i])
+            if runs and runs[-1][0] == index.shard[i] and start - runs[-1][2] <= MERGE_GAP:
+                runs[-1][2] = max(runs[-1][2], end)
+                runs[-1][3].append(i)
+            else:
+                runs.append([index.shard[i], start, end, [i]])
+        fs, _ = _fs(index.urls[0])
+        paths = [_fs(index.urls[int(shard)])[1] for shard, *_ in runs]
+        blobs = fs.cat_ranges(paths, [r[1] for r in runs], [r[2] for r in runs])
+        for (_, start, _, members), blob in zip(runs, blobs):
+            for i in members:
+                at = int(index.offsets[i]) - start
+                self._fetched[i] = bytes(blob[at : at + int(index.sizes[i])])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fetched": {}}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.load(i), int(self.labels[i])

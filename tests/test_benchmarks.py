@@ -45,3 +45,17 @@ def test_the_scaling_benchmark_runs_every_stage_and_counts_files(tmp_path, capsy
     precompute = [r for r in rows if r["stage"] == "precompute"]
     assert all(r["files"] > 0 and r["bytes_per_view"] > 0 for r in precompute)
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_data_sources_benchmark_measures_every_source_side_by_side(tmp_path, capsys):
+    """Tiny sizes; with SeaweedFS (kdcache[dev]) the S3 row is there too."""
+    from benchmarks import data_sources
+
+    record = data_sources.main(["--quick", "--images", "40", "--reps", "1", "--out", str(tmp_path)])
+    sources = [row["source"] for row in record["rows"]]
+    assert sources[:2] == ["folder", "wds local"] and sources[-1] == "folder, reduced decode"
+    assert {"wds S3", "hfds"} <= set(sources)
+    assert all(row["precompute views/s"] > 0 for row in record["rows"])
+    assert record["decode"]["full_per_s"] > 0 and record["decode"]["ratio"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "data_sources"

@@ -202,6 +202,19 @@ def test_shards_on_s3_read_each_byte_once_per_pass_and_match_the_local_copy(shar
         source.train[i]
     assert 0 < sum(fetched) <= sum(f.stat().st_size for f in out.glob("train-*.tar"))
 
+    # A shuffled batch is fetched in one concurrent round and renders what the local shards render.
+    import numpy as np
+
+    from kdcache.augment import Recipe
+    from kdcache.preprocess import Preprocess
+    from kdcache.views import Renderer
+
+    recipe, order = Recipe.parse("rrc+flip"), [13, 2, 7, 0, 17, 8]
+    params = recipe.sample(1, np.array(order), np.zeros(len(order), dtype=np.int64), 18)
+    views = [Renderer.for_model(s.train, recipe, Preprocess(s.mean, s.std, 32)).batch(order, params)
+             for s in (source, open_source(spec(out)))]
+    assert torch.equal(views[0], views[1]) and not source.train._fetched
+
     cache = precompute(spec(out), tmp_path / "caches", teacher, capsys)
     code, _, err = run_cli(["train", "--dataset", remote, "--model", "cnn", "--cache", cache, "--epochs", "1",
                             "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet"], capsys)
