@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData, MissingDependency
-from kdcache.image_sets import ImageSet, Reduce, Source, decode_image, read_only_labels
+from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, read_only_labels
 
 TEST_SPLITS = ("validation", "test", "val")
 _SPLIT = re.compile(r"^[A-Za-z_][\w.-]*$")
@@ -94,9 +94,9 @@ class HfImageSet(ImageSet):
         cell = self.dataset[int(i)][self.image]
         try:
             data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
-            image = Image.open(io.BytesIO(data))
             if self.mode:
-                return decode_image(image, self.mode, reduce)
+                return decode_bytes(data, self.mode, reduce)
+            image = Image.open(io.BytesIO(data))
             image.load()
             return image
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:

@@ -7,6 +7,7 @@ need to know, including the fingerprint that identifies the exact data.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,6 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from kdcache.errors import MissingDependency
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -35,24 +38,49 @@ class ImageSet(torch.utils.data.Dataset):
         at once; the others ignore it."""
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
-        """Image ``i``; with ``reduce``, a JPEG is decoded at ``1/reduce(width, height)`` of its size
-        by libjpeg's DCT scaling (Pillow's ``draft``), which sets that cost aside. Sets of decoded
-        pixels ignore ``reduce``."""
+        """Image ``i``; with ``reduce``, a JPEG is decoded at the smallest of libjpeg-turbo's M/8 scales
+        that keeps the size ``reduce(width, height)`` asks (DCT scaling, through simplejpeg). Sets of
+        decoded pixels ignore ``reduce``."""
         return self[i][0]
 
 
-#: (full width, full height) -> the factor r in {1, 2, 4, 8} to decode a JPEG at 1/r of its size.
-Reduce = Callable[[int, int], int]
+#: (full width, full height) -> the smallest (width, height) a reduced decode must keep.
+Reduce = Callable[[int, int], tuple[int, int]]
 
 
-def decode_image(image: Image.Image, mode: str, reduce: Reduce | None = None) -> torch.Tensor:
-    """An opened (not yet decoded) PIL image as uint8 [C,H,W] in ``mode``, at the reduction ``reduce`` asks."""
+def decode_bytes(data: bytes, mode: str, reduce: Reduce | None = None) -> torch.Tensor:
+    """An encoded image as uint8 [C,H,W] in ``mode`` (``L`` or ``RGB``); a JPEG reduced as ``reduce``
+    asks (see :meth:`ImageSet.load`), anything else, or a JPEG libjpeg-turbo cannot scale, decoded
+    whole by Pillow."""
+    if reduce is not None and data[:2] == b"\xff\xd8":
+        scaled = _scaled_jpeg(data, mode, reduce)
+        if scaled is not None:
+            return scaled
+    return decode_image(Image.open(io.BytesIO(data)), mode)
+
+
+def _scaled_jpeg(data: bytes, mode: str, reduce: Reduce) -> torch.Tensor | None:
+    try:
+        import simplejpeg
+    except ImportError:
+        raise MissingDependency("decode reduced needs simplejpeg — pip install 'kdcache[decode]'") from None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        min_width, min_height = reduce(width, height)
+        if min_width >= width and min_height >= height:
+            return None
+        pixels = simplejpeg.decode_jpeg(data, "GRAY" if mode == "L" else "RGB", min_width=min_width,
+                                        min_height=min_height)
+    except ValueError:  # CMYK and other layouts libjpeg-turbo will not scale: decode them whole
+        return None
+    pixels = np.ascontiguousarray(pixels).reshape(pixels.shape[0], pixels.shape[1], -1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode_image(image: Image.Image, mode: str) -> torch.Tensor:
+    """An opened PIL image as uint8 [C,H,W] in ``mode``."""
     from torchvision.transforms.functional import pil_to_tensor
 
-    if reduce is not None and image.format == "JPEG":
-        r = reduce(*image.size)
-        if r > 1:
-            image.draft(mode, (-(-image.size[0] // r), -(-image.size[1] // r)))
     return pil_to_tensor(image.convert(mode))
 
 
@@ -82,8 +110,10 @@ class FolderImageSet(ImageSet):
         return self.load(i), int(self.labels[i])
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
+        if reduce is not None:
+            return decode_bytes((self.root / self.files[i]).read_bytes(), self.mode, reduce)
         with Image.open(self.root / self.files[i]) as im:
-            return decode_image(im, self.mode, reduce)
+            return decode_image(im, self.mode)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ teacher saw: that is what makes the cache faithful.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,8 +18,8 @@ from kdcache.augment import Recipe
 from kdcache.image_sets import ImageSet
 from kdcache.preprocess import DEFAULT_CROP_PCT, Preprocess, eval_view
 
-#: How a view's image is decoded: ``full`` size, or ``reduced``: a JPEG at 1/2, 1/4 or 1/8 of its size
-#: where the view's crop still has at least the output's side in pixels (a recorded recipe option).
+#: How a view's image is decoded: ``full`` size, or ``reduced``: a JPEG at the smallest M/8 of its size
+#: at which the view's crop still has the output's side in pixels (a recorded recipe option).
 DECODES = ("full", "reduced")
 
 
@@ -27,11 +28,10 @@ def recorded_decode(recipe: Mapping[str, object]) -> str:
     return str(recipe.get("decode", "full"))
 
 
-def reduction(width: int, height: int, box: Sequence[float], size: int) -> int:
-    """The largest r in 8, 4, 2 at which the crop ``box`` (normalised) of a width x height image keeps at
-    least ``size`` pixels on its shorter side at 1/r, else 1: the view is then a downscale still."""
-    shorter = min(box[2] * width, box[3] * height)
-    return next((r for r in (8, 4, 2) if shorter / r >= size), 1)
+def reduction(width: int, height: int, box: Sequence[float], size: int) -> tuple[int, int]:
+    """The smallest (width, height) a decode of a width x height image may have so that the crop ``box``
+    (normalised) keeps ``size`` pixels on both sides: the view is then a downscale still."""
+    return (min(width, math.ceil(size / max(box[2], 1e-9))), min(height, math.ceil(size / max(box[3], 1e-9))))
 
 
 @dataclass

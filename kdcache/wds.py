@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.image_sets import ImageSet, Reduce, Source, decode_image, read_only_labels
+from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, read_only_labels
 
 IMAGE_KEYS = ("jpg", "png", "webp")
 MERGE_GAP = 256 << 10  # members closer than this in a shard are fetched as one range
@@ -262,9 +262,9 @@ def decode(data: bytes, url: str, key: str, mode: str | None = None, reduce: Red
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
         if mode is not None:
-            return decode_image(image, mode, reduce)
+            return decode_bytes(data, mode, reduce)
+        image = Image.open(io.BytesIO(data))
         image.load()
         return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -25,10 +25,22 @@ def folder(tmp_path_factory):
 
 
 def test_the_reduction_keeps_the_crop_at_least_the_output_side():
-    assert reduction(480, 400, (0.0, 0.0, 1.0, 1.0), 48) == 8  # 400 / 8 = 50 >= 48
-    assert reduction(480, 400, (0.0, 0.0, 1.0, 1.0), 64) == 4
-    assert reduction(480, 400, (0.1, 0.1, 0.5, 0.3), 64) == 1  # 120 px of crop: 1/2 would leave 60
-    assert reduction(480, 400, (0.1, 0.1, 0.5, 0.7), 64) == 2
+    assert reduction(480, 400, (0.0, 0.0, 1.0, 1.0), 48) == (48, 48)
+    assert reduction(480, 400, (0.1, 0.1, 0.5, 0.25), 64) == (128, 256)  # the crop is half and a quarter
+    assert reduction(480, 400, (0.1, 0.1, 0.1, 0.1), 64) == (480, 400)  # a small crop needs every pixel
+
+
+def test_a_reduced_decode_keeps_the_asked_size_at_an_m_8_scale(folder):
+    import simplejpeg
+
+    from kdcache.image_sets import decode_bytes
+
+    data = next(folder.glob("train/*/*.jpg")).read_bytes()
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    image = decode_bytes(data, "RGB", lambda w, h: (w // 3, h // 3))
+    assert image.shape[0] == 3 and image.shape[2] >= width // 3 and image.shape[1] >= height // 3
+    assert image.shape[2] < width and image.shape[2] in {-(-width * m // 8) for m in range(1, 8)}
+    assert decode_bytes(data, "L", lambda w, h: (w // 3, h // 3)).shape[0] == 1
 
 
 def test_only_a_crop_of_the_whole_image_may_be_reduced():
