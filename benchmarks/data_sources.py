@@ -91,45 +91,42 @@ def read_epoch(cache: str, spec: str) -> Run:
 
 
 def decode_rates(folder: Path, reps: int) -> dict[str, Any]:
-    """Images/s on one thread: the >= 400 px JPEGs decoded whole and resized to 128 px, full and reduced."""
+    """Images/s on one thread: the >= 400 px JPEGs decoded whole and resized to 128 px: full (Pillow),
+    kdcache's reduced decode (simplejpeg at M/8), and Pillow's draft (powers of two) for reference."""
     from torchvision.transforms.v2 import functional as F
 
-    from kdcache.image_sets import decode_image
+    from kdcache.image_sets import decode_bytes, decode_image
     from kdcache.views import reduction
 
     files = [f for f in sorted((folder / "train").glob("*/*.jpg")) if min(Image.open(f).size) >= 400][:400]
     blobs = [f.read_bytes() for f in files]
+    whole = (0.0, 0.0, 1.0, 1.0)
     torch.set_num_threads(1)
 
-    def run(reduced: bool) -> Run:
+    def draft(blob: bytes) -> torch.Tensor:
+        image = Image.open(io.BytesIO(blob))
+        w, h = image.size
+        r = next((r for r in (8, 4, 2) if min(w, h) / r >= DECODE_SIZE), 1)
+        image.draft("RGB", (-(-w // r), -(-h // r)))
+        return decode_image(image, "RGB")
+
+    decoders = {
+        "full": lambda blob: decode_image(Image.open(io.BytesIO(blob)), "RGB"),
+        "reduced": lambda blob: decode_bytes(blob, "RGB", lambda w, h: reduction(w, h, whole, DECODE_SIZE)),
+        "pillow draft": draft,
+    }
+
+    def run(decoder) -> Run:
         began = time.perf_counter()
         for blob in blobs:
-            reduce = (lambda w, h: reduction(w, h, (0.0, 0.0, 1.0, 1.0), DECODE_SIZE)) if reduced else None
-            image = decode_image(Image.open(io.BytesIO(blob)), "RGB", reduce)
-            F.resize(image, [DECODE_SIZE, DECODE_SIZE], antialias=True)
+            F.resize(decoder(blob), [DECODE_SIZE, DECODE_SIZE], antialias=True)
         return Run(len(blobs), time.perf_counter() - began)
 
-    variants = {"full": lambda: run(False), "reduced": lambda: run(True)}
-    try:  # a reference, not kdcache's path: libjpeg-turbo scaled by M/8 through simplejpeg
-        import simplejpeg
-
-        def scaled() -> Run:
-            began = time.perf_counter()
-            for blob in blobs:
-                F.resize(torch.from_numpy(simplejpeg.decode_jpeg(blob, "RGB", min_height=DECODE_SIZE,
-                                                                 min_width=DECODE_SIZE)).permute(2, 0, 1),
-                         [DECODE_SIZE, DECODE_SIZE], antialias=True)
-            return Run(len(blobs), time.perf_counter() - began)
-        variants["simplejpeg M/8"] = scaled
-    except ImportError:
-        pass
-    runs = interleave_runs(variants, reps)
-    out = {"images": len(blobs), "full_per_s": median(r.rate for r in runs["full"]),
-           "reduced_per_s": median(r.rate for r in runs["reduced"]), **ratios(runs["reduced"], runs["full"])}
-    if "simplejpeg M/8" in runs:
-        out["simplejpeg_per_s"] = median(r.rate for r in runs["simplejpeg M/8"])
-        out["simplejpeg_ratio"] = ratios(runs["simplejpeg M/8"], runs["full"])["ratio"]
-    return out
+    runs = interleave_runs({name: (lambda d=d: run(d)) for name, d in decoders.items()}, reps)
+    return {"images": len(blobs), **{f"{name.replace(' ', '_')}_per_s": median(r.rate for r in runs[name])
+                                     for name in decoders},
+            **ratios(runs["reduced"], runs["full"]),
+            "pillow_draft_ratio": ratios(runs["pillow draft"], runs["full"])["ratio"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -201,9 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"repetitions\n\n" + table(rows, ["source", "precompute views/s", "vs folder", "loader views/s",
                                               "loader vs folder"])
             + f"\n\ndecode of {decode['images']} >= 400 px JPEGs to {DECODE_SIZE} px, one thread: full "
-            f"{decode['full_per_s']:.0f}/s, reduced {decode['reduced_per_s']:.0f}/s ({decode['ratio']:.2f}x)"
-            + (f", simplejpeg M/8 {decode['simplejpeg_per_s']:.0f}/s ({decode['simplejpeg_ratio']:.2f}x)"
-               if "simplejpeg_per_s" in decode else "") + "\n"
+            f"{decode['full_per_s']:.0f}/s, reduced {decode['reduced_per_s']:.0f}/s ({decode['ratio']:.2f}x), "
+            f"Pillow draft {decode['pillow_draft_per_s']:.0f}/s ({decode['pillow_draft_ratio']:.2f}x)\n"
             + "\n".join(f"{k}: {v:.2f}" for k, v in targets.items()))
     return emit("data_sources", args, device("cpu"), {"images": n, "shards": shards, "rows": rows, "decode": decode,
                                                       "targets": targets}, text)

@@ -76,7 +76,7 @@ def precompute(
     break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
     extra_views: Annotated[Optional[str], typer.Option(help="Energy-guided extra views (HE-DA) R:K2[:cutmix|mixup]: the fraction R of samples with the highest mean teacher energy get K2 extra mixed views, cached too (e.g. 0.5:4).")] = PrecomputeConfig.extra_views,
-    decode: Annotated[str, typer.Option(help="full, or reduced: decode a JPEG at 1/2, 1/4 or 1/8 of its size where the view's crop keeps at least the teacher's input side in pixels (libjpeg DCT scaling; other pixels than full, so part of the cache id; the student replays it).")] = PrecomputeConfig.decode,
+    decode: Annotated[str, typer.Option(help="full, or reduced: decode a JPEG at the smallest M/8 of its size at which the view's crop keeps the teacher's input side in pixels (libjpeg-turbo DCT scaling via simplejpeg, kdcache[decode]; other pixels than full, so part of the cache id; the student replays it).")] = PrecomputeConfig.decode,
     he_extra: Annotated[Optional[str], typer.Option(hidden=True, help="Old name of --extra-views (kept for one release).")] = None,
     ensemble: Annotated[str, typer.Option(help="How several teachers combine: mean-prob (mean of softmax) or mean-logit.")] = PrecomputeConfig.ensemble,
     keep_members: Annotated[bool, typer.Option("--keep-members", help="Also store each ensemble member's dense logits (members/<i>/logits).")] = False,

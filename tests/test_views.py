@@ -1,5 +1,5 @@
-"""The Renderer's reduced decode: a JPEG decoded at 1/2, 1/4 or 1/8 of its size where the view's crop
-keeps at least the output's side, recorded in the cache, replayed by the student and by verify."""
+"""The Renderer's reduced decode: a JPEG decoded at the smallest M/8 of its size at which the view's crop
+keeps the output's side, recorded in the cache, replayed by the student and by verify."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ class PrecomputeConfig:
     rebuild: bool = False  # delete whatever lies at OUT/<cache id> (a damaged cache) and write it anew
     break_lock: bool = False  # remove the lock of a writer whose heartbeat stopped (kdcache/cache/lock.py)
     extra_views: str | None = None  # R:K2[:cutmix|mixup], energy-guided extra mixed views (kdcache/teacher/extra_views.py)
-    decode: str = "full"  # full | reduced: JPEGs decoded at 1/2..1/8 where the crop allows (kdcache/views.py)
+    decode: str = "full"  # full | reduced: JPEGs decoded at M/8 of their size where the crop allows (kdcache/views.py)
 
     def validate(self) -> None:
         """Refuse option values that are wrong whatever the data, teacher and storage (no torch needed)."""
