@@ -115,3 +115,21 @@ def test_a_row_without_label_or_with_a_broken_image_is_named(tmp_path):
     source = open_source(f"hfds:{tmp_path / 'broken'}")
     with pytest.raises(DataCorrupt, match=r"broken:train: the image of row 1 does not decode"):
         source.train[1]
+
+
+def test_train_refuses_a_cache_made_from_another_hf_dataset(saved, tmp_path, capsys):
+    from kdcache import models
+
+    torch.manual_seed(0)
+    torch.save(models.create_model("cnn", 3, 3).state_dict(), tmp_path / "t.pt")
+    code, out, err = run_cli(["precompute", "--dataset", f"hfds:{saved}", "--teacher", "cnn", "--weights",
+                              str(tmp_path / "t.pt"), "--views", "1", "--out", str(tmp_path / "c"), "--device", "cpu",
+                              "--quiet"], capsys)
+    assert code == 0, err
+    cache = out.split(" written to ")[1].split(":")[0]
+    dataset_dict(labels=[(i + 2) % 3 for i in range(12)]).save_to_disk(str(tmp_path / "other"))
+    capsys.readouterr()  # the datasets package's own progress bars
+    code, _, err = run_cli(["train", "--dataset", f"hfds:{tmp_path / 'other'}", "--model", "cnn", "--cache", cache,
+                            "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"was made from dataset hfds:{saved}" in err
+    assert not (tmp_path / "r").exists()
