@@ -37,6 +37,10 @@ class ImageSet(torch.utils.data.Dataset):
         """A hint that images ``indices`` are read next (a batch): sets on remote storage fetch them
         at once; the others ignore it."""
 
+    def prefetch_ahead(self, indices: Sequence[int]) -> None:
+        """Like :meth:`prefetch`, for the batch after the next: remote sets start fetching it in the
+        background, so that the fetch overlaps the decoding of the batch before."""
+
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         """Image ``i``; with ``reduce``, a JPEG is decoded at the smallest of libjpeg-turbo's M/8 scales
         that keeps the size ``reduce(width, height)`` asks (DCT scaling, through simplejpeg). Sets of

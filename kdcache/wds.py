@@ -283,6 +283,8 @@ class WdsImageSet(ImageSet):
         self.reader = ShardReader(index.urls)
         self.remote = any("://" in url and not url.startswith("file://") for url in index.urls)
         self._fetched: dict[int, bytes] = {}
+        self._ahead: list[tuple[frozenset[int], Any]] = []  # (indices, future of their bytes)
+        self._pool: Any = None
 
     def read_bytes(self, i: int) -> bytes:
         data = self._fetched.pop(i, None)
@@ -294,12 +296,32 @@ class WdsImageSet(ImageSet):
     def prefetch(self, indices: Sequence[int]) -> None:
         """Fetch the images of ``indices`` from an object store in one concurrent round: neighbouring
         members of a shard as one ranged read (a precompute batch is a few), scattered ones each on its
-        own (a shuffled training batch), instead of one sequential request per image."""
+        own (a shuffled training batch), instead of one sequential request per image. A fetch that
+        :meth:`prefetch_ahead` started for them is waited for instead."""
         if not self.remote:
             return
-        self._fetched = {}
+        wanted = frozenset(int(i) for i in indices)
+        for k, (ahead, future) in enumerate(self._ahead):
+            if wanted <= ahead:
+                self._fetched = future.result()
+                del self._ahead[: k + 1]
+                return
+        self._fetched = self._fetch(wanted)
+
+    def prefetch_ahead(self, indices: Sequence[int]) -> None:
+        if not self.remote:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-wds")
+        wanted = frozenset(int(i) for i in indices)
+        self._ahead = [*self._ahead[-1:], (wanted, self._pool.submit(self._fetch, wanted))]
+
+    def _fetch(self, wanted: frozenset[int]) -> dict[int, bytes]:
+        fetched: dict[int, bytes] = {}
         index, runs = self.index, []
-        for i in sorted(set(int(i) for i in indices), key=lambda i: (index.shard[i], index.offsets[i])):
+        for i in sorted(wanted, key=lambda i: (index.shard[i], index.offsets[i])):
             start, end = int(index.offsets[i]), int(index.offsets[i] + index.sizes[i])
             if runs and runs[-1][0] == index.shard[i] and start - runs[-1][2] <= MERGE_GAP:
                 runs[-1][2] = max(runs[-1][2], end)
@@ -312,10 +334,11 @@ class WdsImageSet(ImageSet):
         for (_, start, _, members), blob in zip(runs, blobs):
             for i in members:
                 at = int(index.offsets[i]) - start
-                self._fetched[i] = bytes(blob[at : at + int(index.sizes[i])])
+                fetched[i] = bytes(blob[at : at + int(index.sizes[i])])
+        return fetched
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fetched": {}}
+        return {**self.__dict__, "_fetched": {}, "_ahead": [], "_pool": None}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.load(i), int(self.labels[i])

@@ -219,6 +219,11 @@ def test_shards_on_s3_read_each_byte_once_per_pass_and_match_the_local_copy(shar
     code, _, err = run_cli(["train", "--dataset", remote, "--model", "cnn", "--cache", cache, "--epochs", "1",
                             "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0, err
+    # The student's loader fetches each next batch while the current one renders: the same batches.
+    from kdcache import loader
+
+    batches = [list(loader(cache, dataset, batch_size=5)) for dataset in (remote, spec(out))]
+    assert len(batches[0]) == 4 and all(torch.equal(a["input"], b["input"]) for a, b in zip(*batches))
 
 
 def test_a_second_open_reads_the_kept_index_and_a_changed_shard_is_scanned_again(shards, tmp_path, monkeypatch):

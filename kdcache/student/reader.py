@@ -244,8 +244,20 @@ class TrainViews(IterableDataset):
     # ---- handing out ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, object]]:
         if self.batch_size is not None:
-            return (self.collate(part) for part in rebatch(self.windows(), self.batch_size))
+            return self._batches()
         return self._items()
+
+    def _batches(self) -> Iterator[dict[str, object]]:
+        """Collated batches; while one renders, the images of the next are fetched (remote sources)."""
+        parts = rebatch(self.windows(), self.batch_size)
+        current = next(parts, None)
+        for following in parts:
+            if self.render:
+                self.renderer.images.prefetch_ahead(following.index)
+            yield self.collate(current)
+            current = following
+        if current is not None:
+            yield self.collate(current)
 
     def _items(self) -> Iterator[dict[str, object]]:
         for window in self.windows():
