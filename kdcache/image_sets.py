@@ -38,8 +38,9 @@ class ImageSet(torch.utils.data.Dataset):
         at once; the others ignore it."""
 
     def prefetch_ahead(self, indices: Sequence[int]) -> None:
-        """Like :meth:`prefetch`, for the batch after the next: remote sets start fetching it in the
-        background, so that the fetch overlaps the decoding of the batch before."""
+        """A hint that the coming batches draw from images ``indices`` (a shuffle window of the student's
+        reader): remote sets start fetching them in the background, in few large reads, and keep them
+        until a later window's hint, so that fetching overlaps decoding."""
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         """Image ``i``; with ``reduce``, a JPEG is decoded at the smallest of libjpeg-turbo's M/8 scales

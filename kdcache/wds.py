@@ -287,7 +287,7 @@ class WdsImageSet(ImageSet):
         self._pool: Any = None
 
     def read_bytes(self, i: int) -> bytes:
-        data = self._fetched.pop(i, None)
+        data = self._fetched.get(i)
         if data is not None:
             return data
         index = self.index
@@ -302,9 +302,9 @@ class WdsImageSet(ImageSet):
             return
         wanted = frozenset(int(i) for i in indices)
         for k, (ahead, future) in enumerate(self._ahead):
-            if wanted <= ahead:
+            if wanted <= ahead:  # a window fetched ahead: its images stay until a later window's
                 self._fetched = future.result()
-                del self._ahead[: k + 1]
+                del self._ahead[:k]
                 return
         self._fetched = self._fetch(wanted)
 

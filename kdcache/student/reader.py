@@ -233,7 +233,13 @@ class TrainViews(IterableDataset):
         info = get_worker_info()
         if info is not None:
             blocks = blocks[info.id :: info.num_workers]
+        images = self.renderer.images if self.render else None
         for w in range(0, len(blocks), self.window):
+            if images is not None:  # a remote source fetches this window's and the next one's images ahead
+                for ahead in (w, w + self.window)[0 if w == 0 else 1:]:
+                    group = blocks[ahead : ahead + self.window]
+                    if group:
+                        images.prefetch_ahead(np.concatenate([np.arange(b.start, b.stop) for b in group]))
             window = self._read(blocks[w : w + self.window])
             window = window.take(np.random.default_rng([self.seed, self.epoch, w, 0x77]).permutation(len(window)))
             if self.keep is not None:
@@ -248,16 +254,7 @@ class TrainViews(IterableDataset):
         return self._items()
 
     def _batches(self) -> Iterator[dict[str, object]]:
-        """Collated batches; while one renders, the images of the next are fetched (remote sources)."""
-        parts = rebatch(self.windows(), self.batch_size)
-        current = next(parts, None)
-        for following in parts:
-            if self.render:
-                self.renderer.images.prefetch_ahead(following.index)
-            yield self.collate(current)
-            current = following
-        if current is not None:
-            yield self.collate(current)
+        return (self.collate(part) for part in rebatch(self.windows(), self.batch_size))
 
     def _items(self) -> Iterator[dict[str, object]]:
         for window in self.windows():

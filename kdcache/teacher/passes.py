@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from kdcache.cache.store import Cache
@@ -70,6 +70,10 @@ class _Rendered(Dataset):
         params = b.params if b.params is not None else self.renderer.recipe.sample(self.seed, b.samples, b.views,
                                                                                     self.num_samples)
         uniforms = class_uniforms(self.seed, b.samples, b.views, self.draws) if self.draws else None
+        info = get_worker_info()  # this process renders every num_workers-th batch
+        following = k + (info.num_workers if info is not None else 1)
+        if following < len(self.batches):  # a remote source fetches it while this one renders
+            self.renderer.images.prefetch_ahead(self.batches[following].samples)
         return k, params, uniforms, self.renderer.batch(b.samples, params)
 
 
