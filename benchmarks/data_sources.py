@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reps = min(args.reps, 2 if args.quick else 3)  # each precompute decodes every image: keep the run short
     n = args.images or (1200 if args.quick else 10_000)
     root = Path(tempfile.mkdtemp(prefix="kdcache-sources-"))
+    environment = dict(os.environ)  # the S3 server's credentials and the index folder are this run's only
     os.environ["KDCACHE_INDEX_DIR"] = str(root / "index")  # the shards' indices go with the run (kdcache/wds.py)
     server = None
     try:
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if server is not None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(environment)
+        if "s3fs" in sys.modules:  # fsspec keeps file systems per options, not per endpoint: forget this one's
+            sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
 
     rows = []
     for name in variants:

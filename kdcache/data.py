@@ -23,6 +23,11 @@ from kdcache.errors import MissingData, MissingDependency
 from kdcache.fake import TEST_OFFSET as FAKE_TEST_OFFSET
 from kdcache.fake import fake_images
 from kdcache.image_sets import (  # noqa: F401 - ImageSet and Source stay part of data's surface
+    GRAY_MEAN,
+    GRAY_MODES,
+    GRAY_STD,
+    RGB_MEAN,
+    RGB_STD,
     FolderImageSet,
     ImageSet,
     Source,
@@ -35,10 +40,6 @@ from kdcache.image_sets import (  # noqa: F401 - ImageSet and Source stay part o
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# Image folders are not scanned for statistics; these are the usual ImageNet constants.
-RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _GRAY_SAMPLE = 256
 
 
@@ -242,7 +243,7 @@ def _imagefolder(path: str) -> Source:
     with Image.open(root / train_files[0]) as first:
         image_size = min(first.size)
     step = max(len(train_files) // _GRAY_SAMPLE, 1)
-    gray = all(_mode(root / f) in _GRAY_MODES for f in train_files[::step][:_GRAY_SAMPLE])
+    gray = all(_mode(root / f) in GRAY_MODES for f in train_files[::step][:_GRAY_SAMPLE])
     mode = "L" if gray else "RGB"
     train, test = (FolderImageSet(root, files, labels, mode) for files, labels in splits)
     return Source(spec=spec, train=train, test=test, num_classes=len(classes),

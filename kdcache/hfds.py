@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData, MissingDependency
-from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, read_only_labels
+from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, file_statistics, read_only_labels
 
 TEST_SPLITS = ("validation", "test", "val")
 _SPLIT = re.compile(r"^[A-Za-z_][\w.-]*$")
@@ -145,12 +145,10 @@ def open_hfds(spec: str, rest: str) -> Source:
     names = (tuple(feature.names) if isinstance(feature, _datasets().ClassLabel)
              else tuple(str(k) for k in range(int(max(v.max() for v in labels.values())) + 1)))
     first = HfImageSet(train, image, labels[train_name], "", f"{path}:{train_name}").pil(0)
-    gray = first.mode in ("1", "L", "LA", "I", "I;16", "F")
-    mode = "L" if gray else "RGB"
+    mode, channels, mean, std = file_statistics(first.mode)
     return Source(spec=spec, train=HfImageSet(train, image, labels[train_name], mode, f"{path}:{train_name}"),
                   test=HfImageSet(test, image, labels[test_name], mode, f"{path}:{test_name}"),
-                  num_classes=len(names), channels=1 if gray else 3, image_size=min(first.size),
-                  mean=(0.449,) if gray else (0.485, 0.456, 0.406), std=(0.226,) if gray else (0.229, 0.224, 0.225),
+                  num_classes=len(names), channels=channels, image_size=min(first.size), mean=mean, std=std,
                   classes=names, fingerprint=_fingerprint(train.features, {train_name: train, test_name: test},
                                                           labels, image, label))
 

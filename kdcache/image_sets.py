@@ -49,6 +49,19 @@ class ImageSet(torch.utils.data.Dataset):
         return self[i][0]
 
 
+# Image files are not scanned for statistics; these are the usual ImageNet constants.
+RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})  # PIL modes read as one channel
+
+
+def file_statistics(mode: str) -> tuple[str, int, tuple[float, ...], tuple[float, ...]]:
+    """(decode mode, channels, mean, std) for files whose (first) image has PIL mode ``mode``."""
+    if mode in GRAY_MODES:
+        return "L", 1, GRAY_MEAN, GRAY_STD
+    return "RGB", 3, RGB_MEAN, RGB_STD
+
+
 #: (full width, full height) -> the smallest (width, height) a reduced decode must keep.
 Reduce = Callable[[int, int], tuple[int, int]]
 

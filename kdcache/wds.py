@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, read_only_labels
+from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, file_statistics, read_only_labels
 
 IMAGE_KEYS = ("jpg", "png", "webp")
 MERGE_GAP = 256 << 10  # members closer than this in a shard are fetched as one range
@@ -360,16 +360,14 @@ def open_wds(spec: str, rest: str) -> Source:
         raise MissingData(f"the shards of wds:{rest} hold no samples ({empty} and the rest) — check the pattern "
                           "and the member extensions (?image=…, ?label=…)")
     first = decode(WdsImageSet(train, "RGB").read_bytes(0), parsed.train[0], train.keys[0], None)
-    gray = first.mode in ("1", "L", "LA", "I", "I;16", "F")
+    mode, channels, mean, std = file_statistics(first.mode)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     digest = hashlib.sha256(f"wds image={','.join(parsed.image_keys)} label={parsed.label_key}\n".encode())
     for name, index in (("train", train), ("val", val)):
         for part in index.parts():
             digest.update(f"{name}\t{part['name']}\t{part['samples']}\t{part['sha256']}\n".encode())
-    mode = "L" if gray else "RGB"
     return Source(spec=spec, train=WdsImageSet(train, mode), test=WdsImageSet(val, mode), num_classes=num_classes,
-                  channels=1 if gray else 3, image_size=min(first.size),
-                  mean=(0.449,) if gray else (0.485, 0.456, 0.406), std=(0.226,) if gray else (0.229, 0.224, 0.225),
+                  channels=channels, image_size=min(first.size), mean=mean, std=std,
                   classes=tuple(str(k) for k in range(num_classes)), fingerprint=f"sha256:{digest.hexdigest()}",
                   parts=tuple(train.parts()))
 

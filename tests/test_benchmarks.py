@@ -49,10 +49,15 @@ def test_the_scaling_benchmark_runs_every_stage_and_counts_files(tmp_path, capsy
 
 @pytest.mark.slow
 def test_the_data_sources_benchmark_measures_every_source_side_by_side(tmp_path, capsys):
-    """Tiny sizes; with SeaweedFS (kdcache[dev]) the S3 row is there too."""
+    """Tiny sizes; with SeaweedFS (kdcache[dev]) the S3 row is there too. Neither its server's credentials
+    nor fsspec's cached client of it outlive the run: later S3 tests in the process met a server that was gone."""
+    import os
+
     from benchmarks import data_sources
 
+    environment = dict(os.environ)
     record = data_sources.main(["--quick", "--images", "40", "--reps", "1", "--out", str(tmp_path)])
+    assert dict(os.environ) == environment
     sources = [row["source"] for row in record["rows"]]
     assert sources[:2] == ["folder", "wds local"] and sources[-1] == "folder, reduced decode"
     assert {"wds S3", "hfds"} <= set(sources)
