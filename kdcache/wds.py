@@ -71,6 +71,8 @@ def parse_spec(rest: str) -> WdsSpec:
         raise InvalidSpec(f"bad wds spec {rest!r} — use wds:PATTERN[?image=jpg,png,webp&label=cls&val=PATTERN]")
     image = tuple(k.strip().lower() for k in options.get("image", ",".join(IMAGE_KEYS)).replace(";", ",").split(","))
     train = tuple(expand_braces(pattern))
+    if "val" not in options:
+        require(train)  # a wrong pattern is named as such, not as a missing val split
     val = tuple(expand_braces(options["val"])) if "val" in options else _sibling_split(pattern)
     return WdsSpec(train, val, tuple(k for k in image if k), options.get("label", LABEL_KEY).lower())
 
@@ -118,6 +120,14 @@ class ShardIndex:
         return out
 
 
+def require(urls: tuple[str, ...]) -> None:
+    """Refuse, in one line, a shard list of which some shards are not there."""
+    missing = [url for url in urls if not _fs(url)[0].exists(_fs(url)[1])]
+    if missing:
+        raise MissingData(f"shard {missing[0]} not found ({len(missing)} of the pattern's {len(urls)} shards are "
+                          "missing) — check the wds: pattern (brace ranges such as {000..146})")
+
+
 def index_dir() -> Path:
     """Where shard indices are kept between runs: ``$KDCACHE_INDEX_DIR``, else ``~/.cache/kdcache/wds-index``."""
     return Path(os.environ.get("KDCACHE_INDEX_DIR") or Path.home() / ".cache" / "kdcache" / "wds-index")
@@ -155,10 +165,7 @@ def _indexed(url: str, image_keys: tuple[str, ...], label_key: str) -> list[tupl
 def scan(urls: tuple[str, ...], image_keys: tuple[str, ...], label_key: str) -> ShardIndex:
     """Every shard's samples in order: from one scan of its member headers (and label members), kept as
     a small local index so that later runs and other processes read no shard to find them."""
-    missing = [url for url in urls if not _fs(url)[0].exists(_fs(url)[1])]
-    if missing:
-        raise MissingData(f"shard {missing[0]} not found ({len(missing)} of the pattern's {len(urls)} shards are "
-                          "missing) — check the wds: pattern (brace ranges such as {000..146})")
+    require(urls)
     shard, keys, offsets, sizes, labels, counts = [], [], [], [], [], []
     for s, url in enumerate(urls):
         found = _indexed(url, image_keys, label_key)

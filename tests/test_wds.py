@@ -172,6 +172,8 @@ def test_missing_shards_and_a_missing_val_split_say_how_to_name_them(shards, tmp
     _, out = shards
     with pytest.raises(MissingData, match=r"shard .*train-000004.tar not found \(6 of the pattern's 10 shards are missing\)"):
         open_source(f"wds:{out}/train-{{000000..000009}}.tar")
+    with pytest.raises(MissingData, match=r"shard .*/nothing/train-0.tar not found \(2 of the pattern's 2"):
+        open_source(f"wds:{tmp_path}/nothing/train-{{0..1}}.tar")  # the pattern is wrong, not the val split
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(out / "train-000000.tar", lone / "train-000000.tar")
