@@ -95,7 +95,8 @@ def test_a_reduced_cache_records_it_verifies_and_the_student_replays_it(folder, 
         assert code == 0, err
         ids[decode] = out.split(" written to ")[1].split(":")[0]
     cache = open_cache(ids["reduced"])
-    assert cache.manifest["recipe"]["decode"] == "reduced" and "decode" not in open_cache(ids["full"]).manifest["recipe"]
+    assert cache.manifest["recipe"]["decode"] == "reduced"
+    assert "decode" not in open_cache(ids["full"]).manifest["recipe"]
     assert cache.id != open_cache(ids["full"]).id
     code, out, _ = run_cli(["verify", ids["reduced"], "--recompute", "6", "--device", "cpu"], capsys)
     assert code == 0 and "6 views replayed" in out
