@@ -10,19 +10,27 @@ stored bytes and decoded by kdcache, so every source shares one decode path.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData, MissingDependency
-from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, file_statistics, read_only_labels
+from kdcache.image_sets import (
+    UNDECODABLE,
+    ImageSet,
+    Reduce,
+    Source,
+    decode_bytes,
+    file_statistics,
+    header,
+    read_only_labels,
+)
 
 TEST_SPLITS = ("validation", "test", "val")
 _SPLIT = re.compile(r"^[A-Za-z_][\w.-]*$")
@@ -86,20 +94,12 @@ class HfImageSet(ImageSet):
         self.mode = mode
         self.where = where
 
-    def pil(self, i: int, reduce: Reduce | None = None) -> Any:
-        """Row ``i``'s image: uint8 [C,H,W] in the set's mode (see ImageSet.load), or the decoded PIL
-        image when the set has no mode yet."""
-        from PIL import Image, UnidentifiedImageError
-
+    def read(self, i: int, what: Callable[[bytes], Any]) -> Any:
+        """``what`` of row ``i``'s stored image bytes; DataCorrupt naming the row when they do not decode."""
         cell = self.dataset[int(i)][self.image]
         try:
-            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
-            if self.mode:
-                return decode_bytes(data, self.mode, reduce)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            return image
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
+            return what(cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes())
+        except UNDECODABLE as exc:
             raise DataCorrupt(f"dataset {self.where}: the image of row {i} does not decode ({exc}) — fix or drop "
                               "that row") from None
 
@@ -107,7 +107,7 @@ class HfImageSet(ImageSet):
         return self.load(i), int(self.labels[i])
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
-        return self.pil(i, reduce)
+        return self.read(i, lambda data: decode_bytes(data, self.mode, reduce))
 
 
 def _labels(split: Any, label: str, where: str) -> np.ndarray:
@@ -144,11 +144,11 @@ def open_hfds(spec: str, rest: str) -> Source:
     feature = train.features[label]
     names = (tuple(feature.names) if isinstance(feature, _datasets().ClassLabel)
              else tuple(str(k) for k in range(int(max(v.max() for v in labels.values())) + 1)))
-    first = HfImageSet(train, image, labels[train_name], "", f"{path}:{train_name}").pil(0)
-    mode, channels, mean, std = file_statistics(first.mode)
+    first_mode, side = HfImageSet(train, image, labels[train_name], "", f"{path}:{train_name}").read(0, header)
+    mode, channels, mean, std = file_statistics(first_mode)
     return Source(spec=spec, train=HfImageSet(train, image, labels[train_name], mode, f"{path}:{train_name}"),
                   test=HfImageSet(test, image, labels[test_name], mode, f"{path}:{test_name}"),
-                  num_classes=len(names), channels=channels, image_size=min(first.size), mean=mean, std=std,
+                  num_classes=len(names), channels=channels, image_size=side, mean=mean, std=std,
                   classes=names, fingerprint=_fingerprint(train.features, {train_name: train, test_name: test},
                                                           labels, image, label))
 

@@ -95,6 +95,17 @@ def _scaled_jpeg(data: bytes, mode: str, reduce: Reduce) -> torch.Tensor | None:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
+#: What Pillow and simplejpeg raise for bytes that are not a decodable image.
+UNDECODABLE = (OSError, SyntaxError, ValueError, TypeError)
+
+
+def header(data: bytes) -> tuple[str, int]:
+    """(PIL mode, shorter side) of an encoded image, from its header alone: what a source needs of its
+    first image to choose gray or RGB and its native size."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.mode, min(image.size)
+
+
 def decode_image(image: Image.Image, mode: str) -> torch.Tensor:
     """An opened PIL image as uint8 [C,H,W] in ``mode``."""
     from torchvision.transforms.functional import pil_to_tensor

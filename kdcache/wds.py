@@ -20,14 +20,23 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.image_sets import ImageSet, Reduce, Source, decode_bytes, file_statistics, read_only_labels
+from kdcache.image_sets import (
+    UNDECODABLE,
+    ImageSet,
+    Reduce,
+    Source,
+    decode_bytes,
+    file_statistics,
+    header,
+    read_only_labels,
+)
 
 IMAGE_KEYS = ("jpg", "png", "webp")
 MERGE_GAP = 256 << 10  # members closer than this in a shard are fetched as one range
@@ -120,9 +129,14 @@ class ShardIndex:
         return out
 
 
+def _exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
 def require(urls: tuple[str, ...]) -> None:
     """Refuse, in one line, a shard list of which some shards are not there."""
-    missing = [url for url in urls if not _fs(url)[0].exists(_fs(url)[1])]
+    missing = [url for url in urls if not _exists(url)]
     if missing:
         raise MissingData(f"shard {missing[0]} not found ({len(missing)} of the pattern's {len(urls)} shards are "
                           "missing) — check the wds: pattern (brace ranges such as {000..146})")
@@ -263,18 +277,12 @@ class ShardReader:
         self.__init__(state["urls"])
 
 
-def decode(data: bytes, url: str, key: str, mode: str | None = None, reduce: Reduce | None = None):
-    """One member's bytes as uint8 [C,H,W] in ``mode`` (see ImageSet.load for ``reduce``), or with
-    ``mode`` None the decoded PIL image; DataCorrupt naming shard and key when it does not decode."""
-    from PIL import Image, UnidentifiedImageError
-
+@contextlib.contextmanager
+def _decoding(url: str, key: str) -> Iterator[None]:
+    """Turn a failed decode of sample ``key`` into one DataCorrupt line naming its shard."""
     try:
-        if mode is not None:
-            return decode_bytes(data, mode, reduce)
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        yield
+    except UNDECODABLE as exc:
         raise DataCorrupt(f"shard {url}: the image of sample {key} does not decode ({exc}) — re-create the "
                           "shard, or remove the sample") from None
 
@@ -351,8 +359,9 @@ class WdsImageSet(ImageSet):
         return self.load(i), int(self.labels[i])
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
-        url, key = self.index.urls[int(self.index.shard[i])], self.index.keys[i]
-        return decode(self.read_bytes(i), url, key, self.mode, reduce)
+        data = self.read_bytes(i)  # a failed read is the storage's error, not a damaged image
+        with _decoding(self.index.urls[int(self.index.shard[i])], self.index.keys[i]):
+            return decode_bytes(data, self.mode, reduce)
 
 
 def open_wds(spec: str, rest: str) -> Source:
@@ -366,17 +375,20 @@ def open_wds(spec: str, rest: str) -> Source:
         empty = parsed.train[0] if not len(train.keys) else parsed.val[0]
         raise MissingData(f"the shards of wds:{rest} hold no samples ({empty} and the rest) — check the pattern "
                           "and the member extensions (?image=…, ?label=…)")
-    first = decode(WdsImageSet(train, "RGB").read_bytes(0), parsed.train[0], train.keys[0], None)
-    mode, channels, mean, std = file_statistics(first.mode)
+    first = WdsImageSet(train, "RGB").read_bytes(0)
+    with _decoding(parsed.train[0], train.keys[0]):
+        first_mode, side = header(first)
+    mode, channels, mean, std = file_statistics(first_mode)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    parts = {"train": train.parts(), "val": val.parts()}
     digest = hashlib.sha256(f"wds image={','.join(parsed.image_keys)} label={parsed.label_key}\n".encode())
-    for name, index in (("train", train), ("val", val)):
-        for part in index.parts():
+    for name, split in parts.items():
+        for part in split:
             digest.update(f"{name}\t{part['name']}\t{part['samples']}\t{part['sha256']}\n".encode())
     return Source(spec=spec, train=WdsImageSet(train, mode), test=WdsImageSet(val, mode), num_classes=num_classes,
-                  channels=channels, image_size=min(first.size), mean=mean, std=std,
+                  channels=channels, image_size=side, mean=mean, std=std,
                   classes=tuple(str(k) for k in range(num_classes)), fingerprint=f"sha256:{digest.hexdigest()}",
-                  parts=tuple(train.parts()))
+                  parts=tuple(parts["train"]))
 
 
 def write_shards(source: Source, out: str, per_shard: int = 1000) -> tuple[list[str], list[str]]:

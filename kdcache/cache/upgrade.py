@@ -13,8 +13,6 @@ anyway, plus two things only a writer may settle:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import record_change
@@ -63,6 +61,6 @@ def upgrade(path: str, wait: bool = False, break_lock: bool = False) -> UpgradeR
 
 def _count_missing(cache: Cache) -> int:
     """Chunk objects absent from storage, over ``labels``, every per-view array and the extra views."""
-    done: Any = cache.shards_done()
+    done = cache.shards_done()
     count = sum(len(cache.missing_chunks(name, done=done)) for name in ["labels", *cache.array_names])
     return count + sum(len(cache.missing_chunks(name, every=True)) for name in cache.expected_extra_arrays())

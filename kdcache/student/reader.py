@@ -236,8 +236,8 @@ class TrainViews(IterableDataset):
         images = self.renderer.images if self.render else None
         for w in range(0, len(blocks), self.window):
             if images is not None:  # a remote source fetches this window's and the next one's images ahead
-                for ahead in (w, w + self.window)[0 if w == 0 else 1:]:
-                    group = blocks[ahead : ahead + self.window]
+                ahead = [blocks[w + self.window : w + 2 * self.window]]
+                for group in ([blocks[: self.window]] if w == 0 else []) + ahead:
                     if group:
                         images.prefetch_ahead(np.concatenate([np.arange(b.start, b.stop) for b in group]))
             window = self._read(blocks[w : w + self.window])
