@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover - older typer on plain click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
 from kdcache.errors import KdcacheError
-from kdcache_cli import stages, cache, registry, report  # noqa: F401, I001  (importing registers commands: this order is --help's)
+from kdcache_cli import stages, cache, interop, registry, report  # noqa: F401, I001  (importing registers commands: this order is --help's)
 from kdcache_cli.app import app, fail
 from kdcache_cli.config import with_config
 

@@ -54,3 +54,8 @@ class TrainingDiverged(KdcacheError):
 class DataCorrupt(KdcacheError):
     """A dataset file is damaged: an unreadable archive, an image that does not decode, a sample
     without its label. The message names the file (shard) and the sample's key."""
+
+
+class UnsafeFile(KdcacheError):
+    """A file another system wrote asks to run code when read (a pickle naming a function or class that
+    is not plain data). Nothing of it was run."""

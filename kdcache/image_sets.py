@@ -138,6 +138,11 @@ class FolderImageSet(ImageSet):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.load(i), int(self.labels[i])
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image ``i``, from its header (nothing is decoded)."""
+        with Image.open(self.root / self.files[i]) as im:
+            return im.size
+
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         if reduce is not None:
             return decode_bytes((self.root / self.files[i]).read_bytes(), self.mode, reduce)
@@ -162,6 +167,19 @@ class Source:
     #: Sharded sources (``wds:``): per shard of the train split its name, sample count and the sha256 of
     #: its samples, recorded in the manifest so that a mismatch can say which shard differs.
     parts: tuple[dict[str, Any], ...] = field(default=())
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``dataset`` section of a cache of this source's train split."""
+        return {
+            "spec": self.spec,
+            "split": "train",
+            "fingerprint": self.fingerprint,
+            "num_samples": len(self.train),
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "classes": list(self.classes),
+            **({"parts": [dict(p) for p in self.parts]} if self.parts else {}),  # sharded sources (wds:)
+        }
 
 
 def read_only_labels(labels: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torchvision.transforms import functional as pil_functional
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.op import ERASE, Fields, Op, box_row, check_range, pixel_span, quantise_box
@@ -87,6 +88,30 @@ class RandomResizedCrop(Op):
         top, height = pixel_span(y0, h, image.shape[-2], 1)
         return F.resized_crop(image, top, left, height, width, [size, size], interpolation=interpolation,
                               antialias=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PilResizedCrop(RandomResizedCrop):
+    """``rrc`` whose crop is resized by Pillow, as torchvision's transforms do to a PIL image.
+
+    The same box, sampled and stored the same way; only the resampling differs from ``rrc`` (Pillow's
+    and torch's antialiased kernels round differently, by up to 2 levels of 255). Pipelines that crop
+    PIL images (ml-dr's, TinyViT's) rendered their teachers' views this way, so a cache imported from
+    them replays those very pixels (docs/interop.md).
+    """
+
+    name = "pilrrc"
+    usage = "pilrrc[:min_scale[:max_scale]], e.g. pilrrc:0.35"
+    version = 1
+
+    def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
+             interpolation: F.InterpolationMode) -> torch.Tensor:
+        x0, y0, w, h = box_row(row, "rrc")
+        left, width = pixel_span(x0, w, image.shape[-1], 1)
+        top, height = pixel_span(y0, h, image.shape[-2], 1)
+        pil = pil_functional.to_pil_image(image)
+        out = pil_functional.resized_crop(pil, top, left, height, width, [size, size], interpolation=interpolation)
+        return pil_functional.pil_to_tensor(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,10 +78,15 @@ class MixUp(MixOp):
         return (own * lam + other * (1.0 - lam)).clamp_(0.0, 1.0)
 
 
-def coverage(start: float, length: float, n: int) -> np.ndarray:
-    """Fraction of each of n pixels covered by the normalised interval [start, start+length)."""
+def coverage(start: int, stop: int, n: int, grid: int) -> np.ndarray:
+    """Fraction of each of n pixels covered by [start, stop) in steps of 1/grid of the side.
+
+    In whole lattice steps the edges fall on pixel edges exactly wherever ``grid`` divides ``n * edge``,
+    so a box stored as pixels of the view's own size (an imported one, grid = size) pastes whole pixels.
+    """
     edges = np.arange(n, dtype=np.float64)
-    return np.clip(np.minimum(edges + 1, (start + length) * n) - np.maximum(edges, start * n), 0.0, 1.0)
+    lo, hi = start * n / grid, stop * n / grid
+    return np.clip(np.minimum(edges + 1, hi) - np.maximum(edges, lo), 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +97,8 @@ class CutMix(MixOp):
     edges snap to a ``grid`` x ``grid`` lattice so that at any size that is a multiple of ``grid``
     it covers whole pixels. Stored lambda is 1 - (box area): the exact fraction of own pixels.
     At other sizes the pixels a box edge cuts are blended by their covered fraction, so the
-    pasted area still equals 1 - lambda.
+    pasted area still equals 1 - lambda. Replay reads the box in whole lattice steps (the nearest
+    step to each stored edge, which every sampled box lies on).
     """
 
     name = "cutmix"
@@ -136,7 +142,9 @@ class CutMix(MixOp):
         x0, y0, w, h = box_row(row, "cutmix_box")
         if w == 0.0 or h == 0.0:
             return own
-        mask = np.outer(coverage(y0, h, own.shape[-2]), coverage(x0, w, own.shape[-1]))
+        steps = [round(v * self.grid) for v in (x0, x0 + w, y0, y0 + h)]
+        mask = np.outer(coverage(steps[2], steps[3], own.shape[-2], self.grid),
+                        coverage(steps[0], steps[1], own.shape[-1], self.grid))
         mask_t = torch.from_numpy(mask.astype(np.float32))
         return own * (1.0 - mask_t) + other * mask_t
 

@@ -20,7 +20,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.autoaugment import RandAugment, TrivialAugment
-from kdcache.augment.geometry import HorizontalFlip, RandomErasing, RandomResizedCrop
+from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing, RandomResizedCrop
 from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
 from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row
 from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
@@ -28,7 +28,7 @@ from kdcache.errors import InvalidSpec, UnsupportedFormat
 
 OPS: dict[str, type[Op]] = {
     cls.name: cls
-    for cls in (RandomResizedCrop, HorizontalFlip, TrivialAugment, RandAugment, RandomErasing, MixUp, CutMix)
+    for cls in (RandomResizedCrop, PilResizedCrop, HorizontalFlip, TrivialAugment, RandAugment, RandomErasing, MixUp, CutMix)
 }
 NONE = "none"
 PARTNER = "partner_"
@@ -59,6 +59,10 @@ class Recipe:
         for i, op in enumerate(self.ops):
             if op.name in names[:i]:
                 raise InvalidSpec(f"op {op.name!r} appears twice in {self.spec!r} — use each op at most once")
+        crops = [op.name for op in self.ops if isinstance(op, RandomResizedCrop)]
+        if len(crops) > 1:
+            raise InvalidSpec(f"{' and '.join(crops)} both crop in {self.spec!r} — use one of them")
+        for i, op in enumerate(self.ops):
             if op.stage == MIX and i != len(self.ops) - 1:
                 raise InvalidSpec(
                     f"mixing op {op.name!r} must be the last op in {self.spec!r} — e.g. rrc+flip+{op.name}"

@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 #: Subtrees whose inner keys are owned elsewhere: augmentation ops carry their own op version
-#: (kdcache/augment), provenance is free text. A path below them is not checked.
-OPAQUE = ("recipe.augment", "recipe.he_extra.augment", "provenance")
+#: (kdcache/augment), provenance is free text, and ``imported`` holds what another system's files said of
+#: themselves (kdcache/interop). A path below them is not checked.
+OPAQUE = ("recipe.augment", "recipe.he_extra.augment", "provenance", "imported")
 
 _CONFIG = ("augment batch_size break_lock chunk_samples class_map compile dataset device energy_t ensemble "
            "extra_views features keep_members logit_dtype logits out precision progress rebuild seed sharded "
@@ -26,7 +27,7 @@ _ARRAY_ENTRY = ("codec", "dtype", "logical_dtype", "name", "tail")
 
 #: Every key path a manifest of version 2 may hold (``[]`` marks the items of a list of objects).
 KEYS_2 = frozenset([
-    *OPAQUE, "cache_id", "completed", "format_version", "status",
+    *OPAQUE[:3], "cache_id", "completed", "format_version", "status",
     *(f"config.{k}" for k in _CONFIG),
     *(f"dataset.{k}" for k in ("channels", "classes", "fingerprint", "num_classes", "num_samples", "spec", "split")),
     *(f"he.{k}" for k in ("chunk_samples", "samples", "shard_samples", "threshold_energy", "views")),
@@ -51,9 +52,13 @@ KEYS_2 = frozenset([
 KEYS_3 = KEYS_2 | {"dataset.parts[].name", "dataset.parts[].samples", "dataset.parts[].sha256", "recipe.decode",
                    "config.decode"}
 
+#: Version 4 adds ``imported``: the format, version and description of the files a cache was imported from
+#: (``kdcache import``); such a cache has no ``config``, since no precompute made it.
+KEYS_4 = KEYS_3 | {"imported"}
+
 #: Version 1 (kdcache 0.1.0 up to 2026-12-02) held version 2's keys, some of them only from a later
 #: commit on, and ``config.he_extra``, the old name of ``config.extra_views``.
-KEYS = {1: KEYS_2 | {"config.he_extra"}, 2: KEYS_2, 3: KEYS_3}
+KEYS = {1: KEYS_2 | {"config.he_extra"}, 2: KEYS_2, 3: KEYS_3, 4: KEYS_4}
 
 # What format-1 writers used where they recorded nothing (each is the behaviour of that code).
 _V1_DEFAULTS = {
@@ -130,5 +135,10 @@ def _from_2(m: dict[str, Any]) -> None:
         m["config"].setdefault("decode", "full")
 
 
+def _from_3(m: dict[str, Any]) -> None:
+    """Format 3 -> 4: ``imported`` is written only by ``kdcache import``, which no format-3 writer had, so a
+    format-3 manifest is already a format-4 one."""
+
+
 #: version -> the step that brings a manifest of that version to the next one.
-UPGRADES = {1: _from_1, 2: _from_2}
+UPGRADES = {1: _from_1, 2: _from_2, 3: _from_3}

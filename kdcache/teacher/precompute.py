@@ -87,16 +87,7 @@ def build_manifest(
     ``teacher`` is its teacher section (members and ensemble, see kdcache/teacher/ensemble.py)."""
     return {
         "teacher": teacher,
-        "dataset": {
-            "spec": source.spec,
-            "split": "train",
-            "fingerprint": source.fingerprint,
-            "num_samples": len(source.train),
-            "num_classes": source.num_classes,
-            "channels": source.channels,
-            "classes": list(source.classes),
-            **({"parts": [dict(p) for p in source.parts]} if source.parts else {}),  # sharded sources (wds:)
-        },
+        "dataset": source.manifest_entry(),
         "recipe": {
             "views": cfg.views,
             "seed": cfg.seed,

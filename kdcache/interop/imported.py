@@ -1,0 +1,170 @@
+"""Writing an imported cache: an ordinary kdcache cache whose teacher outputs and views came from files
+another system made, shard by shard, resumable, under ``OUT/<cache id>`` like a precompute.
+
+A format module (kdcache/interop/mldr.py, tinyvit.py) reads its files into an :class:`Import`: what the
+manifest says, and a function that turns a block of samples into the cache's per-view arrays. This module
+owns everything else: the manifest, the layout, the writer lock, reuse of a complete cache and the alias.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kdcache.augment import Recipe
+from kdcache.cache.arrays import ArraySpec
+from kdcache.cache.lock import WriterLock
+from kdcache.cache.manifest import cache_id, provenance
+from kdcache.cache.roots import alias_name, join, write_alias
+from kdcache.cache.store import cache_exists, create_cache, open_cache
+from kdcache.errors import InterruptedLayout, InvalidSpec, MissingData
+from kdcache.image_sets import Source
+from kdcache.preprocess import Preprocess
+from kdcache.teacher.outputs import parse_logits, target_specs
+
+#: Each view's top-k values are stored as float32 log-probabilities (kdcache's top-k target; the
+#: sources store probabilities): exp of a stored value cast back to the source's dtype gives its bits.
+VALUE_DTYPE = "float32"
+
+
+@dataclass
+class Import:
+    """What a format module found: the manifest's description and a reader of per-view arrays.
+
+    ``read(indices)`` returns, for kdcache samples ``indices`` (a contiguous block), every per-view array
+    ``name -> [n, views, ...]``: ``topk/values``, ``topk/indices`` and ``aug/<field>`` of ``recipe``.
+    """
+
+    format: str
+    about: dict[str, Any]  # the manifest's ``imported`` section: version, source path, what the files say
+    recipe: Recipe
+    views: int
+    k: int
+    preprocess: Preprocess
+    teacher: str  # what the source says its teacher was (a name), for the teacher entry's tag
+    sha256: str  # "sha256:<hex>" of what identifies the source's outputs (its configuration, its index)
+    source_path: str
+    read: Callable[[np.ndarray], dict[str, np.ndarray]] = field(repr=False)
+    precision: str = "unknown"
+
+
+@dataclass
+class ImportResult:
+    path: str  # the cache, OUT/<cache id>: what `train --cache` takes
+    cache_id: str
+    reused: bool
+    views: int
+    seconds: float
+    alias: str | None = None
+
+
+def manifest_of(found: Import, source: Source) -> dict[str, Any]:
+    """The manifest of the cache ``found`` describes, for the train split of ``source``."""
+    return {
+        "teacher": {"members": [{"spec": f"imported:{found.format}", "sha256": found.sha256,
+                                 "weights": found.source_path, "tag": found.teacher}], "ensemble": None},
+        "dataset": source.manifest_entry(),
+        "recipe": {"views": found.views, "seed": 0, "augment": found.recipe.to_manifest(),
+                   **found.preprocess.to_manifest()},
+        "outputs": {"precision": found.precision,
+                    "logits": parse_logits(f"topk:{found.k}", source.num_classes, VALUE_DTYPE),
+                    "energy": {"temperatures": []}, "features": []},
+        "imported": {"format": found.format, **found.about},
+        "provenance": provenance(),
+    }
+
+
+def array_specs(found: Import, num_classes: int) -> list[ArraySpec]:
+    entry = parse_logits(f"topk:{found.k}", num_classes, VALUE_DTYPE)
+    return [*target_specs(entry, num_classes),
+            *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in found.recipe.fields().items()]]
+
+
+def write_import(found: Import, source: Source, out: str, progress: bool = True) -> ImportResult:
+    """Write (or resume, or reuse) the cache of ``found`` under root ``out``."""
+    began = time.perf_counter()
+    if cache_exists(out):
+        raise InvalidSpec(f"--out {out} is itself a cache; --out is the root folder caches are kept under "
+                          "— pass its parent folder")
+    manifest = manifest_of(found, source)
+    wanted = cache_id(manifest)
+    path = join(out, wanted)
+    alias = alias_name(manifest, wanted)
+    try:
+        cache = open_cache(path, allow_incomplete=True)
+        if cache.complete:
+            return ImportResult(path, wanted, True, 0, time.perf_counter() - began, join(out, alias))
+    except (MissingData, InterruptedLayout):
+        pass
+    lock = WriterLock(path).acquire()
+    try:
+        try:
+            cache = open_cache(path, mode="r+", allow_incomplete=True)
+        except (MissingData, InterruptedLayout):
+            cache = create_cache(path, manifest, source.train.labels, array_specs(found, source.num_classes))
+        cache.remove_partial_files()
+        done = cache.shards_done()
+        todo = [s for s in range(cache.num_shards) if not done[s]]
+        views = 0
+        with tqdm(total=sum(np.subtract(*cache.shard_range(s)[::-1]) for s in todo) * found.views, unit="view",
+                  desc=f"import {found.format}", disable=not progress, leave=False) as bar:
+            for shard in todo:
+                start, stop = cache.shard_range(shard)
+                lock.check()
+                cache.write_shard(shard, found.read(np.arange(start, stop)))
+                views += (stop - start) * found.views
+                bar.update((stop - start) * found.views)
+        cache.finish()
+    finally:
+        lock.release()
+    return ImportResult(path, wanted, False, views, time.perf_counter() - began,
+                        write_alias(out, alias, wanted))
+
+
+def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and class ids ``[..., k]`` as stored top-k: float32 log-probabilities in descending order
+    (ties keep the source's order) and ids of the cache's index dtype."""
+    probs, ids = np.asarray(probs, dtype=np.float64), np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise InvalidSpec(f"{where}: class id {int(ids.max() if ids.max() >= num_classes else ids.min())} is outside "
+                          f"the dataset's {num_classes} classes — pass the --dataset the source was made for")
+    if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
+        raise InvalidSpec(f"{where}: the stored values are not probabilities in [0, 1] — the source is damaged")
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    with np.errstate(divide="ignore"):
+        values = np.log(np.take_along_axis(probs, order, axis=-1)).astype(np.float32)
+    index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    return values, np.take_along_axis(ids, order, axis=-1).astype(index_dtype)
+
+
+def image_sizes(source: Source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(height, width) of train images ``indices``: from file headers where the set has files, else decoded."""
+    images = source.train
+    heights, widths = np.empty(len(indices), np.int64), np.empty(len(indices), np.int64)
+    opener = getattr(images, "image_size", None)
+    for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
+        if opener is not None:
+            widths[j], heights[j] = opener(int(i))
+        else:
+            heights[j], widths[j] = images[int(i)][0].shape[-2:]
+    return heights, widths
+
+
+def folder_order(source: Source) -> np.ndarray:
+    """kdcache's train index of each sample in the order torchvision's ImageFolder lists them (classes sorted,
+    then paths), for sources that are image folders; the identity for every other source.
+
+    Other systems index samples as ``torchvision.datasets.ImageFolder`` does, and kdcache shuffles a folder's
+    train files once (kdcache/data.py), so an import maps one order onto the other.
+    """
+    files = getattr(source.train, "files", None)
+    if files is None:
+        return np.arange(len(source.train), dtype=np.int64)
+    labels = source.train.labels
+    keys = [(int(labels[i]), *files[i].rsplit("/", 1)) for i in range(len(files))]
+    return np.array(sorted(range(len(files)), key=keys.__getitem__), dtype=np.int64)

@@ -1,0 +1,297 @@
+"""apple/ml-dr's reinforced datasets: per-sample files of augmentation parameters and sparse teacher
+probabilities, read as a kdcache cache.
+
+The layout (ml-dr's ``reinforce.py`` and ``dr/data.py``, docs/interop.md): a folder with
+``config.pth.tar`` (the run's configuration, ``config["reinforce"]`` holding ``image_augmentation``,
+``num_samples`` and ``topk``) and one ``<index>.pth.tar`` per sample, a ``torch.save`` (or joblib) of
+``(index, [{"params": ..., "prob": (probs, ids)} for each of num_samples views])``. ``index`` is the
+sample's position in torchvision's ``ImageFolder`` order. ``params`` is a dict, or the list that
+``dr.transforms.Compose.compress`` makes of it; pixel boxes are on the sample's own image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.augment import Recipe
+from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing
+from kdcache.augment.mixing import CutMix, MixUp
+from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
+from kdcache.image_sets import Source
+from kdcache.interop import pickles
+from kdcache.interop.boxes import crop_boxes, view_boxes
+from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
+from kdcache.preprocess import Preprocess
+
+FORMAT = "ml-dr"
+#: The layout of apple/ml-dr's first release (c72c884): the only one there is.
+VERSION = 1
+CONFIG = "config.pth.tar"
+#: ml-dr's transforms in the order it composes them (``dr.transforms.TRANSFORMATION_TO_NAME``).
+ORDER = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
+         "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
+NO_PARAM = ("uint8", "center_crop", "to_tensor", "normalize")
+#: Transforms without an exact kdcache op, and why.
+REFUSED = {
+    "resize": "a resize before the crop has no kdcache op (kdcache crops the decoded image)",
+    "center_crop": "a center crop before the random crop has no kdcache op",
+    "random_crop": "random_crop (padded crops, CIFAR-style) has no kdcache op",
+    "rand_augment": "its rand_augment is torchvision's RandAugment on PIL images, which kdcache's randaugment "
+                    "does not replay bit for bit",
+}
+_PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def sample_file(src: Path, index: int) -> Path:
+    """The file of sample ``index`` (``.pth.tar``, or joblib's ``.jb``)."""
+    path = src / f"{index}.pth.tar"
+    return path if path.exists() or not (src / f"{index}.jb").exists() else src / f"{index}.jb"
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    """``config.pth.tar`` of an ml-dr folder, read as plain data; MissingData where there is none."""
+    if not (src / CONFIG).is_file():
+        what = "is not a folder" if not src.is_dir() else f"has no {CONFIG}"
+        raise MissingData(f"{src} {what} — pass the folder ml-dr's reinforce.py wrote (reinforced_data/)")
+    config = pickles.load(src / CONFIG)
+    reinforce = config.get("reinforce") if isinstance(config, Mapping) else None
+    if not isinstance(reinforce, Mapping) or not isinstance(reinforce.get("image_augmentation"), Mapping):
+        raise DataCorrupt(f"{src / CONFIG} has no reinforce.image_augmentation — it is not an ml-dr configuration")
+    return config
+
+
+def transforms(config: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The enabled transforms of ``reinforce.image_augmentation`` in ml-dr's order (``enable: false`` drops one,
+    as ml-dr's ``clean_config`` does); InvalidSpec for one kdcache cannot replay exactly."""
+    given = {name: dict(cfg or {}) for name, cfg in config["reinforce"]["image_augmentation"].items()}
+    enabled = {name: cfg for name, cfg in given.items() if cfg.pop("enable", True)}
+    unknown = sorted(set(enabled) - set(ORDER))
+    if unknown:
+        raise InvalidSpec(f"{where}: transform {unknown[0]!r} is not one of ml-dr's ({', '.join(ORDER)}) — "
+                          "it cannot be imported")
+    for name, why in REFUSED.items():
+        if name in enabled:
+            raise InvalidSpec(f"{where}: {why} — import a reinforcement made without {name}")
+    if "random_resized_crop" not in enabled:
+        raise InvalidSpec(f"{where}: no random_resized_crop — kdcache imports ml-dr views that crop")
+    if "mixup" in enabled and "cutmix" in enabled:
+        raise InvalidSpec(f"{where}: mixup and cutmix both apply to a view, and a kdcache view mixes once — "
+                          "import a reinforcement made with one of them")
+    return {name: enabled[name] for name in ORDER if name in enabled}
+
+
+def _pair(value: Any, default: tuple[float, float]) -> tuple[float, float]:
+    low, high = value if value is not None else default
+    return float(low), float(high)
+
+
+def _interpolation(value: Any, where: str) -> str:
+    name = _PIL_CODES.get(value, value) if not isinstance(value, str) else value.lower()
+    if name not in ("nearest", "bilinear", "bicubic"):
+        raise InvalidSpec(f"{where}: random_resized_crop interpolation {value!r} is not nearest, bilinear or bicubic")
+    return name
+
+
+def recipe_of(steps: Mapping[str, Mapping[str, Any]], where: str) -> tuple[Recipe, int, str]:
+    """The kdcache recipe, view side and interpolation of ml-dr's transforms."""
+    crop = steps["random_resized_crop"]
+    size = crop.get("size")
+    side = size if isinstance(size, int) else (size[0] if len(size) == 2 and size[0] == size[1] else None)
+    if side is None:
+        raise InvalidSpec(f"{where}: random_resized_crop size {size!r} is not square — kdcache views are square")
+    scale, ratio = _pair(crop.get("scale"), (0.08, 1.0)), _pair(crop.get("ratio"), (3 / 4, 4 / 3))
+    ops: list[Any] = [PilResizedCrop(*scale, *ratio)]
+    if "random_horizontal_flip" in steps:
+        ops.append(HorizontalFlip(float(steps["random_horizontal_flip"].get("p", 0.5))))
+    if "random_erase" in steps:
+        erase = steps["random_erase"]
+        ops.append(RandomErasing(float(erase.get("p", 0.5)), *_pair(erase.get("scale"), (0.02, 0.33)),
+                                 *_pair(erase.get("ratio"), (0.3, 3.3))))
+    if "mixup" in steps:
+        ops.append(MixUp(float(steps["mixup"].get("alpha", 1.0)), float(steps["mixup"].get("p", 1.0))))
+    if "cutmix" in steps:
+        ops.append(CutMix(float(steps["cutmix"].get("alpha", 1.0)), float(steps["cutmix"].get("p", 1.0)), grid=side))
+    return Recipe(tuple(ops)), side, _interpolation(crop.get("interpolation", "bilinear"), where)
+
+
+def decompress(params: Any, names: Sequence[str]) -> dict[str, Any]:
+    """A view's params as ml-dr's dict: ``dr.transforms.Compose.decompress`` for a compressed list."""
+    if isinstance(params, Mapping):
+        return dict(params)
+    rest = list(params)
+    out: dict[str, Any] = {}
+    pair = None
+    if "mixup" in names or "cutmix" in names:
+        pair, rest = rest[0], rest[1:]
+        if pair is not None:
+            out["id2"] = pair
+    for value, name in zip(rest, [n for n in names if n not in NO_PARAM]):
+        if value is None:
+            continue
+        if name == "cutmix":
+            out[name] = (value[0], tuple(value[1:]))
+        elif name == "mixup":
+            out[name] = value
+        elif pair is not None and len(value) > 1:
+            out[name] = (value[0], value[1])
+        else:
+            out[name] = (value,)
+    return out
+
+
+def plan(src: str | Path, source: Source) -> Import:
+    """The import of the ml-dr folder ``src`` onto the train split of ``source``."""
+    root = Path(src).expanduser()
+    config = read_config(root)
+    where = str(root)
+    steps = transforms(config, where)
+    recipe, side, interpolation = recipe_of(steps, where)
+    reinforce = config["reinforce"]
+    views, k = int(reinforce["num_samples"]), int(reinforce["topk"])
+    n = len(source.train)
+    files = [sample_file(root, i) for i in range(n)]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise MissingData(f"{missing} is missing: the dataset has {n} training samples and ml-dr writes one file per "
+                          "sample — pass the --dataset the reinforcement was made for, or copy every file")
+    norm = steps.get("normalize", {})
+    channels = source.channels
+    pre = Preprocess(tuple(float(m) for m in norm.get("mean", (0.0,) * channels)),
+                     tuple(float(s) for s in norm.get("std", (1.0,) * channels)), side, interpolation, origin=FORMAT)
+    reader = _Reader(files, source, list(steps), recipe, views, k, side)
+    about = {"version": VERSION, "source": str(root), "files": n,
+             "reinforce": jsonable({key: reinforce[key] for key in reinforce}),
+             "teacher": jsonable(config.get("teacher"))}
+    return Import(FORMAT, about, recipe, views, k, pre, _teacher_name(config), _digest(root, files), str(root),
+                  reader.read)
+
+
+class _Reader:
+    """Per-view arrays of blocks of kdcache samples, from ml-dr's per-sample files."""
+
+    def __init__(self, files: list[Path], source: Source, names: list[str], recipe: Recipe, views: int, k: int,
+                 side: int) -> None:
+        self.files, self.source, self.names, self.recipe = files, source, names, recipe
+        self.views, self.k, self.side = views, k, side
+        self.order = folder_order(source)  # ml-dr index -> kdcache index
+        self.index = np.argsort(self.order)  # kdcache index -> ml-dr index
+        self.sizes: dict[int, tuple[int, int]] = {}
+
+    def size(self, i: int) -> tuple[int, int]:
+        if i not in self.sizes:
+            h, w = image_sizes(self.source, np.array([i]))
+            self.sizes[i] = (int(h[0]), int(w[0]))
+        return self.sizes[i]
+
+    def read(self, block: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [self.sample(int(i)) for i in block]
+        return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        """Every per-view array of kdcache sample ``i``: ``[views, ...]`` each."""
+        t = int(self.index[i])
+        where = f"{self.files[t]}"
+        stored = pickles.load(self.files[t])
+        if not (isinstance(stored, (tuple, list)) and len(stored) == 2 and stored[0] == t):
+            raise DataCorrupt(f"{where} does not hold (index {t}, views) — it is not this sample's ml-dr file")
+        entries = stored[1]
+        if not isinstance(entries, list) or len(entries) != self.views:
+            raise DataCorrupt(f"{where} holds {len(entries) if isinstance(entries, list) else 'no'} views, the "
+                              f"configuration says {self.views} — the file is damaged")
+        views = [self.view(decompress(e.get("params"), self.names), i, f"{where} view {v}")
+                 for v, e in enumerate(entries)]
+        out = {f"aug/{name}": np.stack([v[name] for v in views]) for name in views[0]}
+        probs, ids = zip(*[_sparse(e.get("prob"), self.k, f"{where} view {v}") for v, e in enumerate(entries)])
+        out["topk/values"], out["topk/indices"] = top_k(np.array(probs), np.array(ids), self.source.num_classes, where)
+        return out
+
+    def view(self, params: dict[str, Any], i: int, at: str) -> dict[str, np.ndarray]:
+        """The ``aug/`` arrays of one view of kdcache sample ``i``."""
+        mixes = [name for name in ("mixup", "cutmix") if params.get(name) is not None]
+        partner = int(self.order[int(params["id2"])]) if mixes else -1
+        sides = [(0, self.size(i))] + ([(1, self.size(partner))] if mixes else [])
+        out: dict[str, np.ndarray] = {}
+        for slot, (h, w) in sides:
+            prefix = "partner_" if slot else ""
+            i, j, ch, cw = params["random_resized_crop"][slot]
+            out[prefix + "rrc"] = crop_boxes(i, j, ch, cw, h, w, at)
+            if "random_horizontal_flip" in self.names:
+                out[prefix + "flip"] = np.uint8(bool(_slot(params, "random_horizontal_flip", slot, False)))
+            if "random_erase" in self.names:
+                box = _slot(params, "random_erase", slot, None)
+                x, y, eh, ew = box if box is not None and box[0] != -1 else (0, 0, 0, 0)
+                out[prefix + "erase"] = view_boxes(x, y, eh, ew, self.side, at)
+        for name, (tail, dtype) in self.recipe.fields().items():
+            if name not in out and name.startswith("partner_"):
+                out[name] = np.zeros(tail, dtype)
+        return {**out, **self.mixing(params, mixes, partner, at)}
+
+    def mixing(self, params: dict[str, Any], mixes: list[str], partner: int, at: str) -> dict[str, np.ndarray]:
+        name = "mixup" if "mixup" in self.names else "cutmix" if "cutmix" in self.names else None
+        if name is None:
+            return {}
+        out = {f"{name}_partner": np.int64(partner), f"{name}_lam": np.float32(1.0)}
+        if name == "cutmix":
+            out["cutmix_box"] = np.zeros(4, np.float32)
+        if not mixes:
+            return out
+        if name == "mixup":
+            out["mixup_lam"] = np.float32(params["mixup"])
+            return out
+        _, (x1, y1, x2, y2) = params["cutmix"]
+        out["cutmix_box"] = view_boxes(x1, y1, x2 - x1, y2 - y1, self.side, at)
+        out["cutmix_lam"] = np.float32(1.0 - (x2 - x1) * (y2 - y1) / (self.side * self.side))
+        return out
+
+
+def _slot(params: Mapping[str, Any], name: str, slot: int, default: Any) -> Any:
+    """The own (slot 0) or partner (slot 1) params of transform ``name``; ``default`` where it was skipped."""
+    value = params.get(name)
+    return value[slot] if value is not None and len(value) > slot else default
+
+
+def _sparse(prob: Any, k: int, where: str) -> tuple[list[float], list[int]]:
+    """A view's ``prob``, ml-dr's ``sparsify`` pair ``(probabilities, class ids)`` of length ``k``."""
+    if not (isinstance(prob, (tuple, list)) and len(prob) == 2 and len(prob[0]) == k and len(prob[1]) == k):
+        raise InvalidSpec(f"{where}: prob is not a sparse pair of {k} probabilities and ids — kdcache imports "
+                          "ml-dr's top-k form (reinforce.topk)")
+    return list(prob[0]), list(prob[1])
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON: tuples become lists, NumPy scalars numbers, anything else its text."""
+    if isinstance(obj, Mapping):
+        return {str(key): jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    return str(obj)
+
+
+def _teacher_name(config: Mapping[str, Any]) -> str:
+    teacher = config.get("teacher")
+    if isinstance(teacher, Mapping):
+        for key in ("name", "arch", "model"):
+            if isinstance(teacher.get(key), str):
+                return teacher[key]
+    return "unknown"
+
+
+def _digest(root: Path, files: list[Path]) -> str:
+    """sha256 over the configuration and every sample file, in index order: the identity of the outputs."""
+    digest = hashlib.sha256()
+    for path in [root / CONFIG, *files]:
+        digest.update(f"{path.name}\n".encode())
+        digest.update(path.read_bytes())
+    return f"sha256:{digest.hexdigest()}"

@@ -1,0 +1,155 @@
+"""A top-k kdcache cache in apple/ml-dr's layout, so that a trainer written for ml-dr reads it.
+
+Each sample becomes ``<index>.pth.tar`` (``torch.save``, protocol 4, as ml-dr writes) holding
+``(index, [{"params": dict, "prob": (probabilities, class ids)} per view])`` with ``index`` in
+torchvision's ``ImageFolder`` order, and ``config.pth.tar`` holds the ``reinforce`` section ml-dr's
+``ReinforcedDataset`` composes its transforms from. Params are the uncompressed dict that
+``dr.transforms.Compose.reapply`` takes; pixel boxes are computed on each image's own size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kdcache import data
+from kdcache.augment import Recipe
+from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing, RandomResizedCrop
+from kdcache.augment.mixing import CutMix, MixUp
+from kdcache.augment.op import BOX_SCALE
+from kdcache.cache.logits import decode_logits
+from kdcache.cache.store import Cache, open_cache
+from kdcache.errors import CacheMismatch, InvalidSpec
+from kdcache.interop.boxes import spans
+from kdcache.interop.imported import folder_order, image_sizes
+from kdcache.interop.mldr import CONFIG, VERSION
+from kdcache.interop.pickles import dump_torch
+
+_PIL_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
+@dataclass
+class ExportResult:
+    out: str
+    samples: int
+    views: int
+    exact: bool  # whether ml-dr's reader renders the very pixels kdcache replays (a pilrrc recipe)
+
+
+def export(cache_path: str, out: str, dataset: str | None = None, progress: bool = True) -> ExportResult:
+    """Write the top-k cache at ``cache_path`` into folder ``out`` in ml-dr's layout."""
+    cache = open_cache(cache_path)
+    entry = cache.manifest["outputs"]["logits"]
+    if entry["mode"] != "topk":
+        raise CacheMismatch(f"cache {cache.path} stores {entry['mode']} logits; ml-dr stores top-k probabilities — "
+                            "export a cache made with --logits topk:K")
+    source = data.open_source(dataset or cache.manifest["dataset"]["spec"])
+    cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
+    recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
+    side = int(cache.manifest["recipe"]["input_size"])
+    reinforce = reinforce_section(recipe, cache, side)
+    target = Path(out).expanduser()
+    if target.exists() and any(target.iterdir()):
+        raise InvalidSpec(f"--out {out} is not empty — export into a new folder")
+    target.mkdir(parents=True, exist_ok=True)
+    order = folder_order(source)  # ImageFolder index -> kdcache index
+    index = np.argsort(order)
+    views = np.arange(cache.views)
+    for i in tqdm(range(cache.num_samples), unit="sample", desc="export ml-dr", disable=not progress, leave=False):
+        rows = _views(cache, recipe, source, i, views, side, index)
+        t = int(index[i])
+        dump_torch((t, rows), target / f"{t}.pth.tar")
+    config = {"reinforce": reinforce, "teacher": {"name": "+".join(m["spec"] for m in cache.manifest["teacher"]["members"])},
+              "kdcache": {"cache_id": cache.id, "layout_version": VERSION}}
+    dump_torch(config, target / CONFIG)  # last: a folder without it is not taken for a whole export
+    return ExportResult(str(target), cache.num_samples, cache.views, isinstance(recipe.ops[0], PilResizedCrop))
+
+
+def reinforce_section(recipe: Recipe, cache: Cache, side: int) -> dict[str, Any]:
+    """ml-dr's ``config["reinforce"]`` of ``recipe``; InvalidSpec for an op ml-dr has no transform for."""
+    rec = cache.manifest["recipe"]
+    steps: dict[str, Any] = {}
+    if not recipe.ops or not isinstance(recipe.ops[0], RandomResizedCrop):
+        raise InvalidSpec(f"recipe {recipe.spec!r} does not start with rrc or pilrrc — ml-dr's views crop first")
+    for op in recipe.ops:
+        if isinstance(op, RandomResizedCrop):
+            steps["random_resized_crop"] = {"size": side, "scale": [op.min_scale, op.max_scale],
+                                            "ratio": [op.min_ratio, op.max_ratio],
+                                            "interpolation": _PIL_CODES[rec.get("interpolation", "bilinear")]}
+        elif isinstance(op, HorizontalFlip):
+            steps["random_horizontal_flip"] = {"p": op.p}
+        elif isinstance(op, RandomErasing):
+            steps["random_erase"] = {"p": op.p, "scale": [op.min_scale, op.max_scale],
+                                     "ratio": [op.min_ratio, op.max_ratio]}
+        elif isinstance(op, (MixUp, CutMix)):
+            steps[op.name] = {"alpha": op.alpha, "p": op.p}
+        else:
+            raise InvalidSpec(f"recipe op {op.name!r} has no ml-dr transform that replays it — export a cache whose "
+                              "recipe uses rrc or pilrrc, flip, erase, mixup or cutmix")
+    steps["to_tensor"] = {}
+    steps["normalize"] = {"mean": list(rec["mean"]), "std": list(rec["std"])}
+    k = int(cache.manifest["outputs"]["logits"]["k"])
+    return {"num_samples": cache.views, "topk": k, "image_augmentation": steps, "densify": "smooth",
+            "compress": False, "joblib": False}
+
+
+def _views(cache: Cache, recipe: Recipe, source: Any, i: int, views: np.ndarray, side: int,
+           index: np.ndarray) -> list[dict[str, Any]]:
+    """ml-dr's list of ``{"params", "prob"}`` for every view of kdcache sample ``i``."""
+    samples = np.full(len(views), i)
+    params = cache.aug_params(samples, views)
+    probs = np.exp(decode_logits(cache.read_views("topk/values", samples, views), cache.logit_dtype).astype(np.float64))
+    ids = cache.read_views("topk/indices", samples, views).astype(np.int64)
+    partner, lam = recipe.mixing(params)
+    h, w = image_sizes(source, np.array([i]))
+    out = []
+    for v in range(len(views)):
+        row = {name: values[v] for name, values in params.items()}
+        mixed = int(partner[v]) >= 0
+        slots = [_slot(recipe, row, "", int(h[0]), int(w[0]), side)]
+        if mixed:
+            ph, pw = image_sizes(source, np.array([int(partner[v])]))
+            slots.append(_slot(recipe, row, "partner_", int(ph[0]), int(pw[0]), side))
+        p: dict[str, Any] = {name: tuple(s[name] for s in slots) for name in slots[0]}
+        mix = recipe.ops[-1] if isinstance(recipe.ops[-1], (MixUp, CutMix)) else None
+        if mix is not None:
+            p[mix.name] = _mixing(mix, row, float(lam[v]), side, i, v) if mixed else None
+            if mixed:
+                p["id2"] = int(index[int(partner[v])])
+        out.append({"params": p, "prob": (probs[v].tolist(), ids[v].tolist())})
+    return out
+
+
+def _slot(recipe: Recipe, row: dict[str, np.ndarray], prefix: str, h: int, w: int, side: int) -> dict[str, Any]:
+    """The own or partner params of one view, as ml-dr's pixel tuples."""
+    q = np.asarray(row[prefix + "rrc"], dtype=np.int64)
+    left, width = spans(q[0] / BOX_SCALE, q[2] / BOX_SCALE, np.int64(w), 1)
+    top, height = spans(q[1] / BOX_SCALE, q[3] / BOX_SCALE, np.int64(h), 1)
+    out: dict[str, Any] = {"random_resized_crop": (int(top), int(left), int(height), int(width))}
+    names = {op.name for op in recipe.ops}
+    if "flip" in names:
+        out["random_horizontal_flip"] = bool(row[prefix + "flip"])
+    if "erase" in names:
+        x0, y0, ew, eh = np.asarray(row[prefix + "erase"], dtype=np.float32).astype(np.float64)
+        ex, ew_px = spans(x0, ew, np.int64(side), 0)
+        ey, eh_px = spans(y0, eh, np.int64(side), 0)
+        out["random_erase"] = (int(ey), int(ex), int(eh_px), int(ew_px)) if ew_px and eh_px else None
+    return out
+
+
+def _mixing(mix: MixUp | CutMix, row: dict[str, np.ndarray], lam: float, side: int, i: int, v: int) -> Any:
+    """ml-dr's mixup lambda, or cutmix ``(lambda, (x1, y1, x2, y2))`` with x along the rows."""
+    if isinstance(mix, MixUp):
+        return lam
+    x0, y0, w, h = (float(c) for c in np.asarray(row["cutmix_box"], dtype=np.float32))
+    steps = [round(c * mix.grid) for c in (x0, x0 + w, y0, y0 + h)]
+    pixels = [s * side / mix.grid for s in steps]
+    if any(p != int(p) for p in pixels):
+        raise InvalidSpec(f"sample {i} view {v}: its cutmix box cuts pixels of the {side}px view (grid {mix.grid}) — "
+                          "ml-dr pastes whole pixels; export a cache whose view side is a multiple of the grid")
+    left, right, top, bottom = (int(p) for p in pixels)
+    return lam, (top, left, bottom, right)

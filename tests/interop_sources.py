@@ -1,0 +1,303 @@
+"""Small sources in other systems' layouts, written by their own rules, and their readers' views.
+
+Nothing here imports kdcache.interop: each writer and reader is a transcription of the other project's
+code, named where it follows it, so the tests compare kdcache's import against that code's behaviour.
+
+- ml-dr (apple/ml-dr c72c884): ``reinforce.py`` (``transform_batch``, ``reinforce``), ``dr/transforms.py``
+  (``Compose.compress``/``decompress``, ``reapply``), ``transforms.py`` (``MixUp``, ``CutMix.rand_bbox``),
+  ``dr/utils.py`` (``sparsify``, ``densify``), ``dr/data.py`` (``ReinforcedDataset.__getitem__``).
+- TinyViT (microsoft/Cream 166a68e): ``data/augmentation/manager.py`` (``_Writer``), ``dataset_wrapper.py``
+  (seed and item layout), ``aug_random.py`` (the PCG64 stream), ``transforms.py``
+  (``RandomResizedCropAndInterpolation``), ``aug_tv_transforms.py`` (``RandomHorizontalFlip``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as F
+
+CLASSES = ("ant", "bee", "cat")
+SIZE = 16
+
+
+def make_folder(root: Path, per_class: int = 5) -> Path:
+    """An image folder of PNGs of different sizes (train and val), 3 classes."""
+    rng = np.random.RandomState(7)
+    for split, count in (("train", per_class), ("val", 2)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = rng.randint(20, 60), rng.randint(20, 60)
+                ramp = np.linspace(0, 255, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None]
+                pixels = (ramp + rng.randint(0, 60, (h, w, 3))).clip(0, 255).astype(np.uint8)
+                pixels[..., c] //= 2
+                Image.fromarray(pixels).save(root / split / name / f"{i:02d}.png")
+    return root
+
+
+# --- ml-dr -----------------------------------------------------------------------------------------------
+
+MLDR_NAMES = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
+              "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
+MLDR_NO_PARAM = ("uint8", "center_crop", "to_tensor", "normalize")
+
+
+def mldr_config(mix: str | None, erase: bool, views: int, k: int) -> dict[str, Any]:
+    aug: dict[str, Any] = {"random_resized_crop": {"size": SIZE, "scale": [0.25, 1.0]},
+                           "random_horizontal_flip": {"p": 0.5}, "to_tensor": {},
+                           "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
+    if erase:
+        aug["random_erase"] = {"p": 0.5}
+    if mix:
+        aug[mix] = {"alpha": 1.0, "p": 0.7}
+    return {"reinforce": {"num_samples": views, "topk": k, "image_augmentation": aug, "compress": True},
+            "teacher": {"name": "tiny-ensemble"}, "dataset": "imagenet"}
+
+
+def names_of(config: dict[str, Any]) -> list[str]:
+    return [n for n in MLDR_NAMES if n in config["reinforce"]["image_augmentation"]]
+
+
+def cut_box(size: int, lam: float) -> tuple[int, int, int, int]:
+    """ml-dr's ``CutMix.rand_bbox`` for an output of size x size."""
+    h = w = size
+    cut_rat = np.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * cut_rat), int(w * cut_rat)
+    cx, cy = np.random.randint(h), np.random.randint(w)
+    return (int(np.clip(cx - cut_h // 2, 0, h)), int(np.clip(cy - cut_w // 2, 0, w)),
+            int(np.clip(cx + cut_h // 2, 0, h)), int(np.clip(cy + cut_w // 2, 0, w)))
+
+
+def compress(params: dict[str, Any], names: list[str]) -> list[Any]:
+    """``dr.transforms.Compose.compress``."""
+    out: list[Any] = []
+    no_pair = True
+    if "mixup" in names or "cutmix" in names:
+        if params.get("mixup") is not None or params.get("cutmix") is not None:
+            out.append(params["id2"])
+            no_pair = False
+        else:
+            out.append(None)
+    for name in names:
+        p = params[name]
+        if name in MLDR_NO_PARAM:
+            continue
+        if name == "mixup":
+            out.append(p)
+        elif name == "cutmix":
+            out.append(None if p is None else [p[0], *p[1]])
+        else:
+            out.append(p[0] if no_pair else [p[0], p[1]])
+    return out
+
+
+def write_mldr(folder: Path, src: Path, mix: str | None = None, erase: bool = False, views: int = 3, k: int = 3,
+               compressed: bool = True, seed: int = 0) -> dict[str, Any]:
+    """A reinforcement of ``folder``'s train split by ml-dr's rules; returns the config."""
+    config = mldr_config(mix, erase, views, k)
+    config["reinforce"]["compress"] = compressed
+    names = names_of(config)
+    ds = torchvision.datasets.ImageFolder(str(folder / "train"))
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    src.mkdir(parents=True)
+    aug = config["reinforce"]["image_augmentation"]
+    crop = T.RandomResizedCrop(SIZE, scale=tuple(aug["random_resized_crop"]["scale"]))
+    eraser = T.RandomErasing(p=1.0)
+    for t in range(len(ds)):
+        entries = []
+        for _ in range(views):
+            id2 = random.randint(0, len(ds) - 1)
+            pair = [ds[t][0], ds[id2][0]]
+            params: dict[str, Any] = {"random_resized_crop": tuple(tuple(crop.get_params(im, crop.scale, crop.ratio))
+                                                                   for im in pair),
+                                      "random_horizontal_flip": tuple(torch.rand(1).item() < 0.5 for _ in pair),
+                                      "to_tensor": ((), ()), "normalize": ((), ())}
+            if erase:
+                params["random_erase"] = tuple(
+                    None if torch.rand(1) > aug["random_erase"]["p"] else
+                    tuple(int(v) for v in eraser.get_params(torch.zeros(3, SIZE, SIZE), scale=eraser.scale,
+                                                            ratio=eraser.ratio, value=[0])[:4]) for _ in pair)
+            if mix:
+                on = not torch.rand(1) > aug[mix]["p"]
+                lam = float(np.random.beta(1.0, 1.0)) if on else None
+                params[mix] = (lam if mix == "mixup" else (lam, cut_box(SIZE, lam))) if on else None
+                params["id2"] = id2  # transform_batch sets it whenever a mixing transform is configured
+            probs = torch.softmax(torch.randn(len(CLASSES)) * 3, 0).numpy()
+            ids = np.argpartition(probs, -k)[-k:]  # dr.utils.sparsify
+            entries.append({"params": compress(params, names) if compressed else params,
+                            "prob": (probs[ids].tolist(), ids.tolist())})
+        torch.save((t, entries), src / f"{t}.pth.tar", pickle_protocol=4)
+    torch.save(config, src / "config.pth.tar")
+    return config
+
+
+def decompress(params: Any, names: list[str]) -> dict[str, Any]:
+    """``dr.transforms.Compose.decompress``."""
+    if isinstance(params, dict):
+        return params
+    out: dict[str, Any] = {}
+    no_pair = None
+    if "mixup" in names or "cutmix" in names:
+        no_pair = params[0]
+        if no_pair is not None:
+            out["id2"] = no_pair
+        params = params[1:]
+    for p, name in zip(params, [n for n in names if n not in MLDR_NO_PARAM]):
+        if p is None:
+            continue
+        if name in ("mixup", "cutmix"):
+            out[name] = p if name == "mixup" else (p[0], tuple(p[1:]))
+        elif no_pair is not None and len(p) > 1:
+            out[name] = (p[0], p[1])
+        else:
+            out[name] = (p,)
+    return out
+
+
+def mldr_view(folder: Path, src: Path, index: int, view: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The view ml-dr's ``ReinforcedDataset`` renders for (index, view), before ``normalize`` (float [C,S,S] in
+    [0,1]), and the stored entry: ImageFolder's PIL images through ``Compose.reapply``."""
+    config = torch.load(src / "config.pth.tar", weights_only=False)
+    names = names_of(config)
+    ds = torchvision.datasets.ImageFolder(str(folder / "train"))
+    stored = torch.load(src / f"{index}.pth.tar", weights_only=False)
+    assert stored[0] == index
+    entry = stored[1][view]
+    params = decompress(entry["params"], names)
+    img = ds[index][0]
+    img2 = ds[params["id2"]][0] if ("cutmix" in params or "mixup" in params) else None
+    images = [img, img2]
+    for slot in (0, 1):
+        if images[slot] is None:
+            continue
+        x = images[slot]
+        i, j, h, w = params["random_resized_crop"][slot]
+        x = F.resized_crop(x, i, j, h, w, [SIZE, SIZE], interpolation=T.InterpolationMode.BILINEAR)
+        if "random_horizontal_flip" in params and params["random_horizontal_flip"][slot]:
+            x = F.hflip(x)
+        x = F.to_tensor(x)
+        box = params.get("random_erase", (None, None))[slot] if "random_erase" in params else None
+        if box is not None and box[0] != -1:
+            ex, ey, eh, ew = box
+            x[:, ex:ex + eh, ey:ey + ew] = 0
+        images[slot] = x
+    x, x2 = images
+    if params.get("mixup") is not None:
+        lam = params["mixup"]
+        x = lam * x + (1 - lam) * x2
+    if params.get("cutmix") is not None:
+        _, (b1, c1, b2, c2) = params["cutmix"]
+        x = x.clone()
+        x[:, b1:b2, c1:c2] = x2[:, b1:b2, c1:c2]
+    return x, entry
+
+
+def mldr_densify(prob: tuple[list[float], list[int]], num_classes: int) -> torch.Tensor:
+    """``dr.utils.densify(method="smooth")``."""
+    sp, ids = torch.tensor(prob[0]), prob[1]
+    r = 1.0 - sp.sum()
+    p = torch.ones(num_classes) * r / (num_classes - len(sp))
+    p[ids] = sp
+    return p
+
+
+# --- TinyViT ---------------------------------------------------------------------------------------------
+
+def tinyvit_config(path: Path, **changes: Any) -> Path:
+    """A config.json as save_logits.py dumps it (yaml), with the augmentation kdcache replays."""
+    import yaml
+
+    config = {"DATA": {"IMG_SIZE": 40, "INTERPOLATION": "bicubic", "MEAN_AND_STD_TYPE": "default"},
+              "AUG": {"COLOR_JITTER": 0.0, "AUTO_AUGMENT": "none", "REPROB": 0.0, "MIXUP": 0.0, "CUTMIX": 0.0,
+                      "CUTMIX_MINMAX": None},
+              "DISTILL": {"LOGITS_TOPK": 2}, "MODEL": {"NAME": "clip_vit_large_patch14_22k"}, "AMP_OPT_LEVEL": "O1"}
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class _AugRandom:
+    """aug_random's ``random`` on one PCG64 stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(seed=seed))
+
+    def random(self) -> float:
+        return self.rng.random()
+
+    def uniform(self, a: float, b: float) -> float:
+        return self.random() * (b - a) + a
+
+    def randint(self, a: int, b: int) -> int:
+        return min(int(self.random() * (b - a + 1)) + a, b)
+
+
+def tinyvit_params(rand: _AugRandom, img: Image.Image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``RandomResizedCropAndInterpolation.get_params``."""
+    area = img.size[0] * img.size[1]
+    for _ in range(10):
+        target_area = rand.uniform(*scale) * area
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        aspect_ratio = math.exp(rand.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w <= img.size[0] and h <= img.size[1]:
+            return rand.randint(0, img.size[1] - h), rand.randint(0, img.size[0] - w), h, w
+    in_ratio = img.size[0] / img.size[1]
+    if in_ratio < min(ratio):
+        w, h = img.size[0], int(round(img.size[0] / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = img.size[1], int(round(img.size[1] * max(ratio)))
+    else:
+        w, h = img.size
+    return (img.size[1] - h) // 2, (img.size[0] - w) // 2, h, w
+
+
+def tinyvit_view(folder: Path, seed: int, index: int, size: int = 40) -> torch.Tensor:
+    """What TinyViT's training transform makes of sample ``index`` under ``AugRandomContext(seed)`` (crop,
+    flip, ToTensor; before Normalize)."""
+    img = torchvision.datasets.ImageFolder(str(folder / "train"))[index][0]
+    rand = _AugRandom(seed)
+    i, j, h, w = tinyvit_params(rand, img)
+    img = F.resized_crop(img, i, j, h, w, (size, size), T.InterpolationMode.BICUBIC)
+    if rand.random() < 0.5:
+        img = F.hflip(img)
+    return F.to_tensor(img)
+
+
+def write_tinyvit(folder: Path, src: Path, epochs: int = 3, k: int = 2, ranks: int = 2, seed: int = 0) -> dict:
+    """Saved logits of ``folder``'s train split by TinyViT's rules: per epoch, each rank writes the keys of its
+    samples (padding repeats one) and their items; returns {(index, epoch): (seed, ids, probs)}."""
+    n = len(torchvision.datasets.ImageFolder(str(folder / "train")))
+    rng = np.random.RandomState(seed)
+    saved = {}
+    for epoch in range(epochs):
+        path = src / f"logits_top{k}_epoch{epoch}"
+        path.mkdir(parents=True)
+        order = list(rng.permutation(n)) + [0]  # the sampler pads to a multiple of the ranks
+        for rank in range(ranks):
+            keys, values = [], b""
+            for t in order[rank::ranks]:
+                if str(t) in keys:
+                    continue
+                s = np.int32(rng.randint(0, 1 << 31))
+                probs = torch.softmax(torch.randn(len(CLASSES)) * 3, 0)
+                top, ids = probs.topk(k, sorted=True)
+                top16, ids16 = top.to(torch.float16).numpy(), ids.to(torch.int16).numpy()
+                keys.append(str(t))
+                values += s.tobytes() + ids16.tobytes() + top16.tobytes()
+                saved.setdefault((int(t), epoch), (int(s), ids16, top16))
+            (path / f"rank{rank}-keys.txt").write_text("".join(key + "\n" for key in keys))
+            (path / f"rank{rank}-values.bin").write_bytes(values)
+    return saved
