@@ -47,6 +47,9 @@ def info(
     typer.echo(f"recipe    {rec['augment']['spec']}  views {rec['views']}  seed {rec['seed']}  "
                f"input {rec['input_size']}px {rec['interpolation']}, mean {rec['mean']} std {rec['std']}")
     typer.echo(f"outputs   {modes(m)}  energy T={m['outputs']['energy']['temperatures']}")
+    if m.get("imported"):
+        imp = m["imported"]
+        typer.echo(f"imported  from {imp['format']} (layout version {imp.get('version')}) at {imp.get('source')}")
     if "extra_views" in d:
         he, spec = d["extra_views"], rec["he_extra"]
         typer.echo(f"he-extra  {he['samples']} samples (top {spec['fraction']:g} by mean energy at "

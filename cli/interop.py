@@ -30,7 +30,7 @@ def import_cache(
                                                     "which augmentation the seeds drew).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
-    from kdcache.interop import import_cache as run
+    from kdcache.interop.imports import import_cache as run
 
     r = run(fmt, src, dataset, out, config=source_config, progress=not quiet)
     if r.reused:

@@ -31,6 +31,7 @@ from kdcache import data
 from kdcache.augment import Recipe
 from kdcache.cache.integrity import Findings, Problem
 from kdcache.cache.logits import decode_logits
+from kdcache.cache.manifest import refuse_imported
 from kdcache.cache.store import Cache, open_cache
 from kdcache.cache.view_sets import ViewSet, view_sets
 from kdcache.errors import InvalidSpec
@@ -88,6 +89,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
     if n <= 0:
         raise InvalidSpec(f"--recompute needs a positive number of pairs, got {n}")
     cache = open_cache(path)
+    refuse_imported(cache.manifest, cache.path, "verify --recompute")
     teacher = load_recorded(cache.manifest, weights)
     source = data.open_source(dataset or cache.manifest["dataset"]["spec"])
     cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)

@@ -163,7 +163,7 @@ def decompress(params: Any, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def mldr_view(folder: Path, src: Path, index: int, view: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def mldr_view(folder: Path, src: Path, index: int, view: int, size: int = SIZE) -> tuple[torch.Tensor, dict[str, Any]]:
     """The view ml-dr's ``ReinforcedDataset`` renders for (index, view), before ``normalize`` (float [C,S,S] in
     [0,1]), and the stored entry: ImageFolder's PIL images through ``Compose.reapply``."""
     config = torch.load(src / "config.pth.tar", weights_only=False)
@@ -176,16 +176,19 @@ def mldr_view(folder: Path, src: Path, index: int, view: int) -> tuple[torch.Ten
     img = ds[index][0]
     img2 = ds[params["id2"]][0] if ("cutmix" in params or "mixup" in params) else None
     images = [img, img2]
-    for slot in (0, 1):
+    for slot in (0, 1):  # Compose.reapply: a transform whose param of this image is None is skipped
         if images[slot] is None:
             continue
         x = images[slot]
-        i, j, h, w = params["random_resized_crop"][slot]
-        x = F.resized_crop(x, i, j, h, w, [SIZE, SIZE], interpolation=T.InterpolationMode.BILINEAR)
-        if "random_horizontal_flip" in params and params["random_horizontal_flip"][slot]:
+        given = {name: params[name][slot] for name in ("random_resized_crop", "random_horizontal_flip", "random_erase")
+                 if name in params}
+        if given.get("random_resized_crop") is not None:
+            i, j, h, w = given["random_resized_crop"]
+            x = F.resized_crop(x, i, j, h, w, [size, size], interpolation=T.InterpolationMode.BILINEAR)
+        if given.get("random_horizontal_flip"):
             x = F.hflip(x)
         x = F.to_tensor(x)
-        box = params.get("random_erase", (None, None))[slot] if "random_erase" in params else None
+        box = given.get("random_erase")
         if box is not None and box[0] != -1:
             ex, ey, eh, ew = box
             x[:, ex:ex + eh, ey:ey + ew] = 0

@@ -133,5 +133,6 @@ def test_todays_manifests_hold_only_the_keys_of_the_current_version(tmp_path, te
 
 
 def test_opaque_subtrees_are_owned_by_their_own_versions():
-    assert formats.OPAQUE == ("recipe.augment", "recipe.he_extra.augment", "provenance")
+    assert formats.OPAQUE == ("recipe.augment", "recipe.he_extra.augment", "provenance", "imported")
+    assert "imported" not in formats.KEYS[3] and "imported" in formats.KEYS[4]
     assert key_paths({"recipe": {"augment": {"ops": [{"op": "rrc", "anything": 1}]}}}) == {"recipe.augment"}

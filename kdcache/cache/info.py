@@ -63,6 +63,8 @@ def _scan(cache: Cache, done: np.ndarray) -> dict[str, Any]:
             block = cache.read_block(cache.target_arrays(), start, stop, view)
             correct += int((cache.teacher_probs(block).argmax(axis=-1) == labels[start:stop]).sum())
             seen += stop - start
+        if not temps:  # an imported cache: its source stored no energies
+            continue
         values = cache.read_samples("energy", start, stop).reshape(-1, len(temps))
         energies.append(values[skip::stride].copy())
         skip = (skip - len(values)) % stride

@@ -67,6 +67,15 @@ def provenance() -> dict[str, str]:
     }
 
 
+def refuse_imported(manifest: Mapping[str, Any], path: str, what: str) -> None:
+    """Refuse ``what`` (work that runs the cache's teacher) on a cache ``kdcache import`` made: its teacher ran
+    in another system and is not here."""
+    imported = manifest.get("imported")
+    if imported:
+        raise CacheMismatch(f"cache {path} was imported from {imported.get('format')}: its teacher ran elsewhere, so "
+                            f"{what} cannot run here — precompute with the teacher itself for a cache that can")
+
+
 def energy_temperature(manifest: Mapping[str, Any]) -> float:
     """The energy temperature that energy-based losses and the choice of extra views use: 4 when stored
     (the energy-KD default), else the first stored one."""

@@ -114,12 +114,13 @@ def _views(cache: Cache, recipe: Recipe, source: Any, i: int, views: np.ndarray,
         if mixed:
             ph, pw = image_sizes(source, np.array([int(partner[v])]))
             slots.append(_slot(recipe, row, "partner_", int(ph[0]), int(pw[0]), side))
-        p: dict[str, Any] = {name: tuple(s[name] for s in slots) for name in slots[0]}
         mix = recipe.ops[-1] if isinstance(recipe.ops[-1], (MixUp, CutMix)) else None
-        if mix is not None:
+        if mix is not None and not mixed:
+            slots.append(dict.fromkeys(slots[0]))  # ml-dr's reader loads a partner image even when it mixes none
+        p: dict[str, Any] = {name: tuple(s[name] for s in slots) for name in slots[0]}
+        if mix is not None:  # like transform_batch, id2 is set whenever a mixing transform is configured
             p[mix.name] = _mixing(mix, row, float(lam[v]), side, i, v) if mixed else None
-            if mixed:
-                p["id2"] = int(index[int(partner[v])])
+            p["id2"] = int(index[int(partner[v])] if mixed else index[i])
         out.append({"params": p, "prob": (probs[v].tolist(), ids[v].tolist())})
     return out
 

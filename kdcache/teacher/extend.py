@@ -29,7 +29,7 @@ from kdcache.cache.arrays import ArraySpec, layout_entry
 from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.logits import decode_logits, storage_dtype
-from kdcache.cache.manifest import record_change
+from kdcache.cache.manifest import record_change, refuse_imported
 from kdcache.cache.roots import publish_aliases
 from kdcache.cache.store import Cache, open_cache
 from kdcache.errors import InvalidSpec
@@ -125,6 +125,7 @@ def _open(path: str, dataset: str | None) -> tuple[Cache, data.Source]:
     spec; checked by fingerprint)."""
     cache = open_cache(path, mode="r+")
     m = cache.manifest
+    refuse_imported(m, cache.path, "extend")
     if "he_extra" in m["recipe"]:
         raise InvalidSpec("extend cannot grow a cache with --extra-views (their choice depends on every view) "
                           "— precompute the larger cache instead")
