@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment import Recipe, geometry, resize_view
 from kdcache.augment.autoaugment import NUM_BINS, OPS, SIGNED, apply_op, magnitudes
-from kdcache.augment.op import BOX_SCALE, quantise_box
+from kdcache.augment.op import BOX_SCALE, box_row, pixel_span, quantise_box
 from kdcache.augment.rng import Draws, _gamma_ratio, _johnk, philox4x32
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
@@ -595,3 +595,44 @@ def test_mixing_needs_no_scipy(monkeypatch):
     for spec in ("mixup:0.2", "mixup:2", "cutmix:0.7:0.5"):
         lam = Recipe.parse(spec).mixing(_batch(Recipe.parse(spec)))[1]
         assert ((lam >= 0) & (lam <= 1)).all()
+
+
+def test_pilrrc_crops_the_rrc_box_and_resizes_it_as_torchvisions_pil_path_does():
+    from PIL import Image
+    from torchvision.transforms import functional as F1
+
+    recipe = Recipe.parse("pilrrc:0.3+flip")
+    assert recipe.fields() == Recipe.parse("rrc:0.3+flip").fields()
+    image = torch.from_numpy(np.random.RandomState(0).randint(0, 256, (3, 37, 53), dtype=np.uint8))
+    params = recipe.sample(5, np.arange(6), np.zeros(6, dtype=np.int64), 6)
+    for j in range(6):
+        row = {k: v[j] for k, v in params.items()}
+        for mode in ("bilinear", "bicubic"):
+            x0, y0, w, h = box_row(row, "rrc")
+            left, width = pixel_span(x0, w, 53, 1)
+            top, height = pixel_span(y0, h, 37, 1)
+            pil = F1.resized_crop(Image.fromarray(image.permute(1, 2, 0).numpy()), top, left, height, width, [24, 24],
+                                  interpolation=F1.InterpolationMode(mode))
+            if row["flip"]:
+                pil = F1.hflip(pil)
+            expected = F1.pil_to_tensor(pil).float() / 255
+            assert torch.equal((recipe.apply(image, row, 24, interpolation=mode) * 255).round(), (expected * 255).round())
+    with pytest.raises(InvalidSpec, match="rrc and pilrrc both crop"):
+        Recipe.parse("rrc+pilrrc")
+
+
+def test_cutmix_replay_in_lattice_steps_equals_the_edges_it_stored():
+    """Reading a sampled box in whole grid steps changes no pixel: every sampled edge lies on the grid."""
+    recipe = Recipe.parse("rrc+cutmix")
+    params = recipe.sample(3, np.arange(40), np.zeros(40, dtype=np.int64), 40)
+    own, other = torch.zeros(3, 64, 64), torch.ones(3, 64, 64)
+    for j in range(40):
+        row = {k: v[j] for k, v in params.items()}
+        x0, y0, w, h = box_row(row, "cutmix_box")
+        for n in (32, 50, 64):
+            def old_coverage(start, length):
+                edges = np.arange(n, dtype=np.float64)
+                return np.clip(np.minimum(edges + 1, (start + length) * n) - np.maximum(edges, start * n), 0.0, 1.0)
+            mask = torch.from_numpy(np.outer(old_coverage(y0, h), old_coverage(x0, w)).astype(np.float32))
+            got = recipe.ops[-1].mix(own[:, :n, :n], other[:, :n, :n], row)
+            assert torch.equal(got, own[:, :n, :n] * (1 - mask) + other[:, :n, :n] * mask) or (w == 0 or h == 0)

@@ -125,3 +125,24 @@ def test_the_worked_examples_of_the_sharded_sources_run(tmp_path, section):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "top-1" in done.stdout
+
+
+def test_the_worked_example_of_interop_md_runs(tmp_path):
+    """docs/interop.md's example, run by bash as written, on a folder pets/ with an ml-dr reinforcement and TinyViT
+    logits of it written by those projects' rules (tests/interop_sources.py)."""
+    from interop_sources import make_folder, tinyvit_config, write_mldr, write_tinyvit
+
+    text = (ROOT / "docs" / "interop.md").read_text()
+    block = re.search(r"## Worked example.*?```bash\n(.*?)```", text, re.S).group(1)
+    folder = make_folder(tmp_path / "pets")
+    write_mldr(folder, tmp_path / "reinforced_data", mix="cutmix", erase=True)
+    write_tinyvit(folder, tmp_path / "teacher_logits")
+    tinyvit_config(tmp_path / "config.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported  from ml-dr" in done.stdout and "in ml-dr's layout" in done.stdout
+    assert (tmp_path / "runs" / "dkd" / "model.pt").is_file()
+    assert (tmp_path / "exported" / "config.pth.tar").is_file()
+    assert "imported from tinyvit" in done.stdout
