@@ -10,6 +10,7 @@ from tests_support import precompute_config
 
 from kdcache import data, models
 from kdcache.augment import Recipe
+from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.logits import densify
 from kdcache.cache.store import open_cache
 from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec, MissingData, WeightsMismatch
@@ -36,7 +37,7 @@ def test_cache_is_a_zarr_v3_group_that_plain_zarr_reads(cache_path):
     assert group["energy"].shape == (64, 3, 2)
     assert group["aug/rrc"].shape[:2] == (64, 3)
     manifest = group.attrs["kdcache"]
-    assert manifest["status"] == "complete" and manifest["format_version"] == 3
+    assert manifest["status"] == "complete" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["dataset"]["fingerprint"] == data.open_source(DATASET).fingerprint
     assert manifest["teacher"]["members"][0]["sha256"].startswith("sha256:")
     np.testing.assert_array_equal(group["labels"][:], data.open_source(DATASET).train.labels)
