@@ -111,8 +111,8 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True)
         done = cache.shards_done()
         todo = [s for s in range(cache.num_shards) if not done[s]]
         views = 0
-        with tqdm(total=sum(np.subtract(*cache.shard_range(s)[::-1]) for s in todo) * found.views, unit="view",
-                  desc=f"import {found.format}", disable=not progress, leave=False) as bar:
+        total = sum(stop - start for start, stop in map(cache.shard_range, todo)) * found.views
+        with tqdm(total=total, unit="view", desc=f"import {found.format}", disable=not progress, leave=False) as bar:
             for shard in todo:
                 start, stop = cache.shard_range(shard)
                 lock.check()

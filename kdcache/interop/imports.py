@@ -17,5 +17,5 @@ def import_cache(fmt: str, src: str, dataset: str, out: str, config: str | None 
     if fmt != "tinyvit" and config is not None:
         raise InvalidSpec(f"--source-config is TinyViT's config file; {fmt} keeps its configuration beside its files — drop it")
     source = data.open_source(dataset)
-    found = tinyvit.plan(src, source, config) if fmt == "tinyvit" else mldr.plan(src, source)
+    found = tinyvit.plan(src, source, config) if fmt == "tinyvit" else mldr.plan(src, source, progress)
     return write_import(found, source, out, progress)

@@ -145,8 +145,9 @@ def decompress(params: Any, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def plan(src: str | Path, source: Source) -> Import:
-    """The import of the ml-dr folder ``src`` onto the train split of ``source``."""
+def plan(src: str | Path, source: Source, progress: bool = False) -> Import:
+    """The import of the ml-dr folder ``src`` onto the train split of ``source`` (``progress``: a bar while
+    its files are hashed)."""
     root = Path(src).expanduser()
     config = read_config(root)
     where = str(root)
@@ -168,7 +169,7 @@ def plan(src: str | Path, source: Source) -> Import:
     about = {"version": VERSION, "source": str(root), "files": n,
              "reinforce": jsonable({key: reinforce[key] for key in reinforce}),
              "teacher": jsonable(config.get("teacher"))}
-    return Import(FORMAT, about, recipe, views, k, pre, _teacher_name(config), _digest(root, files), str(root),
+    return Import(FORMAT, about, recipe, views, k, pre, _teacher_name(config), _digest(root, files, progress), str(root),
                   reader.read)
 
 
@@ -288,10 +289,12 @@ def _teacher_name(config: Mapping[str, Any]) -> str:
     return "unknown"
 
 
-def _digest(root: Path, files: list[Path]) -> str:
+def _digest(root: Path, files: list[Path], progress: bool) -> str:
     """sha256 over the configuration and every sample file, in index order: the identity of the outputs."""
+    from tqdm import tqdm
+
     digest = hashlib.sha256()
-    for path in [root / CONFIG, *files]:
+    for path in tqdm([root / CONFIG, *files], unit="file", desc="hash ml-dr files", disable=not progress, leave=False):
         digest.update(f"{path.name}\n".encode())
         digest.update(path.read_bytes())
     return f"sha256:{digest.hexdigest()}"
