@@ -64,3 +64,13 @@ def test_the_data_sources_benchmark_measures_every_source_side_by_side(tmp_path,
     assert all(row["precompute views/s"] > 0 for row in record["rows"])
     assert record["decode"]["full_per_s"] > 0 and record["decode"]["ratio"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "data_sources"
+
+
+def test_the_interop_benchmark_measures_replay_export_and_import(tmp_path, capsys):
+    from benchmarks import interop
+
+    record = interop.main(["--quick", "--reps", "1", "--out", str(tmp_path)])
+    assert [row["replay"] for row in record["replay"]] == ["rrc+flip", "pilrrc+flip"]
+    assert all(row["views/s"] > 0 for row in record["replay"]) and record["replay"][0]["vs rrc"] == 1.0
+    assert record["export_views_per_s"] > 0 and record["import_views_per_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "interop"

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import functional as pil_functional
 from torchvision.transforms.v2 import functional as F
 
@@ -109,9 +110,10 @@ class PilResizedCrop(RandomResizedCrop):
         x0, y0, w, h = box_row(row, "rrc")
         left, width = pixel_span(x0, w, image.shape[-1], 1)
         top, height = pixel_span(y0, h, image.shape[-2], 1)
-        pil = pil_functional.to_pil_image(image)
-        out = pil_functional.resized_crop(pil, top, left, height, width, [size, size], interpolation=interpolation)
-        return pil_functional.pil_to_tensor(out)
+        crop = image[:, top : top + height, left : left + width]  # as PIL's crop: a copy of those pixels
+        pixels = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())
+        pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        return pil_functional.pil_to_tensor(pil_functional.resize(pil, [size, size], interpolation=interpolation))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,11 +58,17 @@ def export(cache_path: str, out: str, dataset: str | None = None, progress: bool
     target.mkdir(parents=True, exist_ok=True)
     order = folder_order(source)  # ImageFolder index -> kdcache index
     index = np.argsort(order)
-    views = np.arange(cache.views)
-    for i in tqdm(range(cache.num_samples), unit="sample", desc="export ml-dr", disable=not progress, leave=False):
-        rows = _views(cache, recipe, source, i, views, side, index)
-        t = int(index[i])
-        dump_torch((t, rows), target / f"{t}.pth.tar")
+    names = [name for name in cache.array_names if name.startswith("aug/") or name.startswith("topk/")]
+    with tqdm(total=cache.num_samples, unit="sample", desc="export ml-dr", disable=not progress, leave=False) as bar:
+        for start in range(0, cache.num_samples, cache.chunk_samples):  # one read per chunk of every array
+            stop = min(start + cache.chunk_samples, cache.num_samples)
+            block = {name: cache.read_samples(name, start, stop) for name in names}
+            for i in range(start, stop):
+                rows = _views(cache, recipe, source, i, {name: values[i - start] for name, values in block.items()},
+                              side, index)
+                t = int(index[i])
+                dump_torch((t, rows), target / f"{t}.pth.tar")
+            bar.update(stop - start)
     config = {"reinforce": reinforce, "teacher": {"name": "+".join(m["spec"] for m in cache.manifest["teacher"]["members"])},
               "kdcache": {"cache_id": cache.id, "layout_version": VERSION}}
     dump_torch(config, target / CONFIG)  # last: a folder without it is not taken for a whole export
@@ -97,17 +103,16 @@ def reinforce_section(recipe: Recipe, cache: Cache, side: int) -> dict[str, Any]
             "compress": False, "joblib": False}
 
 
-def _views(cache: Cache, recipe: Recipe, source: Any, i: int, views: np.ndarray, side: int,
+def _views(cache: Cache, recipe: Recipe, source: Any, i: int, arrays: dict[str, np.ndarray], side: int,
            index: np.ndarray) -> list[dict[str, Any]]:
-    """ml-dr's list of ``{"params", "prob"}`` for every view of kdcache sample ``i``."""
-    samples = np.full(len(views), i)
-    params = cache.aug_params(samples, views)
-    probs = np.exp(decode_logits(cache.read_views("topk/values", samples, views), cache.logit_dtype).astype(np.float64))
-    ids = cache.read_views("topk/indices", samples, views).astype(np.int64)
+    """ml-dr's list of ``{"params", "prob"}`` for every view of kdcache sample ``i`` (``arrays``: its rows)."""
+    params = {name.removeprefix("aug/"): values for name, values in arrays.items() if name.startswith("aug/")}
+    probs = np.exp(decode_logits(arrays["topk/values"], cache.logit_dtype).astype(np.float64))
+    ids = arrays["topk/indices"].astype(np.int64)
     partner, lam = recipe.mixing(params)
     h, w = image_sizes(source, np.array([i]))
     out = []
-    for v in range(len(views)):
+    for v in range(cache.views):
         row = {name: values[v] for name, values in params.items()}
         mixed = int(partner[v]) >= 0
         slots = [_slot(recipe, row, "", int(h[0]), int(w[0]), side)]
