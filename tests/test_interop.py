@@ -247,6 +247,18 @@ def test_a_missing_or_damaged_sample_file_is_named(folder, mldr_caches, tmp_path
     assert not out.complete  # nothing a later run would take for complete
 
 
+def test_params_that_are_not_ml_drs_are_damage_named_by_file_and_view(folder, mldr_caches, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(mldr_caches["mixup"][0], src)
+    index, entries = torch.load(src / "2.pth.tar", weights_only=False)
+    entries[1]["params"] = entries[1]["params"][:2]  # a compressed list cut short
+    torch.save((index, entries), src / "2.pth.tar", pickle_protocol=4)
+    with pytest.raises(DataCorrupt, match=r"2\.pth\.tar view 1: its params are not ml-dr's"):
+        import_cache("ml-dr", str(src), spec(folder), str(tmp_path / "out"), progress=False)
+
+
 def test_a_joblib_file_reads_as_the_torch_one(mldr_caches, tmp_path):
     src = mldr_caches["cutmix"][0]
     obj = torch.load(src / "3.pth.tar", weights_only=False)

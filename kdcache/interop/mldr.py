@@ -131,7 +131,10 @@ def decompress(params: Any, names: Sequence[str]) -> dict[str, Any]:
         pair, rest = rest[0], rest[1:]
         if pair is not None:
             out["id2"] = pair
-    for value, name in zip(rest, [n for n in names if n not in NO_PARAM]):
+    with_params = [n for n in names if n not in NO_PARAM]
+    if len(rest) != len(with_params):  # compress writes one entry per transform, None where it was skipped
+        raise ValueError(f"{len(rest)} params for the {len(with_params)} transforms {', '.join(with_params)}")
+    for value, name in zip(rest, with_params):
         if value is None:
             continue
         if name == "cutmix":
@@ -205,12 +208,19 @@ class _Reader:
         if not isinstance(entries, list) or len(entries) != self.views:
             raise DataCorrupt(f"{where} holds {len(entries) if isinstance(entries, list) else 'no'} views, the "
                               f"configuration says {self.views} — the file is damaged")
-        views = [self.view(decompress(e.get("params"), self.names), i, f"{where} view {v}")
-                 for v, e in enumerate(entries)]
+        views = [self.checked_view(e, i, f"{where} view {v}") for v, e in enumerate(entries)]
         out = {f"aug/{name}": np.stack([v[name] for v in views]) for name in views[0]}
         probs, ids = zip(*[_sparse(e.get("prob"), self.k, f"{where} view {v}") for v, e in enumerate(entries)])
         out["topk/values"], out["topk/indices"] = top_k(np.array(probs), np.array(ids), self.source.num_classes, where)
         return out
+
+    def checked_view(self, entry: Any, i: int, at: str) -> dict[str, np.ndarray]:
+        """:meth:`view` of a stored entry; DataCorrupt where its params are not what ml-dr writes."""
+        try:
+            return self.view(decompress(entry["params"], self.names), i, at)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise DataCorrupt(f"{at}: its params are not ml-dr's for this configuration ({type(exc).__name__}: "
+                              f"{exc}) — the file is damaged or from another reinforcement") from None
 
     def view(self, params: dict[str, Any], i: int, at: str) -> dict[str, np.ndarray]:
         """The ``aug/`` arrays of one view of kdcache sample ``i``."""
@@ -220,8 +230,8 @@ class _Reader:
         out: dict[str, np.ndarray] = {}
         for slot, (h, w) in sides:
             prefix = "partner_" if slot else ""
-            i, j, ch, cw = params["random_resized_crop"][slot]
-            out[prefix + "rrc"] = crop_boxes(i, j, ch, cw, h, w, at)
+            top, left, height, width = params["random_resized_crop"][slot]
+            out[prefix + "rrc"] = crop_boxes(top, left, height, width, h, w, at)
             if "random_horizontal_flip" in self.names:
                 out[prefix + "flip"] = np.uint8(bool(_slot(params, "random_horizontal_flip", slot, False)))
             if "random_erase" in self.names:
