@@ -42,6 +42,11 @@ class ImageSet(torch.utils.data.Dataset):
         reader): remote sets start fetching them in the background, in few large reads, and keep them
         until a later window's hint, so that fetching overlaps decoding."""
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image ``i`` (sets of files read it from the header)."""
+        height, width = self[i][0].shape[-2:]
+        return int(width), int(height)
+
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         """Image ``i``; with ``reduce``, a JPEG is decoded at the smallest of libjpeg-turbo's M/8 scales
         that keeps the size ``reduce(width, height)`` asks (DCT scaling, through simplejpeg). Sets of

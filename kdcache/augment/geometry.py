@@ -81,12 +81,18 @@ class RandomResizedCrop(Op):
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         return self.crop(image, row, size, F.InterpolationMode.BILINEAR)
 
-    def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
-             interpolation: F.InterpolationMode) -> torch.Tensor:
-        """:meth:`apply` with the resize's interpolation chosen (the model's own)."""
+    @staticmethod
+    def pixels(image: torch.Tensor, row: Mapping[str, np.ndarray]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) in pixels of the stored box on ``image``."""
         x0, y0, w, h = box_row(row, "rrc")
         left, width = pixel_span(x0, w, image.shape[-1], 1)
         top, height = pixel_span(y0, h, image.shape[-2], 1)
+        return top, left, height, width
+
+    def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
+             interpolation: F.InterpolationMode) -> torch.Tensor:
+        """:meth:`apply` with the resize's interpolation chosen (the model's own)."""
+        top, left, height, width = self.pixels(image, row)
         return F.resized_crop(image, top, left, height, width, [size, size], interpolation=interpolation,
                               antialias=True)
 
@@ -107,9 +113,7 @@ class PilResizedCrop(RandomResizedCrop):
 
     def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
              interpolation: F.InterpolationMode) -> torch.Tensor:
-        x0, y0, w, h = box_row(row, "rrc")
-        left, width = pixel_span(x0, w, image.shape[-1], 1)
-        top, height = pixel_span(y0, h, image.shape[-2], 1)
+        top, left, height, width = self.pixels(image, row)
         crop = image[:, top : top + height, left : left + width]  # as PIL's crop: a copy of those pixels
         pixels = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())
         pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)

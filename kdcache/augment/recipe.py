@@ -59,10 +59,6 @@ class Recipe:
         for i, op in enumerate(self.ops):
             if op.name in names[:i]:
                 raise InvalidSpec(f"op {op.name!r} appears twice in {self.spec!r} — use each op at most once")
-        crops = [op.name for op in self.ops if isinstance(op, RandomResizedCrop)]
-        if len(crops) > 1:
-            raise InvalidSpec(f"{' and '.join(crops)} both crop in {self.spec!r} — use one of them")
-        for i, op in enumerate(self.ops):
             if op.stage == MIX and i != len(self.ops) - 1:
                 raise InvalidSpec(
                     f"mixing op {op.name!r} must be the last op in {self.spec!r} — e.g. rrc+flip+{op.name}"
@@ -72,6 +68,9 @@ class Recipe:
                     f"{op.name!r} comes after {self.ops[i - 1].name!r} in {self.spec!r} — "
                     "order ops geometric/colour, then erase, then mixup/cutmix, e.g. rrc+flip+trivial+erase"
                 )
+        crops = [op.name for op in self.ops if isinstance(op, RandomResizedCrop)]
+        if len(crops) > 1:
+            raise InvalidSpec(f"{' and '.join(crops)} both crop in {self.spec!r} — use one of them")
 
     @classmethod
     def parse(cls, spec: str) -> Recipe:

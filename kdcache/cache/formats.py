@@ -18,7 +18,8 @@ FORMAT_VERSION = 4
 #: Subtrees whose inner keys are owned elsewhere: augmentation ops carry their own op version
 #: (kdcache/augment), provenance is free text, and ``imported`` holds what another system's files said of
 #: themselves (kdcache/interop). A path below them is not checked.
-OPAQUE = ("recipe.augment", "recipe.he_extra.augment", "provenance", "imported")
+_OPAQUE_2 = ("recipe.augment", "recipe.he_extra.augment", "provenance")
+OPAQUE = (*_OPAQUE_2, "imported")
 
 _CONFIG = ("augment batch_size break_lock chunk_samples class_map compile dataset device energy_t ensemble "
            "extra_views features keep_members logit_dtype logits out precision progress rebuild seed sharded "
@@ -27,7 +28,7 @@ _ARRAY_ENTRY = ("codec", "dtype", "logical_dtype", "name", "tail")
 
 #: Every key path a manifest of version 2 may hold (``[]`` marks the items of a list of objects).
 KEYS_2 = frozenset([
-    *OPAQUE[:3], "cache_id", "completed", "format_version", "status",
+    *_OPAQUE_2, "cache_id", "completed", "format_version", "status",
     *(f"config.{k}" for k in _CONFIG),
     *(f"dataset.{k}" for k in ("channels", "classes", "fingerprint", "num_classes", "num_samples", "spec", "split")),
     *(f"he.{k}" for k in ("chunk_samples", "samples", "shard_samples", "threshold_energy", "views")),

@@ -52,6 +52,15 @@ def open_group(path: str, mode: str) -> zarr.Group:
     return zarr.open_group(open_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
+def check_root(root: str) -> None:
+    """Refuse a cache given where the root folder caches are kept under is expected (``--out``)."""
+    from kdcache.errors import InvalidSpec
+
+    if cache_exists(root):
+        raise InvalidSpec(f"--out {root} is itself a cache; --out is the root folder caches are kept under "
+                          "— pass its parent folder")
+
+
 def cache_exists(path: str) -> bool:
     """Whether ``path`` holds any Zarr group (complete or not)."""
     try:

@@ -31,6 +31,7 @@ from kdcache.cache.storage import (
     NO_GROUP,
     STATUS_ARRAY,
     cache_exists,
+    check_root,
     group_metadata,
     limit_codec_threads,
     manifest_at,
@@ -39,7 +40,7 @@ from kdcache.cache.storage import (
 from kdcache.cache.writing import CacheWriter, lay_out
 from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, MissingData, UnsupportedFormat
 
-__all__ = ["MANIFEST_KEY", "STATUS_ARRAY", "Cache", "cache_exists", "create_cache", "limit_codec_threads",
+__all__ = ["MANIFEST_KEY", "STATUS_ARRAY", "Cache", "cache_exists", "check_root", "create_cache", "limit_codec_threads",
            "open_cache"]
 
 

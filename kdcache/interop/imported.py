@@ -21,7 +21,7 @@ from kdcache.cache.arrays import ArraySpec
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, join, write_alias
-from kdcache.cache.store import cache_exists, create_cache, open_cache
+from kdcache.cache.store import check_root, create_cache, open_cache
 from kdcache.errors import InterruptedLayout, InvalidSpec, MissingData
 from kdcache.image_sets import Source
 from kdcache.preprocess import Preprocess
@@ -79,18 +79,16 @@ def manifest_of(found: Import, source: Source) -> dict[str, Any]:
     }
 
 
-def array_specs(found: Import, num_classes: int) -> list[ArraySpec]:
-    entry = parse_logits(f"topk:{found.k}", num_classes, VALUE_DTYPE)
-    return [*target_specs(entry, num_classes),
+def array_specs(found: Import, manifest: dict[str, Any]) -> list[ArraySpec]:
+    """The cache's per-view arrays: the top-k target of ``manifest`` and the recipe's ``aug/`` fields."""
+    return [*target_specs(manifest["outputs"]["logits"], int(manifest["dataset"]["num_classes"])),
             *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in found.recipe.fields().items()]]
 
 
 def write_import(found: Import, source: Source, out: str, progress: bool = True) -> ImportResult:
     """Write (or resume, or reuse) the cache of ``found`` under root ``out``."""
     began = time.perf_counter()
-    if cache_exists(out):
-        raise InvalidSpec(f"--out {out} is itself a cache; --out is the root folder caches are kept under "
-                          "— pass its parent folder")
+    check_root(out)
     manifest = manifest_of(found, source)
     wanted = cache_id(manifest)
     path = join(out, wanted)
@@ -106,8 +104,9 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True)
         try:
             cache = open_cache(path, mode="r+", allow_incomplete=True)
         except (MissingData, InterruptedLayout):
-            cache = create_cache(path, manifest, source.train.labels, array_specs(found, source.num_classes))
+            cache = create_cache(path, manifest, source.train.labels, array_specs(found, manifest))
         cache.remove_partial_files()
+        specs = array_specs(found, cache.manifest)
         done = cache.shards_done()
         todo = [s for s in range(cache.num_shards) if not done[s]]
         views = 0
@@ -116,7 +115,8 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True)
             for shard in todo:
                 start, stop = cache.shard_range(shard)
                 lock.check()
-                cache.write_shard(shard, found.read(np.arange(start, stop)))
+                arrays = found.read(np.arange(start, stop))
+                cache.write_shard(shard, {spec.name: np.asarray(arrays[spec.name], spec.dtype) for spec in specs})
                 views += (stop - start) * found.views
                 bar.update((stop - start) * found.views)
         cache.finish()
@@ -128,7 +128,7 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True)
 
 def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and class ids ``[..., k]`` as stored top-k: float32 log-probabilities in descending order
-    (ties keep the source's order) and ids of the cache's index dtype."""
+    (ties keep the source's order) and their ids (cast to the cache's index dtype when written)."""
     probs, ids = np.asarray(probs, dtype=np.float64), np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
         raise InvalidSpec(f"{where}: class id {int(ids.max() if ids.max() >= num_classes else ids.min())} is outside "
@@ -138,21 +138,13 @@ def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> t
     order = np.argsort(-probs, axis=-1, kind="stable")
     with np.errstate(divide="ignore"):
         values = np.log(np.take_along_axis(probs, order, axis=-1)).astype(np.float32)
-    index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
-    return values, np.take_along_axis(ids, order, axis=-1).astype(index_dtype)
+    return values, np.take_along_axis(ids, order, axis=-1)
 
 
 def image_sizes(source: Source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(height, width) of train images ``indices``: from file headers where the set has files, else decoded."""
-    images = source.train
-    heights, widths = np.empty(len(indices), np.int64), np.empty(len(indices), np.int64)
-    opener = getattr(images, "image_size", None)
-    for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
-        if opener is not None:
-            widths[j], heights[j] = opener(int(i))
-        else:
-            heights[j], widths[j] = images[int(i)][0].shape[-2:]
-    return heights, widths
+    """(height, width) of train images ``indices`` (``ImageSet.image_size``: from file headers where there are files)."""
+    sizes = np.array([source.train.image_size(int(i)) for i in indices], dtype=np.int64).reshape(-1, 2)
+    return sizes[:, 1], sizes[:, 0]
 
 
 def folder_order(source: Source) -> np.ndarray:

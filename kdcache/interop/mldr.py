@@ -45,7 +45,8 @@ REFUSED = {
     "rand_augment": "its rand_augment is torchvision's RandAugment on PIL images, which kdcache's randaugment "
                     "does not replay bit for bit",
 }
-_PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+#: PIL's interpolation codes (what a config may give ``random_resized_crop``) and their names.
+PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def sample_file(src: Path, index: int) -> Path:
@@ -92,7 +93,7 @@ def _pair(value: Any, default: tuple[float, float]) -> tuple[float, float]:
 
 
 def _interpolation(value: Any, where: str) -> str:
-    name = _PIL_CODES.get(value, value) if not isinstance(value, str) else value.lower()
+    name = PIL_CODES.get(value, value) if not isinstance(value, str) else value.lower()
     if name not in ("nearest", "bilinear", "bicubic"):
         raise InvalidSpec(f"{where}: random_resized_crop interpolation {value!r} is not nearest, bilinear or bicubic")
     return name

@@ -26,10 +26,10 @@ from kdcache.cache.store import Cache, open_cache
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.interop.boxes import spans
 from kdcache.interop.imported import folder_order, image_sizes
-from kdcache.interop.mldr import CONFIG, VERSION
+from kdcache.interop.mldr import CONFIG, PIL_CODES, VERSION
 from kdcache.interop.pickles import dump_torch
 
-_PIL_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+_PIL_CODES = {name: code for code, name in PIL_CODES.items()}
 
 
 @dataclass

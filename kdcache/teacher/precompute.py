@@ -27,7 +27,7 @@ from kdcache.cache.integrity import damaged_shards, reopen_shards
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import cache_id, provenance
 from kdcache.cache.roots import alias_name, join, write_alias
-from kdcache.cache.store import Cache, cache_exists, create_cache, limit_codec_threads, open_cache
+from kdcache.cache.store import Cache, check_root, create_cache, limit_codec_threads, open_cache
 from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, InvalidSpec, KdcacheError, MissingData
 from kdcache.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, resolve_precision
@@ -255,9 +255,7 @@ def _unset_flags(cache: Cache) -> list[int]:
 def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
                     specs: list[ArraySpec], repair: bool = False) -> tuple[Cache, str]:
     """The cache at ``cfg.out/<id>``: found (to reuse or resume) or created, and its alias path."""
-    if cache_exists(cfg.out):
-        raise InvalidSpec(f"--out {cfg.out} is itself a cache; --out is the root folder caches are kept under "
-                          "— pass its parent folder")
+    check_root(cfg.out)
     wanted = cache_id(manifest)
     path = join(cfg.out, wanted)
     try:
