@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test test-fast bench docs clean
+.PHONY: quickstart test test-fast wheel-check bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
+
+wheel-check: $(STAMP)
+	.ci/wheel-check $(BIN)/python
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not s3"

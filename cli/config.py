@@ -12,7 +12,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from kdcache.errors import InvalidSpec, MissingData, MissingDependency
+from kdcache.errors import InvalidSpec, MissingData
+from kdcache.extras import require
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -21,10 +22,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise MissingData(f"config file {path} not found — check the path given to --config")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise MissingDependency("YAML config files need PyYAML — pip install pyyaml, or use TOML") from None
+        yaml = require("yaml", "yaml", "YAML config files (or use TOML)")
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

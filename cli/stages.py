@@ -144,13 +144,14 @@ def train(
     label_noise: Annotated[float, typer.Option(help="Fraction of training labels replaced by another class (seeded; 0: none).")] = TrainConfig.label_noise,
     imbalance: Annotated[float, typer.Option(help="Long-tailed training split with this n_max/n_min ratio (seeded; 1: all samples).")] = TrainConfig.imbalance,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = TrainConfig.seed,
-    size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size).")] = TrainConfig.size,
+    size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size, at which the student renders the teacher's very pixels).")] = TrainConfig.size,
+    interpolation: Annotated[Optional[str], typer.Option(help="Resize of the student's views: bilinear, bicubic or nearest (default: the interpolation the cache records for its teacher; bilinear without a cache).")] = TrainConfig.interpolation,
     norm: Annotated[Optional[str], typer.Option(help="Student normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the dataset's statistics).")] = TrainConfig.norm,
     augment: Annotated[str, typer.Option(help="Recipe without a cache (a cache replays its own).")] = TrainConfig.augment,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading and rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = TrainConfig.workers,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = TrainConfig.device,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars, and no first line on the views.")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP + " DDP; --batch-size is per process.")] = 1,
     extra_views: Annotated[bool, typer.Option("--extra-views", help="Also train on the cache's energy-guided extra mixed views (precompute --extra-views), one per chosen sample per epoch.")] = TrainConfig.extra_views,
     he_da: Annotated[bool, typer.Option("--he-da", hidden=True, help="Old name of --extra-views (kept for one release).")] = False,
@@ -164,7 +165,7 @@ def train(
         teacher_weights=weights, class_map=class_map, norm=norm, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, precision=precision, compile=compile, label_noise=label_noise, imbalance=imbalance,
-        seed=seed, size=size, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
+        seed=seed, size=size, interpolation=interpolation, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
         extra_views=extra_views or he_da)
     cfg.validate()  # before torch is imported: a wrong value is reported at once
     checks.at_least("--nproc", nproc, 1)
@@ -179,7 +180,7 @@ def train(
     if distributed.is_main():
         _save_run_config(out, options)
     try:
-        result = run(cfg)
+        result = run(cfg, on_start=lambda r: _say_views(r, quiet))
     except BaseException:
         if written and not (out / "checkpoint.pt").exists():  # nothing to resume: leave nothing behind
             (out / "run.toml").unlink(missing_ok=True)
@@ -193,6 +194,14 @@ def train(
     final = result.final
     typer.echo(f"{model} on {dataset}: test top-1 {final['test_top1']:.2f}%  top-5 {final['test_top5']:.2f}%  "
                f"ECE {final['test_ece']:.4f}  → {out / 'model.pt'}")
+
+
+def _say_views(run, quiet: bool) -> None:
+    """train's first line: what the student renders of the cache's views."""
+    from kdcache.student.train import describe_views
+
+    if run.rank == 0 and not quiet and (views := describe_views(run)):
+        typer.echo(views, err=True)
 
 
 @app.command("eval")

@@ -7,7 +7,8 @@ over the P pairs of written shards (regular views first, then extra views, in ro
 
 1. the params are sampled afresh from (seed, i, v) and must equal the stored ``aug/*`` rows bit for
    bit — a difference names the field and its op (a tampered row, or an op that samples differently);
-2. the view is replayed from the *stored* params, as training would replay it, and the teacher is
+2. the view is replayed from the *stored* params through the student's path (``ViewReplay``: the teacher's
+   size, interpolation and decode; the teacher's normalisation), and the teacher is
    rerun on it in float32; every cached output must match within the tolerance below — a difference
    names the array (a tampered value, or an op that renders differently).
 
@@ -40,7 +41,7 @@ from kdcache.runtime import pick_device
 from kdcache.teacher.ensemble import load_recorded
 from kdcache.teacher.outputs import topk_log_probs
 from kdcache.teacher.passes import PassOutput, ViewBatch, run_teacher
-from kdcache.views import Renderer, recorded_decode
+from kdcache.views import ViewReplay
 
 EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23}
 
@@ -96,6 +97,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
     dev = pick_device(device)
     teacher = teacher.to(dev)
     rec = cache.manifest["recipe"]
+    teacher_pre = Preprocess.from_manifest(rec)  # the student's path (ViewReplay) with the teacher's normalisation
     report = Replay(cache.path, cache.id, 0, seed)
     for vset, rows, views in pick_pairs(view_sets(cache), n, seed):
         batches = []
@@ -103,7 +105,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
             r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
             stored = {name: cache.read_views(f"{vset.prefix}aug/{name}", r, v) for name in vset.recipe.fields()}
             batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
-        renderer = Renderer.for_model(source.train, vset.recipe, Preprocess.from_manifest(rec), recorded_decode(rec))
+        renderer = ViewReplay.of(rec).renderer(source.train, vset.recipe, teacher_pre.mean, teacher_pre.std)
         for out in run_teacher(teacher, renderer, batches, cache.manifest["outputs"], seed=int(rec["seed"]),
                                num_samples=cache.num_samples, device=dev):
             report.problems += _check_batch(cache, vset, out)

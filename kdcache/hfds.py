@@ -20,7 +20,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from kdcache.errors import DataCorrupt, InvalidSpec, MissingData, MissingDependency
+from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
+from kdcache.extras import require
 from kdcache.image_sets import (
     UNDECODABLE,
     ImageSet,
@@ -52,10 +53,7 @@ def _datasets():
     """The datasets package, imported offline (it reads these at import; a value the user set is kept)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import datasets
-    except ImportError:
-        raise MissingDependency("hfds: datasets need the datasets package — pip install 'kdcache[hfds]'") from None
+    datasets = require("datasets", "hfds", "hfds: data")
     return datasets
 
 

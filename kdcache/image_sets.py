@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.errors import MissingDependency
+from kdcache.extras import require
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -83,10 +83,7 @@ def decode_bytes(data: bytes, mode: str, reduce: Reduce | None = None) -> torch.
 
 
 def _scaled_jpeg(data: bytes, mode: str, reduce: Reduce) -> torch.Tensor | None:
-    try:
-        import simplejpeg
-    except ImportError:
-        raise MissingDependency("decode reduced needs simplejpeg — pip install 'kdcache[decode]'") from None
+    simplejpeg = require("simplejpeg", "decode", "--decode reduced")
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         min_width, min_height = reduce(width, height)

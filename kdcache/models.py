@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import InvalidSpec, MissingData, MissingDependency, WeightsMismatch
+from kdcache.extras import require
 
 # ---------------------------------------------------------------------------------------------
 # Built-in networks
@@ -223,10 +224,7 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise MissingDependency(f"model timm:{name} needs timm — pip install 'kdcache[timm]' (or timm)") from None
+    timm = require("timm", "timm", f"model timm:{name}")
     if not timm.is_model(name):
         raise InvalidSpec(f"unknown timm model {name!r} — see timm.list_models()")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
@@ -293,13 +291,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     how = "save it with torch.save(model.state_dict(), path)"
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
+            obj = require("safetensors.torch", "timm", f"weights file {path} (safetensors)").load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise MissingDependency(f"weights file {path} is safetensors — pip install safetensors") from None
+    except MissingDependency:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise WeightsMismatch(f"cannot read weights file {path}: {_reason(e)} — {how}") from None
     for key in ("state_dict", "model"):

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache.store import Cache
-from kdcache.errors import CacheMismatch, InvalidSpec, MissingData, MissingDependency
+from kdcache.errors import CacheMismatch, InvalidSpec, MissingData
+from kdcache.extras import require
 
 # Settings that do not change what a run computes, or that differ on purpose between repeats.
 _NOT_A_SETTING = {"out", "seed", "resume", "progress", "workers", "device", "online_teacher_sha256", "train_samples"}
@@ -103,11 +104,8 @@ def summary_table(runs: Sequence[Run]) -> str:
 
 
 def _figure(width: float, height: float, panels: int):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MissingDependency("kdcache report needs matplotlib for plots — pip install 'kdcache[plots]'") from None
-    figure = Figure(figsize=(width, height), layout="constrained")
+    plots = require("matplotlib.figure", "plots", "kdcache report's plots")
+    figure = plots.Figure(figsize=(width, height), layout="constrained")
     return figure, figure.subplots(1, panels, squeeze=False)[0]
 
 
@@ -173,6 +171,7 @@ def plot_energy(cache: Cache, path: Path, quantiles: tuple[float, float] = (0.2,
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, cache: Cache | None = None) -> list[Path]:
     """Write runs.md (tables), curves.png and, with a cache, energy.png into ``out``; return their paths."""
     runs = load_runs(run_dirs)
+    _figure(1, 1, 1)  # matplotlib is there before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tables = out / "runs.md"

@@ -28,6 +28,56 @@ def recorded_decode(recipe: Mapping[str, object]) -> str:
     return str(recipe.get("decode", "full"))
 
 
+@dataclass(frozen=True)
+class ViewReplay:
+    """How a reader renders a cache's recorded views: the student's loader and trainer, the Python
+    ``loader`` and ``verify --recompute`` all go through it, so a renderer that drifts on one side fails
+    verification.
+
+    At the teacher's size it is the teacher's view: the same crop, interpolation, antialiasing and
+    decode. At another ``size`` it resizes the same crop with the recorded interpolation, unless the
+    reader names its own. Normalisation is each model's own and is not part of it.
+    """
+
+    size: int
+    interpolation: str
+    decode: str
+    teacher_size: int
+    teacher_interpolation: str
+
+    @classmethod
+    def of(cls, recipe: Mapping[str, object], size: int | None = None, interpolation: str | None = None) -> ViewReplay:
+        """The replay of the views a cache's ``recipe`` section records, at ``size`` with ``interpolation``
+        (default: the teacher's)."""
+        teacher = Preprocess.from_manifest(recipe)
+        chosen = Preprocess(teacher.mean, teacher.std, teacher.size, interpolation or teacher.interpolation)
+        return cls(int(size or teacher.size), chosen.interpolation, recorded_decode(recipe), int(teacher.size),
+                   teacher.interpolation)
+
+    @property
+    def equals_teacher(self) -> bool:
+        """True when every pixel is the one the teacher saw (before each model's normalisation)."""
+        return self.size == self.teacher_size and self.interpolation == self.teacher_interpolation
+
+    def describe(self) -> str:
+        """One line for ``train``'s start: what the student renders and whether it is the teacher's view."""
+        what = f"{self.size} px, {self.interpolation}, {self.decode} decode"
+        if self.equals_teacher:
+            return f"views: the teacher's own ({what})"
+        return (f"views: the teacher's crops at {what} — not the teacher's pixels (it rendered "
+                f"{self.teacher_size} px, {self.teacher_interpolation})")
+
+    def to_record(self) -> dict[str, object]:
+        """run.json's ``views``."""
+        return {"size": self.size, "interpolation": self.interpolation, "decode": self.decode,
+                "equals_teacher": self.equals_teacher}
+
+    def renderer(self, images: ImageSet, recipe: Recipe, mean: Sequence[float], std: Sequence[float],
+                 crop_pct: float = DEFAULT_CROP_PCT) -> Renderer:
+        """The renderer of these views, normalised with ``mean`` and ``std``."""
+        return Renderer(images, recipe, self.size, mean, std, self.interpolation, crop_pct, self.decode)
+
+
 def reduction(width: int, height: int, box: Sequence[float], size: int) -> tuple[int, int]:
     """The smallest (width, height) a decode of a width x height image may have so that the crop ``box``
     (normalised) keeps ``size`` pixels on both sides: the view is then a downscale still."""

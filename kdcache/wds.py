@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
+from kdcache.locations import filesystem
 from kdcache.image_sets import (
     UNDECODABLE,
     ImageSet,
@@ -92,17 +93,11 @@ def _sibling_split(pattern: str) -> tuple[str, ...]:
     at = pattern.rfind("train")
     for name in ("val", "test"):
         if at >= 0:
-            fs, path = _fs(re.sub(r"\{[^{}]*\}", "*", pattern[:at] + name + pattern[at + 5:]))
+            fs, path = filesystem(re.sub(r"\{[^{}]*\}", "*", pattern[:at] + name + pattern[at + 5:]))
             found = sorted(fs.glob(path))
             if found:
                 return tuple(p if "://" not in pattern else fs.unstrip_protocol(p) for p in found)
     raise MissingData(f"no val shards for wds:{pattern} — name them with ?val=PATTERN (e.g. val-{{000..003}}.tar)")
-
-
-def _fs(url: str) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
 
 
 @dataclass
@@ -130,7 +125,7 @@ class ShardIndex:
 
 
 def _exists(url: str) -> bool:
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     return fs.exists(path)
 
 
@@ -149,7 +144,7 @@ def index_dir() -> Path:
 
 def _version(url: str) -> str:
     """What changes when a shard does: its size and its ETag (object stores) or modification time."""
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -196,7 +191,7 @@ def scan(urls: tuple[str, ...], image_keys: tuple[str, ...], label_key: str) -> 
 
 def _scan_shard(url: str, image_keys: tuple[str, ...], label_key: str) -> list[tuple[str, int, int, int]]:
     """(key, image offset, image size, label) of each sample of one shard, in member order."""
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     last, end = "its first member", 0
@@ -265,7 +260,7 @@ class ShardReader:
         if f is None:
             if len(self._files) >= 4:  # an epoch moves through the shards: keep the few in use open
                 self._files.pop(next(iter(self._files))).close()
-            fs, path = _fs(self.urls[shard])
+            fs, path = filesystem(self.urls[shard])
             f = self._files[shard] = fs.open(path, "rb", block_size=self.READAHEAD, cache_type="readahead")
         f.seek(offset)
         return f.read(size)
@@ -343,8 +338,8 @@ class WdsImageSet(ImageSet):
                 runs[-1][3].append(i)
             else:
                 runs.append([index.shard[i], start, end, [i]])
-        fs, _ = _fs(index.urls[0])
-        paths = [_fs(index.urls[int(shard)])[1] for shard, *_ in runs]
+        fs, _ = filesystem(index.urls[0])
+        paths = [filesystem(index.urls[int(shard)])[1] for shard, *_ in runs]
         blobs = fs.cat_ranges(paths, [r[1] for r in runs], [r[2] for r in runs])
         for (_, start, _, members), blob in zip(runs, blobs):
             for i in members:

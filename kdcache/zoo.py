@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from kdcache import models
-from kdcache.errors import InvalidSpec, MissingData, MissingDependency
+from kdcache.errors import InvalidSpec, MissingData
+from kdcache.extras import require
 from kdcache.preprocess import DEFAULT_CROP_PCT, Preprocess
 
 PRETRAINED = "pretrained"
@@ -166,10 +167,7 @@ def hub_cache() -> Path:
 
 
 def _timm(spec: str, name: str) -> LoadedModel:
-    try:
-        import timm
-    except ImportError:
-        raise MissingDependency(f"model {spec} needs timm — pip install 'kdcache[timm]'") from None
+    timm = require("timm", "timm", f"model {spec}")
     if not timm.is_model(name):
         raise InvalidSpec(f"unknown timm model {name!r} — see timm.list_models()")
     if not timm.is_model_pretrained(name):
@@ -230,10 +228,7 @@ class HFClassifier(nn.Module):
 
 
 def _huggingface(spec: str, path: str) -> LoadedModel:
-    try:
-        import transformers
-    except ImportError:
-        raise MissingDependency(f"model {spec} needs transformers — pip install 'kdcache[hf]'") from None
+    transformers = require("transformers", "hf", f"model {spec}")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     folder = _hf_folder(spec, path)

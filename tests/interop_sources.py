@@ -51,8 +51,8 @@ MLDR_NAMES = ("uint8", "resize", "center_crop", "random_crop", "random_resized_c
 MLDR_NO_PARAM = ("uint8", "center_crop", "to_tensor", "normalize")
 
 
-def mldr_config(mix: str | None, erase: bool, views: int, k: int) -> dict[str, Any]:
-    aug: dict[str, Any] = {"random_resized_crop": {"size": SIZE, "scale": [0.25, 1.0]},
+def mldr_config(mix: str | None, erase: bool, views: int, k: int, interpolation: int = 2) -> dict[str, Any]:
+    aug: dict[str, Any] = {"random_resized_crop": {"size": SIZE, "scale": [0.25, 1.0], "interpolation": interpolation},
                            "random_horizontal_flip": {"p": 0.5}, "to_tensor": {},
                            "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
     if erase:
@@ -101,9 +101,9 @@ def compress(params: dict[str, Any], names: list[str]) -> list[Any]:
 
 
 def write_mldr(folder: Path, src: Path, mix: str | None = None, erase: bool = False, views: int = 3, k: int = 3,
-               compressed: bool = True, seed: int = 0) -> dict[str, Any]:
+               compressed: bool = True, seed: int = 0, interpolation: int = 2) -> dict[str, Any]:
     """A reinforcement of ``folder``'s train split by ml-dr's rules; returns the config."""
-    config = mldr_config(mix, erase, views, k)
+    config = mldr_config(mix, erase, views, k, interpolation)
     config["reinforce"]["compress"] = compressed
     names = names_of(config)
     ds = torchvision.datasets.ImageFolder(str(folder / "train"))
@@ -184,7 +184,8 @@ def mldr_view(folder: Path, src: Path, index: int, view: int, size: int = SIZE) 
                  if name in params}
         if given.get("random_resized_crop") is not None:
             i, j, h, w = given["random_resized_crop"]
-            x = F.resized_crop(x, i, j, h, w, [size, size], interpolation=T.InterpolationMode.BILINEAR)
+            mode = config["reinforce"]["image_augmentation"]["random_resized_crop"].get("interpolation", 2)
+            x = F.resized_crop(x, i, j, h, w, [size, size], interpolation=F._interpolation_modes_from_int(mode))
         if given.get("random_horizontal_flip"):
             x = F.hflip(x)
         x = F.to_tensor(x)

@@ -78,7 +78,7 @@ def test_imports_point_one_way_between_the_packages():
         "kdcache.student": ("kdcache.teacher", "kdcache.audit"),
         "kdcache.teacher": ("kdcache.student", "kdcache.audit"),
     }
-    floor = ("kdcache.errors", "kdcache.checks", "kdcache.dataset_specs", "kdcache.data", "kdcache.fake",
+    floor = ("kdcache.errors", "kdcache.checks", "kdcache.extras", "kdcache.locations", "kdcache.dataset_specs", "kdcache.data", "kdcache.fake",
              "kdcache.image_sets", "kdcache.wds", "kdcache.hfds",
              "kdcache.models",
              "kdcache.zoo", "kdcache.preprocess", "kdcache.class_map", "kdcache.augment", "kdcache.views",

@@ -48,8 +48,8 @@ def test_bad_norm_is_one_line(text, channels, expected):
 
 
 def test_teacher_and_student_each_render_the_stored_view_their_own_way(tmp_path, folder):
-    """A bicubic, CLIP-normalised 35 px HF teacher and a bilinear, inception-normalised 20 px student:
-    for the same stored params each input is its own model's rendering."""
+    """A bicubic, CLIP-normalised 35 px HF teacher and an inception-normalised 20 px student: for the same
+    stored params each input is its own model's rendering, both resized with the teacher's bicubic."""
     teacher = hf_classifier(tmp_path / "tiny", num_labels=5)
     cmap = tmp_path / "map.txt"
     cmap.write_text("class4\nclass0\nclass2\n")
@@ -69,7 +69,7 @@ def test_teacher_and_student_each_render_the_stored_view_their_own_way(tmp_path,
         teacher_view = recipe.apply(image, params, 35, interpolation="bicubic")
         row = i * 2 + v  # precompute runs the views of each sample in order: one batch holds them all
         assert torch.equal(torch.cat(seen)[row], _normalised(teacher_view, *clip))
-        student_view = recipe.apply(image, params, 20)
+        student_view = recipe.apply(image, params, 20, interpolation="bicubic")
         assert torch.equal(batch["input"][j], _normalised(student_view, (0.5,) * 3, (0.5,) * 3))
 
 

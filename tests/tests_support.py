@@ -12,7 +12,8 @@ import torch
 from kdcache_cli.main import main
 
 from kdcache import models
-from kdcache.cache.lock import INFO_SUFFIX, LockInfo, is_local, lock_path, read_lock
+from kdcache.cache.lock import INFO_SUFFIX, LockInfo, lock_path, read_lock
+from kdcache.locations import is_remote
 from kdcache.teacher.config import PrecomputeConfig
 
 
@@ -63,6 +64,6 @@ def forge_stale_lock(path: str) -> None:
     """Make the lock of ``path`` look like one whose writer stopped beating two minutes ago."""
     info = read_lock(path)
     stale = LockInfo(info.owner, info.host, info.pid, info.started - 120, info.heartbeat - 120, info.token)
-    target = lock_path(path) + (INFO_SUFFIX if is_local(path) else "")
+    target = lock_path(path) + ("" if is_remote(path) else INFO_SUFFIX)
     fs, fpath = fsspec.core.url_to_fs(target)
     fs.pipe_file(fpath, stale.to_json())

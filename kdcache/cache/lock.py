@@ -30,6 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 
 from kdcache.errors import CacheLocked
+from kdcache.locations import filesystem, is_remote
 
 LOCK_SUFFIX = ".lock"  # the lock of ROOT/<id> is ROOT/<id>.lock
 INFO_SUFFIX = ".json"  # the sidecar of a local lock: ROOT/<id>.lock.json
@@ -81,11 +82,6 @@ def _me() -> LockInfo:
 
 def _unknown(when: float) -> LockInfo:
     return LockInfo("unknown", "unknown-host", 0, when, when, "")
-
-
-def is_local(path: str) -> bool:
-    """Whether ``path`` is a local (or NFS-mounted) path rather than an fsspec URL."""
-    return "://" not in path or path.startswith("file://")
 
 
 def lock_path(path: str) -> str:
@@ -209,9 +205,7 @@ class _ObjectBackend:
     """A lock object ``<cache>.lock`` on an fsspec filesystem, created only if absent."""
 
     def __init__(self, path: str):
-        import fsspec
-
-        self.fs, self.lock_path = fsspec.core.url_to_fs(lock_path(path))
+        self.fs, self.lock_path = filesystem(lock_path(path))
 
     def read(self) -> LockInfo | None:
         self.fs.invalidate_cache(self.lock_path)  # listings cached by the filesystem may predate the lock
@@ -275,7 +269,7 @@ def read_lock(path: str) -> LockInfo | None:
     For a local path this says who last wrote the sidecar; a writer that died leaves its sidecar
     behind only if it was killed, and then its heartbeat is old.
     """
-    backend = _LocalBackend(path) if is_local(path) else _ObjectBackend(path)
+    backend = _LocalBackend(path) if not is_remote(path) else _ObjectBackend(path)
     return backend.read()
 
 
@@ -293,7 +287,7 @@ class WriterLock:
         self.path = str(path)
         self.wait, self.break_stale, self.stale_after = wait, break_stale, stale_after
         self.heartbeat, self.poll = heartbeat, poll
-        self._backend = _LocalBackend(self.path) if is_local(self.path) else _ObjectBackend(self.path)
+        self._backend = _LocalBackend(self.path) if not is_remote(self.path) else _ObjectBackend(self.path)
         self._me: LockInfo | None = None
         self._lost: LockInfo | None = None
         self._stop = threading.Event()

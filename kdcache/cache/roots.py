@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping
 
 from kdcache.errors import MissingData
+from kdcache.locations import filesystem
 
 ALIAS_KIND = "alias"
 ALIAS_VERSION = 1
@@ -24,12 +25,6 @@ def alias_name(manifest: Mapping[str, Any], cid: str) -> str:
 
     teacher = "+".join(safe(m["spec"]) for m in manifest["teacher"]["members"])
     return f"{safe(manifest['dataset']['spec'])}-{teacher}-k{manifest['recipe']['views']}-{cid[:8]}"
-
-
-def _fs(path: str):
-    import fsspec  # a dependency of torch
-
-    return fsspec.core.url_to_fs(path)
 
 
 def join(root: str, name: str) -> str:
@@ -46,7 +41,7 @@ def _parent(path: str) -> str:
 def read_alias(path: str) -> str | None:
     """The cache id an alias file at ``path`` names, or None when ``path`` is not an alias."""
     try:
-        fs, fpath = _fs(path)
+        fs, fpath = filesystem(path)
         if not fs.isfile(fpath) or fs.size(fpath) > 65536:
             return None
         ref = json.loads(fs.cat_file(fpath))
@@ -66,7 +61,7 @@ def resolve(path: str) -> str:
 def write_alias(root: str, alias: str, cid: str) -> str:
     """Record ``ROOT/<alias>`` -> ``ROOT/<cid>`` unless that alias already exists; return its path."""
     path = join(root, alias)
-    fs, fpath = _fs(path)
+    fs, fpath = filesystem(path)
     if not fs.exists(fpath):
         body = json.dumps({"kdcache": ALIAS_KIND, "format_version": ALIAS_VERSION, "cache_id": cid}, indent=1)
         fs.pipe_file(fpath, body.encode())
@@ -85,7 +80,7 @@ def publish_aliases(path: str, manifest: Mapping[str, Any]) -> list[str]:
 
 def scan_root(root: str) -> tuple[list[str], dict[str, list[str]]]:
     """Every sub-folder of ``root`` (candidate caches) and, per cache id, the alias paths naming it."""
-    fs, froot = _fs(root)
+    fs, froot = filesystem(root)
     try:
         entries = fs.ls(froot, detail=True)
     except FileNotFoundError as exc:
@@ -102,7 +97,7 @@ def scan_root(root: str) -> tuple[list[str], dict[str, list[str]]]:
 
 def disk_usage(path: str) -> int:
     """Bytes of every object under ``path``."""
-    fs, fpath = _fs(path)
+    fs, fpath = filesystem(path)
     return int(fs.du(fpath, total=True))
 
 

@@ -13,6 +13,8 @@ import zarr
 import zarr.storage
 from zarr.core.sync import sync
 
+from kdcache.locations import is_remote, local_path, require_driver
+
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
 
@@ -20,17 +22,12 @@ STATUS_ARRAY = "status/shards"
 NO_GROUP = (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
 
 
-def is_url(path: str) -> bool:
-    """Whether ``path`` names an fsspec URL other than a local ``file://`` one."""
-    return "://" in path and not path.startswith("file://")
-
-
 def open_store(path: str, read_only: bool) -> zarr.abc.store.Store:
     """The Zarr store of a local folder or an fsspec URL."""
-    if is_url(path):
+    if is_remote(path):
+        require_driver(path)
         return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options(path), read_only=read_only)
-    local = path.removeprefix("file://")
-    return zarr.storage.LocalStore(local, read_only=read_only)
+    return zarr.storage.LocalStore(local_path(path), read_only=read_only)
 
 
 def storage_options(url: str) -> dict[str, Any] | None:
@@ -40,6 +37,7 @@ def storage_options(url: str) -> dict[str, Any] | None:
     if url.startswith(("s3://", "s3a://")):
         import inspect
 
+        require_driver(url)
         import s3fs
 
         if "max_concurrency" in inspect.signature(s3fs.S3FileSystem.__init__).parameters:

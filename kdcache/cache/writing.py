@@ -26,9 +26,10 @@ from kdcache.cache.arrays import (
 )
 from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.manifest import cache_id
-from kdcache.cache.storage import MANIFEST_KEY, STATUS_ARRAY, is_url, open_group
+from kdcache.cache.storage import MANIFEST_KEY, STATUS_ARRAY, open_group
 from kdcache.cache.stored import StoredCache
 from kdcache.errors import CacheCorrupt
+from kdcache.locations import is_remote
 
 
 class CacheWriter(StoredCache):
@@ -95,7 +96,7 @@ class CacheWriter(StoredCache):
     def remove_partial_files(self) -> int:
         """Delete the ``*.partial`` files a killed writer left in a local cache (Zarr writes each chunk to
         one and renames it); only the writer holding the lock may call this. Returns how many."""
-        if is_url(self.path):
+        if is_remote(self.path):
             return 0  # object stores write whole objects: nothing is left half-written
         removed = 0
         for folder, _, files in os.walk(self.path.removeprefix("file://")):

@@ -10,7 +10,7 @@ from typing import Any
 
 from kdcache import checks, dataset_specs
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import parse_norm
+from kdcache.preprocess import INTERPOLATIONS, parse_norm
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainConfig:
     imbalance: float = 1.0  # long-tail imbalance factor n_max/n_min of the kept training split; 1 = all
     seed: int = 0
     size: int | None = None  # student input side; default: the cache's teacher size or the data's
+    interpolation: str | None = None  # resize of the student's views; default: the cache's recorded one (bilinear without)
     norm: str | None = None  # student normalisation: dataset (default) | imagenet | clip | inception | M,M,M/S,S,S
     augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
     workers: int | None = None  # None: see kdcache.runtime.loader_workers
@@ -71,6 +72,8 @@ class TrainConfig:
         checks.at_least("--imbalance", self.imbalance, 1)
         checks.seed(self.seed)
         checks.positive("--size", self.size)
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise InvalidSpec(f"--interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         checks.at_least("--workers", self.workers, 0)
         checks.device(self.device)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

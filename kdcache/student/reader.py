@@ -24,7 +24,7 @@ from kdcache import data, distributed, preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.store import Cache, open_cache
 from kdcache.student.targets import CacheTargets
-from kdcache.views import Renderer, recorded_decode, row
+from kdcache.views import Renderer, ViewReplay, row
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ class TeacherViews(TrainViews):
 def loader(
     cache: str | Cache, dataset: str, *, size: int | None = None, batch_size: int = 128, rank: int | None = None,
     world: int | None = None, workers: int = 0, energy: bool = False, features: Sequence[str] = (),
-    pin_memory: bool = False, norm: str | None = None,
+    pin_memory: bool = False, norm: str | None = None, interpolation: str | None = None,
 ) -> DataLoader:
     """A DataLoader over one epoch of a cache's views, for any training loop.
 
@@ -335,7 +335,8 @@ def loader(
     "partner_label", "lam"}``; ``teacher`` holds ``logits`` (float32, dense caches) or ``probs`` (float32,
     densified, sparse caches), ``energy`` [B, nT] with ``energy=True``, and ``features[layer]`` for each
     cached layer named in ``features``. Inputs are the cache's recorded views replayed at ``size`` (default:
-    the teacher's input size), normalised with ``norm`` (kdcache.preprocess presets or M,M,M/S,S,S; default:
+    the teacher's input size: the teacher's very pixels) with ``interpolation`` (default: the teacher's,
+    kdcache.views.ViewReplay), normalised with ``norm`` (kdcache.preprocess presets or M,M,M/S,S,S; default:
     the dataset's statistics). Each rank of ``world`` (default:
     this process's, see kdcache.distributed) reads its own blocks. Call ``loader.dataset.set_epoch(e)``
     before epoch ``e``, as with a ``DistributedSampler``: each epoch replays another stored view per sample.
@@ -346,9 +347,9 @@ def loader(
     cache.check_readable()
     own_rank, own_world = distributed.rank_world()
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
-    side = size or int(cache.manifest["recipe"]["input_size"])
-    pre = preprocess.resolve(None, source.mean, source.std, source.channels, side, norm)
-    renderer = Renderer.for_model(source.train, recipe, pre, recorded_decode(cache.manifest["recipe"]))
+    views = ViewReplay.of(cache.manifest["recipe"], size, interpolation)
+    pre = preprocess.resolve(None, source.mean, source.std, source.channels, views.size, norm)
+    renderer = views.renderer(source.train, recipe, pre.mean, pre.std)
     stream = TeacherViews(renderer, source.train.labels, cache.chunk_samples, int(cache.manifest["recipe"]["seed"]),
                           cache.path, views=cache.views, rank=own_rank if rank is None else rank,
                           world=own_world if world is None else world, batch_size=batch_size,

@@ -30,7 +30,7 @@ from kdcache.student.extra_views import with_extra_views
 from kdcache.student.online import OnlineTeacher, check_online
 from kdcache.student.reader import TrainViews
 from kdcache.student.targets import CacheTargets, StudentFeatures, layer_pairs, teacher_inputs
-from kdcache.views import Renderer, recorded_decode
+from kdcache.views import Renderer, ViewReplay
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -77,6 +77,7 @@ class Run:
             "loss": self.criterion.name, "hparams": dict(self.criterion.hparams), "size": self.pre.size,
             "train_samples": len(self.stream), "preprocess": self.pre.to_manifest(), "precision": self.precision,
             "cache_id": self.cache.id if self.cache else None,
+            "views": views.to_record() if (views := student_views(self.cfg, self.cache)) else None,
             "online_teacher_sha256": self.online.sha256 if self.online else None,
         }
 
@@ -120,11 +121,23 @@ def criterion_for(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
     return criterion
 
 
+def student_views(cfg: TrainConfig, cache: Cache | None) -> ViewReplay | None:
+    """How the student renders the cache's recorded views (None without a cache): the teacher's own
+    view at its size, else its crops at ``--size`` with ``--interpolation`` or the recorded one."""
+    if cache is None:
+        return None
+    return ViewReplay.of(cache.manifest["recipe"], cfg.size, cfg.interpolation)
+
+
 def student_preprocess(cfg: TrainConfig, source: data.Source, cache: Cache | None) -> Preprocess:
-    """The student's preprocessing: ``--norm`` (else the dataset's statistics) at ``--size`` (else the
-    cache's teacher size, else the images' side); bilinear, with the default evaluation crop."""
-    size = cfg.size or (int(cache.manifest["recipe"]["input_size"]) if cache is not None else source.image_size)
-    return preprocess.resolve(None, source.mean, source.std, source.channels, size, cfg.norm)
+    """The student's preprocessing: ``--norm`` (else the dataset's statistics) at the size and
+    interpolation of :func:`student_views` (without a cache: ``--size`` else the images' side, and
+    ``--interpolation`` else bilinear), with the default evaluation crop."""
+    views = student_views(cfg, cache)
+    size = views.size if views is not None else cfg.size or source.image_size
+    interpolation = views.interpolation if views is not None else cfg.interpolation or "bilinear"
+    pre = preprocess.resolve(None, source.mean, source.std, source.channels, size, cfg.norm)
+    return dataclasses.replace(pre, interpolation=interpolation)
 
 
 def training_labels(cfg: TrainConfig, source: data.Source) -> tuple[np.ndarray, np.ndarray | None]:
@@ -237,8 +250,9 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
     else:
         recipe, seed, views, block = Recipe.parse(cfg.augment), cfg.seed, None, 256
     labels, kept = training_labels(cfg, source)
-    renderer = Renderer.for_model(source.train, recipe, pre,
-                                  recorded_decode(cache.manifest["recipe"]) if cache is not None else "full")
+    replay = student_views(cfg, cache)
+    renderer = (replay.renderer(source.train, recipe, pre.mean, pre.std, pre.crop_pct) if replay is not None
+                else Renderer.for_model(source.train, recipe, pre))
     keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
     stream = TrainViews(renderer, labels, block, seed, cfg.cache, targets.arrays() if targets else [], views,
                         batch_size=cfg.batch_size, keep=keep, rank=rank, world=world)

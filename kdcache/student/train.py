@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,9 +19,9 @@ from kdcache.student import checkpoint
 from kdcache.student.config import TrainConfig
 from kdcache.student.epoch import RunningSums, train_one_epoch
 from kdcache.student.evaluate import evaluate
-from kdcache.student.setup import Run, check, set_up
+from kdcache.student.setup import Run, check, set_up, student_views
 
-__all__ = ["TrainResult", "check", "evaluate_epoch", "train"]
+__all__ = ["TrainResult", "check", "describe_views", "evaluate_epoch", "train"]
 
 
 @dataclasses.dataclass
@@ -35,10 +35,13 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else {}
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run stage 2 as ``cfg`` says; writes model.pt, checkpoint.pt, metrics.jsonl, run.json to ``cfg.out``."""
+def train(cfg: TrainConfig, on_start: Callable[[Run], None] | None = None) -> TrainResult:
+    """Run stage 2 as ``cfg`` says; writes model.pt, checkpoint.pt, metrics.jsonl, run.json to ``cfg.out``.
+    ``on_start`` is called with the set-up run before the first step (the CLI says what the views are)."""
     fresh = checkpoint.is_fresh(Path(cfg.out))
     run = set_up(cfg)
+    if on_start is not None:
+        on_start(run)
     start_epoch, metrics = checkpoint.start(run)
     with checkpoint.discarded_on_failure(run.out, fresh and run.rank == 0):  # a run that never finished an epoch
         for epoch in range(start_epoch, cfg.epochs):
@@ -47,6 +50,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             if run.rank == 0:
                 checkpoint.save(run, epoch, metrics)
     return TrainResult(str(run.out), metrics, run.model)
+
+
+def describe_views(run: Run) -> str | None:
+    """One line on what the student renders of the cache's views and whether they are the teacher's (None
+    without a cache)."""
+    views = student_views(run.cfg, run.cache)
+    return views.describe() if views is not None else None
 
 
 def evaluate_epoch(run: Run, epoch: int, tally: RunningSums, seconds: float) -> dict[str, Any]:

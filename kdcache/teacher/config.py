@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from kdcache import checks, dataset_specs
 from kdcache.errors import InvalidSpec
+from kdcache.extras import require
 from kdcache.preprocess import parse_norm
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -59,6 +60,8 @@ class PrecomputeConfig:
         checks.device(self.device)
         if self.decode not in ("full", "reduced"):
             raise InvalidSpec(f"--decode {self.decode!r} is not one of full, reduced")
+        if self.decode == "reduced":
+            require("simplejpeg", "decode", "--decode reduced")
         if self.precision not in PRECISIONS:
             raise InvalidSpec(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         checks.output_folder("--out", self.out)

@@ -1,0 +1,52 @@
+"""Where bytes live: a local path or an fsspec URL (``s3://bucket/prefix``, ``memory://``, ``file://``).
+
+The one decision of local or remote for caches, roots, locks and data sources, and the one place that
+turns a URL into a filesystem, so that a missing protocol driver is one line naming what to install.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdcache.errors import InvalidSpec, MissingDependency
+from kdcache.extras import require
+
+#: fsspec protocols whose driver is a kdcache extra: protocol -> (module, extra).
+DRIVERS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3")}
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` names an fsspec URL other than a local ``file://`` one."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """A local path without its ``file://`` prefix."""
+    return str(path).removeprefix("file://")
+
+
+def protocol(path: str) -> str:
+    """The URL's protocol (``file`` for a local path)."""
+    return str(path).split("://", 1)[0].lower() if is_remote(path) else "file"
+
+
+def require_driver(path: str) -> None:
+    """Raise MissingDependency, naming the extra, when the driver of ``path``'s protocol is not installed."""
+    name = protocol(path)
+    if name in DRIVERS:
+        module, extra = DRIVERS[name]
+        require(module, extra, f"{path} ({name.upper()})")
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) of a local path or URL; one line for a protocol that fsspec
+    does not know or whose driver is missing."""
+    import fsspec  # a dependency of torch
+
+    require_driver(path)
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as exc:  # a protocol fsspec knows, its driver not installed
+        raise MissingDependency(f"{path}: {exc} — install the package fsspec names") from None
+    except ValueError as exc:  # "Protocol not known"
+        raise InvalidSpec(f"{path}: {exc} — use a local path or an fsspec URL such as s3://bucket/prefix") from None
