@@ -95,7 +95,7 @@ def decode_rates(folder: Path, reps: int) -> dict[str, Any]:
     kdcache's reduced decode (simplejpeg at M/8), and Pillow's draft (powers of two) for reference."""
     from torchvision.transforms.v2 import functional as F
 
-    from kdcache.image_sets import decode_bytes, decode_image
+    from kdcache.data.decode import decode_bytes, decode_image
     from kdcache.views import reduction
 
     files = [f for f in sorted((folder / "train").glob("*/*.jpg")) if min(Image.open(f).size) >= 400][:400]
@@ -136,14 +136,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.images or (1200 if args.quick else 10_000)
     root = Path(tempfile.mkdtemp(prefix="kdcache-sources-"))
     environment = dict(os.environ)  # the S3 server's credentials and the index folder are this run's only
-    os.environ["KDCACHE_INDEX_DIR"] = str(root / "index")  # the shards' indices go with the run (kdcache/wds.py)
+    os.environ["KDCACHE_INDEX_DIR"] = str(root / "index")  # the shards' indices go with the run (kdcache/data/wds_index.py)
     server = None
     try:
         began = time.perf_counter()
         folder = make_folder(root / "folder", n)
         from kdcache import models
         from kdcache.data import open_source
-        from kdcache.wds import write_shards
+        from kdcache.data.wds_writer import write_shards
 
         write_shards(open_source(f"imagefolder:{folder}"), str(root / "shards"), per_shard=1000)
         shards = len(list((root / "shards").glob("train-*.tar")))

@@ -1,4 +1,4 @@
-"""fake_data: images per second of the ``fake:`` formula (kdcache/fake.py) against torchvision's FakeData,
+"""fake_data: images per second of the ``fake:`` formula (kdcache/data/fake.py) against torchvision's FakeData,
 which it replaced, side by side in one process, on one thread.
 
     python -m benchmarks.fake_data [--quick]
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Clock, device, emit, median, parse_args, table
-from kdcache.fake import fake_images
+from kdcache.data.fake import fake_images
 
 NAME = "fake_data"
 

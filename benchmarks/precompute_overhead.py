@@ -33,7 +33,8 @@ from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec
 from kdcache.cache.store import create_cache, open_cache
 from kdcache.teacher.config import PrecomputeConfig
-from kdcache.teacher.outputs import energy, parse_logits, teacher_targets
+from kdcache.cache.logits import parse_logits
+from kdcache.teacher.outputs import energy, teacher_targets
 from kdcache.teacher.precompute import precompute
 from kdcache.views import Renderer
 

@@ -32,14 +32,8 @@ from kdcache.cache.store import open_cache
 from kdcache.student.config import TrainConfig
 from kdcache.student.train import train
 from kdcache.teacher.config import PrecomputeConfig
-from kdcache.teacher.outputs import (
-    class_uniforms,
-    host_arrays,
-    parse_logits,
-    reduce_feature,
-    target_specs,
-    teacher_targets,
-)
+from kdcache.cache.logits import parse_logits, target_specs
+from kdcache.teacher.outputs import class_uniforms, host_arrays, reduce_feature, teacher_targets
 from kdcache.teacher.precompute import precompute
 
 NAME = "storage"

@@ -15,6 +15,14 @@ app = typer.Typer(
 )
 
 
+#: The options every cache writer takes (precompute, import, extend: kdcache/cache/claim.py), said once.
+WAIT_HELP = "If another writer holds this cache, wait for it (polls every second) instead of stopping."
+REBUILD_HELP = ("Delete whatever lies at OUT/<cache id> (a cache whose manifest, labels or array metadata is damaged) "
+                "and write it anew.")
+BREAK_LOCK_HELP = ("Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is "
+                   "never removed.")
+
+
 def fail(message: str) -> None:
     """Print ``Error: <message>`` on one line to stderr and exit with status 2."""
     typer.echo(f"Error: {message}", err=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from kdcache_cli.app import app
+from kdcache_cli.app import BREAK_LOCK_HELP, REBUILD_HELP, WAIT_HELP, app
 
 from kdcache.interop import EXPORT_FORMATS, IMPORT_FORMATS
 
@@ -29,10 +29,15 @@ def import_cache(
     source_config: Annotated[str | None, typer.Option(help="tinyvit only: the config.json save_logits.py wrote (it says "
                                                     "which augmentation the seeds drew).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help=REBUILD_HELP)] = False,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help=BREAK_LOCK_HELP)] = False,
 ) -> None:
+    from kdcache.cache.claim import ClaimOptions
     from kdcache.interop.imports import import_cache as run
 
-    r = run(fmt, src, dataset, out, config=source_config, progress=not quiet)
+    r = run(fmt, src, dataset, out, config=source_config, progress=not quiet,
+            options=ClaimOptions(wait=wait, break_lock=break_lock, rebuild=rebuild))
     if r.reused:
         typer.echo(f"cache {r.cache_id} at {r.path} already holds this import — reused")
     else:

@@ -13,7 +13,8 @@ def _duration(seconds: float) -> str:
 
 
 def print_plan(cfg) -> None:
-    """Estimate the run ``cfg`` describes (kdcache.plan) and print it; writes nothing."""
+    """Estimate the run ``cfg`` (a PrecomputeConfig or its resolved settings) describes
+    (kdcache/teacher/plan.py) and print it; writes nothing."""
     from kdcache.teacher.plan import plan
 
     p = plan(cfg)

@@ -49,7 +49,7 @@ def layers(
     """List a model's named layers and their output shapes (names usable for feature outputs)."""
     from kdcache import data
     from kdcache import models as registry
-    from kdcache.zoo import is_zoo_reference, load_model
+    from kdcache.models import is_zoo_reference, load_model
 
     source = data.open_source(dataset)
     channels, side = source.channels, size or source.image_size

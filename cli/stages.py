@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
-from kdcache_cli.app import app, parse_params
+from kdcache_cli.app import BREAK_LOCK_HELP, REBUILD_HELP, WAIT_HELP, app, parse_params
 
 from kdcache import checks
 from kdcache.student.config import EvalConfig, TrainConfig
@@ -71,9 +71,9 @@ def precompute(
     compile: Annotated[bool, typer.Option("--compile", help="Run the teacher through torch.compile (worth it for long runs on a GPU; the first batches compile).")] = False,
     precision: Annotated[str, typer.Option(help="The teacher's forward: fp32, bf16 or fp16 (autocast; energies, top-k and draws from the float32-upcast logits); auto is bf16 on a CUDA GPU that supports it, else fp32. Part of the cache id.")] = PrecomputeConfig.precision,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it (polls every second) instead of stopping.")] = False,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Delete whatever lies at OUT/<cache id> (a cache whose manifest, labels or array metadata is damaged) and write it anew.")] = False,
-    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help=REBUILD_HELP)] = False,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help=BREAK_LOCK_HELP)] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
     extra_views: Annotated[Optional[str], typer.Option(help="Energy-guided extra views (HE-DA) R:K2[:cutmix|mixup]: the fraction R of samples with the highest mean teacher energy get K2 extra mixed views, cached too (e.g. 0.5:4).")] = PrecomputeConfig.extra_views,
     decode: Annotated[str, typer.Option(help="full, or reduced: decode a JPEG at the smallest M/8 of its size at which the view's crop keeps the teacher's input side in pixels (libjpeg-turbo DCT scaling via simplejpeg, kdcache[decode]; other pixels than full, so part of the cache id; the student replays it).")] = PrecomputeConfig.decode,
@@ -91,20 +91,20 @@ def precompute(
         compile=compile, progress=not quiet,
         wait=wait, break_lock=break_lock, rebuild=rebuild, extra_views=extra_views or he_extra, ensemble=ensemble,
         keep_members=keep_members, decode=decode)
-    cfg.validate()  # before torch is imported: a wrong value is reported at once
+    settings = cfg.resolve()  # once, before torch is imported: a wrong value is reported at once
     checks.at_least("--nproc", nproc, 1)
     from kdcache import distributed
     from kdcache.teacher.precompute import check
     from kdcache.teacher.precompute import precompute as run
 
     if not dry_run:
-        _relaunch(nproc, lambda: check(cfg))
+        _relaunch(nproc, lambda: check(settings))
     if dry_run:
         from kdcache_cli.plan import print_plan
 
-        print_plan(cfg)
+        print_plan(settings)
         return
-    result = run(cfg)
+    result = run(settings)
     if not distributed.is_main():
         return
     if result.reused:
@@ -167,20 +167,20 @@ def train(
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, precision=precision, compile=compile, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, interpolation=interpolation, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
         extra_views=extra_views or he_da)
-    cfg.validate()  # before torch is imported: a wrong value is reported at once
+    settings = cfg.resolve()  # once, before torch is imported: a wrong value is reported at once
     checks.at_least("--nproc", nproc, 1)
     from kdcache import distributed
     from kdcache.student.train import check
     from kdcache.student.train import train as run
 
-    _relaunch(nproc, lambda: check(cfg))
+    _relaunch(nproc, lambda: check(settings))
     if resume and not (out / "checkpoint.pt").exists() and distributed.is_main():
         typer.echo(f"--resume: no checkpoint in {out} yet — starting afresh", err=True)
     written = distributed.is_main() and not (out / "run.toml").exists()
     if distributed.is_main():
         _save_run_config(out, options)
     try:
-        result = run(cfg, on_start=lambda r: _say_views(r, quiet))
+        result = run(settings, on_start=lambda r: _say_views(r, quiet))
     except BaseException:
         if written and not (out / "checkpoint.pt").exists():  # nothing to resume: leave nothing behind
             (out / "run.toml").unlink(missing_ok=True)
@@ -272,8 +272,8 @@ def extend(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size (views per forward pass).")] = ExtendConfig.batch_size,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda[:N].")] = ExtendConfig.device,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="If another writer holds this cache, wait for it instead of stopping.")] = ExtendConfig.wait,
-    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove the writer lock of a writer that is gone (no heartbeat for 60 s); a live writer's lock is never removed.")] = ExtendConfig.break_lock,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = ExtendConfig.wait,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help=BREAK_LOCK_HELP)] = ExtendConfig.break_lock,
 ) -> None:
     """Grow a cache in place: more views (teacher runs only on them), new feature layers, or new ensemble members.
 

@@ -36,7 +36,7 @@ from kdcache.cache.manifest import refuse_imported
 from kdcache.cache.store import Cache, open_cache
 from kdcache.cache.view_sets import ViewSet, view_sets
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.runtime import pick_device
 from kdcache.teacher.ensemble import load_recorded
 from kdcache.teacher.outputs import topk_log_probs

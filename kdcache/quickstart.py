@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from kdcache import checks, dataset_specs, losses
+from kdcache import checks, losses
+from kdcache.data.spec import parse as parse_dataset
 from kdcache.student.config import TrainConfig
 from kdcache.student.online import check_online
 from kdcache.student.train import train
@@ -49,7 +50,7 @@ class QuickstartConfig:
 
     def validate(self) -> None:
         """Refuse, in one line, values no stage could run with (before the teacher trains for minutes)."""
-        dataset_specs.parse(self.dataset)
+        parse_dataset(self.dataset)
         for option, value in (("--teacher-epochs", self.teacher_epochs), ("--epochs", self.student_epochs),
                               ("--views", self.views), ("--threads", self.threads), ("--size", self.size)):
             checks.at_least(option, value, 1)

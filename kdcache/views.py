@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from kdcache.augment import Recipe
-from kdcache.image_sets import ImageSet
-from kdcache.preprocess import DEFAULT_CROP_PCT, Preprocess, eval_view
+from kdcache.data.images import ImageSet
+from kdcache.models.preprocess import DEFAULT_CROP_PCT, Preprocess, eval_view
 
 #: How a view's image is decoded: ``full`` size, or ``reduced``: a JPEG at the smallest M/8 of its size
 #: at which the view's crop still has the output's side in pixels (a recorded recipe option).
@@ -89,7 +89,7 @@ class Renderer:
     """Turns (sample index, params of one view) into a normalised float32 model input [C, size, size].
 
     Teacher and student each have one, with their own size, interpolation and statistics
-    (kdcache/preprocess.py): the stored params are shared, the pixels each model sees are its own.
+    (kdcache/models/preprocess.py): the stored params are shared, the pixels each model sees are its own.
     """
 
     images: ImageSet

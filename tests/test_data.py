@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from kdcache import data
+from kdcache.data import folder
 from kdcache.data import ImageSet, open_source
 from kdcache.errors import InvalidSpec, MissingData
 
@@ -86,7 +87,7 @@ def test_fake_takes_classes_and_size_and_normalises_spec():
 
 def test_fingerprint_is_stable_across_opens_and_processes():
     first = open_source("fake:8").fingerprint
-    data._cached.cache_clear()
+    data._kept.cache_clear()
     second = open_source("fake:8").fingerprint
     script = "from kdcache.data import open_source; print(open_source('fake:8').fingerprint)"
     other_process = subprocess.run(
@@ -174,7 +175,7 @@ def test_imagefolder_train_order_mixes_classes_and_is_fixed(tmp_path):
     assert len(set(first.tolist())) >= 3
     assert all(label == "abcd".index(f.split("/")[1]) for label, f in zip(source.train.labels, source.train.files))
     assert source.test.labels.tolist() == [0, 1, 2, 3]
-    assert data._imagefolder(str(tmp_path)).train.files == source.train.files  # a fixed permutation
+    assert folder.open_folder(data.parse(f"imagefolder:{tmp_path}")).train.files == source.train.files  # fixed
 
 
 def test_imagefolder_of_grayscale_images_has_one_channel(tmp_path):

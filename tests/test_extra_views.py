@@ -20,8 +20,7 @@ from kdcache.cache.store import open_cache
 from kdcache.cache.view_sets import EXTRA_VIEW_BASE
 from kdcache.errors import InvalidSpec
 from kdcache.student.extra_views import with_extra_views
-from kdcache.teacher import extra_views
-from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.config import PrecomputeConfig, parse_extra_views
 from kdcache.teacher.precompute import precompute
 from kdcache.views import Renderer
 
@@ -124,7 +123,7 @@ def test_mixup_is_an_option_and_a_rerun_reuses_the_cache(tmp_path, teacher_weigh
 @pytest.mark.parametrize("text", ["0:4", "1.5:4", "0.5", "0.5:0", "0.5:2:trivial", "half:2"])
 def test_a_bad_he_extra_spec_is_a_one_line_error(text):
     with pytest.raises(InvalidSpec, match="--extra-views"):
-        extra_views.parse(text)
+        parse_extra_views(text)
 
 
 def test_train_he_da_runs_from_a_cache_with_no_weights_file_present(tmp_path, teacher_weights, capsys):

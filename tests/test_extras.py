@@ -15,7 +15,7 @@ import pytest
 import torch
 from tests_support import run_cli
 
-from kdcache import models
+from kdcache import data, models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,11 @@ def test_every_optional_feature_has_a_case():
 def test_a_missing_extra_is_named_in_one_line(extra, hidden, argv, tmp_path, monkeypatch, capsys):
     args = argv(tmp_path)
     capsys.readouterr()
-    for name in hidden:
+    for name in hidden:  # the package and every submodule an earlier test imported
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            monkeypatch.setitem(sys.modules, module, None)
         monkeypatch.setitem(sys.modules, name, None)
+    data._kept.cache_clear()  # sources kept from earlier tests were opened with the package
     code, out, err = run_cli(args, capsys)
     assert code == 2, out + err
     assert len(err.strip().splitlines()) == 1 and f"kdcache[{extra}]" in err, err

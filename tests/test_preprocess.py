@@ -1,4 +1,4 @@
-"""Each model's own preprocessing (kdcache/preprocess.py): teacher and student see their own pixels of the
+"""Each model's own preprocessing (kdcache/models/preprocess.py): teacher and student see their own pixels of the
 same stored view, and evaluation is torchvision's resize-shorter-side + center crop."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from zoo_support import TV_MODEL, TV_TAG, hf_classifier, jpeg_folder, torchvisio
 from kdcache import data
 from kdcache.augment import Recipe, resize_view
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import PRESETS, Preprocess, eval_view, parse_norm, resolve
+from kdcache.models.preprocess import PRESETS, Preprocess, eval_view, parse_norm, resolve
 from kdcache.student.evaluate import eval_loader, evaluate_weights
 from kdcache.student.reader import loader
 from kdcache.teacher.precompute import precompute

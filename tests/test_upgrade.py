@@ -16,7 +16,7 @@ from kdcache import open_cache
 from kdcache.cache.formats import FORMAT_VERSION, normalise
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import cache_id
-from kdcache.cache.store import Cache
+from kdcache.cache.store import CacheWriter
 from kdcache.cache.upgrade import upgrade
 from kdcache.errors import CacheLocked
 
@@ -74,7 +74,7 @@ def test_a_failed_write_leaves_the_old_cache_as_it_was_and_a_rerun_finishes(old,
     def crash(self, manifest):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(Cache, "save_manifest", crash)
+    monkeypatch.setattr(CacheWriter, "save_manifest", crash)
     with pytest.raises(OSError):
         upgrade(str(old))
     assert files(old) == before and open_cache(str(old)).stored_format == 1

@@ -12,7 +12,7 @@ from zoo_support import jpeg_folder
 from kdcache import open_cache
 from kdcache.augment import Recipe
 from kdcache.data import open_source
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.views import Renderer, reduction
 
 
@@ -33,7 +33,7 @@ def test_the_reduction_keeps_the_crop_at_least_the_output_side():
 def test_a_reduced_decode_keeps_the_asked_size_at_an_m_8_scale(folder):
     import simplejpeg
 
-    from kdcache.image_sets import decode_bytes
+    from kdcache.data.decode import decode_bytes
 
     data = next(folder.glob("train/*/*.jpg")).read_bytes()
     height, width, _, _ = simplejpeg.decode_jpeg_header(data)

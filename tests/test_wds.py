@@ -16,7 +16,8 @@ from zoo_support import jpeg_folder
 
 from kdcache.data import open_source
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.wds import expand_braces, parse_spec, write_shards
+from kdcache.data.spec import expand_braces, parse
+from kdcache.data.wds_writer import write_shards
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,12 @@ def spec(folder: Path) -> str:
 def test_brace_patterns_expand_in_order_with_their_padding():
     assert expand_braces("s-{008..011}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar", "s-011.tar"]
     assert expand_braces("{a,b}/x-{1..2}") == ["a/x-1", "a/x-2", "b/x-1", "b/x-2"]
-    parsed = parse_spec("s3://b/train-{0..1}.tar?image=png;jpg&label=label&val=s3://b/v-{0..0}.tar")
-    assert parsed.train == ("s3://b/train-0.tar", "s3://b/train-1.tar") and parsed.val == ("s3://b/v-0.tar",)
+    parsed = parse("wds:s3://b/train-{0..1}.tar?image=png;jpg&label=label&val=s3://b/v-{0..0}.tar")
+    assert expand_braces(parsed.path) == ["s3://b/train-0.tar", "s3://b/train-1.tar"]
+    assert expand_braces(parsed.option("val")) == ["s3://b/v-0.tar"]
     assert parsed.image_keys == ("png", "jpg") and parsed.label_key == "label"
     with pytest.raises(InvalidSpec, match="wds:PATTERN"):
-        parse_spec("x.tar?colour=red")
+        parse("wds:x.tar?colour=red")
 
 
 def test_shards_give_the_folders_samples_in_shard_then_member_order(shards):
@@ -208,7 +210,7 @@ def test_shards_on_s3_read_each_byte_once_per_pass_and_match_the_local_copy(shar
     import numpy as np
 
     from kdcache.augment import Recipe
-    from kdcache.preprocess import Preprocess
+    from kdcache.models.preprocess import Preprocess
     from kdcache.views import Renderer
 
     recipe, order = Recipe.parse("rrc+flip"), [13, 2, 7, 0, 17, 8]
@@ -229,15 +231,15 @@ def test_shards_on_s3_read_each_byte_once_per_pass_and_match_the_local_copy(shar
 
 
 def test_a_second_open_reads_the_kept_index_and_a_changed_shard_is_scanned_again(shards, tmp_path, monkeypatch):
-    from kdcache import wds
+    from kdcache.data import wds_index
 
     _, out = shards
     copy = tmp_path / "s"
     shutil.copytree(out, copy)
     first = open_source(spec(copy))
     scanned = []
-    original = wds._scan_shard
-    monkeypatch.setattr(wds, "_scan_shard", lambda url, *a: scanned.append(url) or original(url, *a))
+    original = wds_index._scan_shard
+    monkeypatch.setattr(wds_index, "_scan_shard", lambda url, *a: scanned.append(url) or original(url, *a))
     assert open_source(spec(copy)).fingerprint == first.fingerprint and not scanned
     _rewrite(copy / "train-000002.tar", drop_ext="nothing-is-dropped")  # same members, a new file
     (copy / "train-000002.tar").write_bytes((copy / "train-000002.tar").read_bytes() + bytes(10240))

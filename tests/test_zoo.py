@@ -1,4 +1,4 @@
-"""Pretrained teachers offline (kdcache/zoo.py): torchvision weights enums, timm, Hugging Face; each kind
+"""Pretrained teachers offline (kdcache/models/: registry.py and one module per zoo): torchvision weights enums, timm, Hugging Face; each kind
 is laid out where its zoo keeps files, holding tiny or random models, and every bad input is one line."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from zoo_support import TIMM_MODEL, TV_MODEL, TV_TAG, hf_classifier, jpeg_folder
 
 from kdcache.cache.store import open_cache
 from kdcache.errors import InvalidSpec, KdcacheError, MissingData, MissingDependency
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.teacher.precompute import precompute
-from kdcache.zoo import load_model
+from kdcache.models import load_model
 
 
 def one_line(excinfo: pytest.ExceptionInfo) -> str:
@@ -200,7 +200,7 @@ def test_bad_pretrained_teacher_input_is_one_line_and_writes_nothing(torch_home,
 
 
 def test_class_map_errors_name_the_line(tmp_path):
-    from kdcache.class_map import read_class_map
+    from kdcache.models.class_maps import read_class_map
 
     path = tmp_path / "map.txt"
     for text, expected in [("0\n1\n", "2 lines"), ("0\n1000\n2\n", "line 2"), ("0\n0\n2\n", "two dataset classes"),

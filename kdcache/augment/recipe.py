@@ -175,7 +175,7 @@ class Recipe:
         """Replay one view: uint8 [C,H,W] + that view's params -> float32 [C,size,size] in [0,1].
 
         ``partner(j)`` returns the uint8 image of sample j; only mixed views call it. ``interpolation``
-        (the model's own, see kdcache/preprocess.py) is used where the view is resized to ``size``.
+        (the model's own, see kdcache/models/preprocess.py) is used where the view is resized to ``size``.
         """
         view = self._render(image, params, size, "", interpolation)
         mix = self._mix

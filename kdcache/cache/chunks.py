@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 import zarr.storage
-from zarr.core.sync import sync
 
+from kdcache.cache.storage import run
 from kdcache.errors import CacheCorrupt
 
 #: What every message about damaged data ends with: how to find all of it and repair it.
@@ -33,7 +33,7 @@ class ChunkIndex:
         self.shape = tuple(-(-n // s) for n, s in zip(arr.shape, self.outer))
         self.present = np.zeros(self.shape, dtype=bool)
         prefix = f"{arr.store_path.path}/c/"
-        for key in _listing(arr.store_path.store, prefix):
+        for key in store_keys(arr.store_path.store, prefix):
             parts = key[len(prefix):].split("/")
             if len(parts) == len(self.shape) and all(p.isdigit() for p in parts):
                 coords = tuple(int(p) for p in parts)
@@ -71,7 +71,7 @@ class ChunkIndex:
         return self.key(coords)
 
 
-def _listing(store: zarr.abc.store.Store, prefix: str) -> list[str]:
+def store_keys(store: zarr.abc.store.Store, prefix: str) -> list[str]:
     """Every key under ``prefix``: a directory walk for a local store (several times faster than Zarr's
     async listing), the store's own listing otherwise (one request per 1,000 keys on S3)."""
     if isinstance(store, zarr.storage.LocalStore):
@@ -85,7 +85,7 @@ def _listing(store: zarr.abc.store.Store, prefix: str) -> list[str]:
     async def listing() -> list[str]:
         return [key async for key in store.list_prefix(prefix)]
 
-    return sync(listing())
+    return run(listing())
 
 
 def missing_error(path: str, name: str, key: str) -> CacheCorrupt:

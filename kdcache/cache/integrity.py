@@ -15,7 +15,7 @@ import numpy as np
 from kdcache.cache.chunks import ChunkIndex
 from kdcache.cache.lock import STALE_SECONDS, WriterLock, read_lock
 from kdcache.cache.logits import decode_logits
-from kdcache.cache.store import STATUS_ARRAY, Cache, open_cache
+from kdcache.cache.store import STATUS_ARRAY, Cache, CacheWriter, open_cache, open_writer
 from kdcache.errors import CacheCorrupt
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -242,7 +242,7 @@ def damaged_shards(cache: Cache) -> list[int]:
     return sorted(bad)
 
 
-def reopen_shards(cache: Cache, shards: list[int]) -> None:
+def reopen_shards(cache: CacheWriter, shards: list[int]) -> None:
     """Clear the done flags of ``shards`` and mark the cache as being written, so that the same precompute
     command rewrites exactly those shards (``verify --repair``, and precompute before it reuses a cache)."""
     if not shards:
@@ -269,7 +269,7 @@ def repair(path: str) -> tuple[Verification, list[int]]:
     chunk, so the precompute command rewrites them. Damage outside shards (labels, metadata) is left to
     ``precompute --rebuild``. Returns the verification and the reopened shards."""
     report = verify(path)
-    cache = open_cache(path, mode="r+", allow_incomplete=True)
+    cache = open_writer(path, allow_incomplete=True)
     shards = sorted({s for p in report.problems if p.chunk for s in [shard_of(cache, p.chunk)] if s is not None}
                     | set(np.flatnonzero(~cache.shards_done(strict=False)).tolist()))
     lock = WriterLock(cache.path).acquire()  # refuses while a writer holds the cache

@@ -1,4 +1,5 @@
-"""The stored teacher target: the arrays of each logit mode, the bfloat16 codec, densified probabilities.
+"""The stored teacher target: each logit mode's manifest entry and arrays, the bfloat16 codec, densified
+probabilities.
 
 numpy has no bfloat16, so bfloat16 values are stored as their uint16 bit patterns: :func:`to_stored`
 and :func:`decode_logits` are the one place that knows it.
@@ -6,14 +7,19 @@ and :func:`decode_logits` are the one place that knows it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import numpy as np
 
-from kdcache.errors import UnsupportedFormat
+from kdcache.cache.arrays import ArraySpec
+from kdcache.errors import InvalidSpec, UnsupportedFormat
 
 if TYPE_CHECKING:  # torch is imported where a tensor is handled: ls, info and verify never load it
     import torch
+
+LOGIT_DTYPES = ("float16", "bfloat16", "float32")
+SAMPLE_STREAM = 0xFFFF  # Philox stream of the class draws of ``sampled`` logits (ops use 0.. and 2**15 + k)
+MAX_DRAWS = 65535  # counts are stored as uint8 (N <= 255) or uint16
 
 #: The arrays holding the teacher target, per logit mode.
 TARGET_ARRAYS = {
@@ -21,6 +27,60 @@ TARGET_ARRAYS = {
     "topk": ("topk/values", "topk/indices"),
     "sampled": ("sampled/ids", "sampled/counts"),
 }
+
+
+class LogitRequest(NamedTuple):
+    """``--logits dense|topk:K|sampled:N`` parsed: the mode and K or N (0 for dense)."""
+
+    mode: str
+    size: int = 0
+
+
+def parse_logit_option(text: str) -> LogitRequest:
+    """``--logits`` as a :class:`LogitRequest`; the class count is checked by :func:`logits_entry`."""
+    mode, _, size = text.partition(":")
+    if mode == "dense" and not size:
+        return LogitRequest("dense")
+    if mode not in ("topk", "sampled") or not size.isdigit() or int(size) < 1:
+        raise InvalidSpec(f"--logits {text!r} is not dense, topk:K or sampled:N — e.g. --logits topk:10 or "
+                          "--logits sampled:50")
+    if mode == "sampled" and int(size) > MAX_DRAWS:
+        raise InvalidSpec(f"--logits sampled:{size} draws more than {MAX_DRAWS} classes per view — use N <= {MAX_DRAWS}")
+    return LogitRequest(mode, int(size))
+
+
+def logits_entry(request: LogitRequest, num_classes: int, dtype: str) -> dict[str, Any]:
+    """The manifest entry of the logit mode ``request`` for ``num_classes`` classes."""
+    mode, n = request
+    if mode == "dense":
+        return {"mode": "dense", "dtype": dtype}
+    index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+    if mode == "topk":
+        if n > num_classes:
+            raise InvalidSpec(f"--logits topk:{n} keeps more classes than the dataset's {num_classes} — "
+                              f"use K <= {num_classes} (or --logits dense)")
+        return {"mode": "topk", "k": n, "dtype": dtype, "values": "log_softmax", "index_dtype": index_dtype}
+    return {"mode": "sampled", "draws": n, "width": min(n, num_classes), "temperature": 1.0,
+            "index_dtype": index_dtype, "count_dtype": "uint8" if n <= 255 else "uint16",
+            "rng": {"stream": SAMPLE_STREAM}}
+
+
+def parse_logits(text: str, num_classes: int, dtype: str) -> dict[str, Any]:
+    """The manifest entry of ``--logits dense|topk:K|sampled:N`` for ``num_classes`` classes."""
+    return logits_entry(parse_logit_option(text), num_classes, dtype)
+
+
+def target_specs(entry: dict[str, Any], num_classes: int) -> list[ArraySpec]:
+    """The arrays that store the teacher target of logit mode ``entry``."""
+    if entry["mode"] == "dense":
+        return [ArraySpec("logits", (num_classes,), storage_dtype(entry["dtype"]), entry["dtype"])]
+    if entry["mode"] == "topk":
+        k = (entry["k"],)
+        return [ArraySpec("topk/values", k, storage_dtype(entry["dtype"]), entry["dtype"]),
+                ArraySpec("topk/indices", k, entry["index_dtype"])]
+    width = (entry["width"],)
+    return [ArraySpec("sampled/ids", width, entry["index_dtype"]),
+            ArraySpec("sampled/counts", width, entry["count_dtype"])]
 
 
 def storage_dtype(dtype: str) -> str:

@@ -13,12 +13,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from kdcache.cache.arrays import ArraySpec, spec_from_entry
 from kdcache.cache.chunks import ChunkIndex, damaged_error, missing_error
 from kdcache.cache.logits import TARGET_ARRAYS, decode_logits, densify
 from kdcache.cache.manifest import check_dataset
+from kdcache.cache.storage import run
 from kdcache.errors import CacheCorrupt, CacheMismatch, KdcacheError
 
 
@@ -202,7 +202,7 @@ class CacheReader:
                   gather: Callable[[], Any]) -> list[Any]:
         """The reads of :meth:`read_blocks`; a read that fails is repeated block by block to name the chunk."""
         try:
-            return sync(gather())
+            return run(gather())
         except Exception as first:  # noqa: BLE001 - checksum, codec and truncation errors are all damage
             for start, stop, view in blocks:
                 for name in names:

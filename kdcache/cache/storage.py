@@ -11,7 +11,6 @@ from typing import Any
 
 import zarr
 import zarr.storage
-from zarr.core.sync import sync
 
 from kdcache.locations import is_remote, local_path, require_driver
 
@@ -20,6 +19,19 @@ STATUS_ARRAY = "status/shards"
 
 #: What opening a group raises when there is none (or not a valid one) at a path.
 NO_GROUP = (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, KeyError, ValueError)
+
+
+def run(coroutine: Any) -> Any:
+    """Run one of zarr's coroutines (a store's ``get``, ``list_prefix``, ``getsize_prefix``; concurrent array
+    reads) to completion on zarr's own event loop, and return its result.
+
+    zarr-python 3 offers these only as coroutines, and its stores are bound to the loop zarr runs them on, so
+    they cannot be given to ``asyncio.run``. zarr has no public entry point for this (3.1), so this is the one
+    place kdcache uses its private ``zarr.core.sync.sync``.
+    """
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
 
 
 def open_store(path: str, read_only: bool) -> zarr.abc.store.Store:
@@ -70,10 +82,10 @@ def cache_exists(path: str) -> bool:
 
 def group_metadata(path: str) -> bytes | None:
     """The raw bytes of the group's zarr.json, or None when there is none."""
-    from zarr.core.buffer import default_buffer_prototype
+    from zarr.buffer import default_buffer_prototype
 
     try:
-        found = sync(open_store(path, read_only=True).get("zarr.json", prototype=default_buffer_prototype()))
+        found = run(open_store(path, read_only=True).get("zarr.json", prototype=default_buffer_prototype()))
     except (FileNotFoundError, NotADirectoryError, OSError):
         return None
     return None if found is None else found.to_bytes()

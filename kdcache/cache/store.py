@@ -12,14 +12,15 @@ complete specification):
 - group attribute ``kdcache``: the JSON manifest (kdcache/cache/manifest.py), in the format of
   kdcache/cache/formats.py. ``status`` becomes ``complete`` only after the last shard is marked done.
 
-:class:`Cache` is built in three parts: reads (kdcache/cache/reading.py), what lies in storage
-(kdcache/cache/stored.py) and writes (kdcache/cache/writing.py). A cache lives at ``ROOT/<cache id>``
-with an alias beside it (kdcache/cache/roots.py).
+:class:`Cache` is the type of a cache opened for reading: reads (kdcache/cache/reading.py) and what lies in
+storage (kdcache/cache/stored.py), no writes. :class:`CacheWriter` (kdcache/cache/writing.py) adds the writes;
+only ``open_cache(path, mode="r+")`` and ``create_cache`` give one. A cache lives at ``ROOT/<cache id>`` with
+an alias beside it (kdcache/cache/roots.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -37,15 +38,12 @@ from kdcache.cache.storage import (
     manifest_at,
     open_group,
 )
+from kdcache.cache.stored import Cache
 from kdcache.cache.writing import CacheWriter, lay_out
 from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, MissingData, UnsupportedFormat
 
-__all__ = ["MANIFEST_KEY", "STATUS_ARRAY", "Cache", "cache_exists", "check_root", "create_cache", "limit_codec_threads",
-           "open_cache"]
-
-
-class Cache(CacheWriter):
-    """An open cache: its manifest and typed, block-wise access to what it stores."""
+__all__ = ["MANIFEST_KEY", "STATUS_ARRAY", "Cache", "CacheWriter", "cache_exists", "check_root", "create_cache",
+           "limit_codec_threads", "open_cache", "open_writer"]
 
 
 def create_cache(
@@ -57,7 +55,7 @@ def create_cache(
     shard_chunks: int = 4,
     sharded: bool | None = None,
     overwrite: bool = False,
-) -> Cache:
+) -> CacheWriter:
     """Lay out a new cache at ``path`` with status ``writing``; refuses to overwrite a cache unless
     ``overwrite`` (``precompute --rebuild``: everything at ``path`` is deleted first).
 
@@ -69,12 +67,12 @@ def create_cache(
     if not overwrite and manifest_at(path) is not None:
         raise CacheMismatch(f"{path} already holds a cache — choose another --out or delete it")
     group, manifest = lay_out(path, manifest, labels, specs, chunk_samples, shard_chunks, sharded, overwrite)
-    return Cache(path, group, manifest)
+    return CacheWriter(path, group, manifest)
 
 
 def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Cache:
     """Open the cache at a path or URL — ``ROOT/<id>`` or an alias ``ROOT/<alias>`` — for reading
-    (``"r"``) or for resuming a write (``"r+"``).
+    (``"r"``: a :class:`Cache`, which cannot write) or for writing (``"r+"``: a :class:`CacheWriter`).
 
     A manifest of an older format is read in today's form (kdcache/cache/formats.py); the cache's
     ``stored_format`` says what is stored. Refuses a cache of a newer format, a folder that is not a
@@ -98,7 +96,8 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
             f"cache {path} has format_version {manifest.get('format_version')}, this kdcache reads up to "
             f"{FORMAT_VERSION} — upgrade kdcache"
         )
-    cache = Cache(path, group, normalise(manifest), stored_format=version)
+    kind = CacheWriter if mode != "r" else Cache
+    cache = kind(path, group, normalise(manifest), stored_format=version)
     if not allow_incomplete and not cache.complete:
         done = int(cache.shards_done().sum())
         raise CacheCorrupt(
@@ -106,3 +105,9 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
             "rerun the same precompute command to finish it"
         )
     return cache
+
+
+def open_writer(path: str, allow_incomplete: bool = False) -> CacheWriter:
+    """The cache at ``path`` opened for writing (``open_cache(path, mode="r+")``): only writers that hold its
+    lock (kdcache/cache/claim.py) open one."""
+    return cast(CacheWriter, open_cache(path, mode="r+", allow_incomplete=allow_incomplete))

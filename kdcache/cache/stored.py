@@ -9,16 +9,16 @@ import itertools
 from typing import Iterable
 
 import numpy as np
-from zarr.core.sync import sync
 
-from kdcache.cache.chunks import REPAIR, damaged_error
+from kdcache.cache.chunks import REPAIR, damaged_error, store_keys
 from kdcache.cache.reading import CacheReader
-from kdcache.cache.storage import STATUS_ARRAY
+from kdcache.cache.storage import STATUS_ARRAY, run
 from kdcache.errors import CacheCorrupt
 
 
-class StoredCache(CacheReader):
-    """A cache's reads plus the integrity questions about its storage."""
+class Cache(CacheReader):
+    """An open cache that can only be read: its manifest, typed reads, and the integrity questions about its
+    storage. ``open_cache(path)`` gives one; writers get a :class:`kdcache.cache.writing.CacheWriter`."""
 
     def check_readable(self, names: Iterable[str] | None = None) -> None:
         """Refuse, in one line, a cache whose bookkeeping says it is not whole: a shard flag that is not
@@ -64,7 +64,7 @@ class StoredCache(CacheReader):
     def array_bytes(self, name: str) -> tuple[int, int]:
         """(stored bytes of its chunks, uncompressed bytes) of array ``name``; metadata not counted."""
         arr = self.group[name]
-        return int(sync(self.group.store.getsize_prefix(f"{name}/c/"))), int(arr.nbytes)
+        return int(run(self.group.store.getsize_prefix(f"{name}/c/"))), int(arr.nbytes)
 
     def missing_chunks(self, name: str, every: bool = False, done: np.ndarray | None = None) -> list[str]:
         """Keys of chunk (or shard) objects of ``name`` that storage lacks: of done shards only, or with
@@ -72,11 +72,7 @@ class StoredCache(CacheReader):
         arr = self.group[name]
         outer = arr.shards or arr.chunks
         prefix = f"{name}/c/"
-
-        async def listing() -> set[str]:
-            return {key async for key in self.group.store.list_prefix(prefix)}
-
-        present = sync(listing())
+        present = set(store_keys(self.group.store, prefix))
         done = None if every else (self.shards_done() if done is None else done)
         missing = []
         for coords in itertools.product(*(range(-(-n // s)) for n, s in zip(arr.shape, outer))):

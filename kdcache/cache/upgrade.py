@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from kdcache.cache.formats import FORMAT_VERSION
-from kdcache.cache.lock import WriterLock
+from kdcache.cache.claim import ClaimOptions
+from kdcache.cache.claim import lock as claim_lock
 from kdcache.cache.manifest import record_change
 from kdcache.cache.roots import publish_aliases
-from kdcache.cache.store import Cache, open_cache
+from kdcache.cache.store import Cache, open_cache, open_writer
 
 
 @dataclass
@@ -39,9 +40,9 @@ class UpgradeResult:
 def upgrade(path: str, wait: bool = False, break_lock: bool = False) -> UpgradeResult:
     """Bring the complete cache at ``path`` to :data:`FORMAT_VERSION`; a current cache is left as it is
     (its aliases are written again, so a run that stopped after the manifest is finished by the next)."""
-    lock = WriterLock(open_cache(path).path, wait=wait, break_stale=break_lock).acquire()
+    lock = claim_lock(open_cache(path).path, ClaimOptions(wait=wait, break_lock=break_lock))
     try:
-        cache = open_cache(path, mode="r+")  # read again under the lock: another writer may have been first
+        cache = open_writer(path)  # read again under the lock: another writer may have been first
         before, old_id = cache.stored_format, cache.id
         missing = 0
         if before < FORMAT_VERSION:

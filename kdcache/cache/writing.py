@@ -27,13 +27,15 @@ from kdcache.cache.arrays import (
 from kdcache.cache.formats import FORMAT_VERSION
 from kdcache.cache.manifest import cache_id
 from kdcache.cache.storage import MANIFEST_KEY, STATUS_ARRAY, open_group
-from kdcache.cache.stored import StoredCache
+from kdcache.cache.stored import Cache
 from kdcache.errors import CacheCorrupt
 from kdcache.locations import is_remote
 
 
-class CacheWriter(StoredCache):
-    """A cache's reads, integrity questions and writes: what precompute, extend and repair use."""
+class CacheWriter(Cache):
+    """A cache opened for writing: a :class:`Cache`'s reads and integrity questions, and the writes that
+    precompute, import, extend, upgrade and repair make. ``open_cache(path, mode="r+")`` and ``create_cache``
+    give one."""
 
     def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write every per-view array of ``shard`` and then, only then, mark it done."""

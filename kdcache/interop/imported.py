@@ -18,14 +18,12 @@ from tqdm import tqdm
 
 from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec
-from kdcache.cache.lock import WriterLock
-from kdcache.cache.manifest import cache_id, provenance
-from kdcache.cache.roots import alias_name, join, write_alias
-from kdcache.cache.store import check_root, create_cache, open_cache
-from kdcache.errors import InterruptedLayout, InvalidSpec, MissingData
-from kdcache.image_sets import Source
-from kdcache.preprocess import Preprocess
-from kdcache.teacher.outputs import parse_logits, target_specs
+from kdcache.cache.claim import ClaimOptions, claim
+from kdcache.cache.logits import parse_logits, target_specs
+from kdcache.cache.manifest import provenance
+from kdcache.errors import InvalidSpec
+from kdcache.data.images import Source
+from kdcache.models.preprocess import Preprocess
 
 #: Each view's top-k values are stored as float32 log-probabilities (kdcache's top-k target; the
 #: sources store probabilities): exp of a stored value cast back to the source's dtype gives its bits.
@@ -85,27 +83,15 @@ def array_specs(found: Import, manifest: dict[str, Any]) -> list[ArraySpec]:
             *[ArraySpec(f"aug/{name}", tuple(tail), dtype) for name, (tail, dtype) in found.recipe.fields().items()]]
 
 
-def write_import(found: Import, source: Source, out: str, progress: bool = True) -> ImportResult:
-    """Write (or resume, or reuse) the cache of ``found`` under root ``out``."""
+def write_import(found: Import, source: Source, out: str, progress: bool = True,
+                 options: ClaimOptions = ClaimOptions()) -> ImportResult:
+    """Write (or resume, or reuse, or with ``options.rebuild`` rewrite) the cache of ``found`` under root ``out``."""
     began = time.perf_counter()
-    check_root(out)
     manifest = manifest_of(found, source)
-    wanted = cache_id(manifest)
-    path = join(out, wanted)
-    alias = alias_name(manifest, wanted)
-    try:
-        cache = open_cache(path, allow_incomplete=True)
-        if cache.complete:
-            return ImportResult(path, wanted, True, 0, time.perf_counter() - began, join(out, alias))
-    except (MissingData, InterruptedLayout):
-        pass
-    lock = WriterLock(path).acquire()
-    try:
-        try:
-            cache = open_cache(path, mode="r+", allow_incomplete=True)
-        except (MissingData, InterruptedLayout):
-            cache = create_cache(path, manifest, source.train.labels, array_specs(found, manifest))
-        cache.remove_partial_files()
+    with claim(out, manifest, source.train.labels, array_specs(found, manifest), options) as held:
+        cache = held.cache
+        if held.reused:
+            return ImportResult(cache.path, cache.id, True, 0, time.perf_counter() - began, held.alias)
         specs = array_specs(found, cache.manifest)
         done = cache.shards_done()
         todo = [s for s in range(cache.num_shards) if not done[s]]
@@ -114,16 +100,13 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True)
         with tqdm(total=total, unit="view", desc=f"import {found.format}", disable=not progress, leave=False) as bar:
             for shard in todo:
                 start, stop = cache.shard_range(shard)
-                lock.check()
+                held.lock.check()
                 arrays = found.read(np.arange(start, stop))
                 cache.write_shard(shard, {spec.name: np.asarray(arrays[spec.name], spec.dtype) for spec in specs})
                 views += (stop - start) * found.views
                 bar.update((stop - start) * found.views)
         cache.finish()
-    finally:
-        lock.release()
-    return ImportResult(path, wanted, False, views, time.perf_counter() - began,
-                        write_alias(out, alias, wanted))
+    return ImportResult(cache.path, cache.id, False, views, time.perf_counter() - began, held.alias)
 
 
 def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +135,7 @@ def folder_order(source: Source) -> np.ndarray:
     then paths), for sources that are image folders; the identity for every other source.
 
     Other systems index samples as ``torchvision.datasets.ImageFolder`` does, and kdcache shuffles a folder's
-    train files once (kdcache/data.py), so an import maps one order onto the other.
+    train files once (kdcache/data/folder.py), so an import maps one order onto the other.
     """
     files = getattr(source.train, "files", None)
     if files is None:

@@ -23,11 +23,11 @@ from kdcache.augment import Recipe
 from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing
 from kdcache.augment.mixing import CutMix, MixUp
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.image_sets import Source
+from kdcache.data.images import Source
 from kdcache.interop import pickles
 from kdcache.interop.boxes import crop_boxes, view_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 
 FORMAT = "ml-dr"
 #: The layout of apple/ml-dr's first release (c72c884): the only one there is.

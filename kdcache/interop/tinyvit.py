@@ -23,10 +23,10 @@ import numpy as np
 from kdcache.augment import Recipe
 from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.image_sets import Source
+from kdcache.data.images import Source
 from kdcache.interop.boxes import crop_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 
 FORMAT = "tinyvit"
 #: The layout of TinyViT's save_logits.py (Cream 166a68e): the only one there is.

@@ -67,6 +67,7 @@ class AMD(Loss):
     scope = "sample"
     source = "Jeon et al., arXiv 2302.14130"
     defaults = {"layers": (), "s": 64.0, "m": 1.35, "ce_weight": 1.0, "feat_weight": 1.0}
+    positive = ("s", "m")
     layers: tuple[str, ...]
     s: float
     m: float
@@ -75,7 +76,6 @@ class AMD(Loss):
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
-        self.require_positive("s", "m")
         self.pairs = parse_layers(self.name, self.layers)
 
     def layer_pairs(self) -> list[tuple[str, str]]:

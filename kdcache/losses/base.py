@@ -71,6 +71,7 @@ class Loss(torch.nn.Module):
     defaults: ClassVar[dict[str, Any]]
     feature_modes: ClassVar[tuple[str, ...]] = ()  # cached map modes usable for each layer
     sparse: ClassVar[str] = ""  # what a top-k or sampled cache gives the loss; "" if it reads no logits
+    positive: ClassVar[tuple[str, ...]] = ()  # hyper-parameters that must be > 0 (temperatures, margins)
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -86,6 +87,7 @@ class Loss(torch.nn.Module):
             self.hparams[key] = _coerce(self.name, key, value, self.defaults[key])
         for key, value in self.hparams.items():
             setattr(self, key, value)
+        self.require_positive(*self.positive)
 
     def prepare(self, energies: torch.Tensor | None) -> None:
         """Look once at all cached teacher energies before training; most losses need not."""

@@ -50,6 +50,7 @@ class CSKD(Loss):
         "(top-k) or zero (sampled); the per-class means skip classes without mass in the batch"
     )
     defaults = {"T": 4.0, "t_low": 2.0, "t_high": 6.0, "ce_weight": 1.0}
+    positive = ("T", "t_low", "t_high")
     T: float
     t_low: float
     t_high: float
@@ -57,7 +58,6 @@ class CSKD(Loss):
 
     def __init__(self, **hparams: float) -> None:
         super().__init__(**hparams)
-        self.require_positive("T", "t_low", "t_high")
         if self.t_low > self.t_high:
             raise InvalidSpec(
                 f"loss {self.name}: t_low={self.t_low} > t_high={self.t_high} "

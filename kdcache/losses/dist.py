@@ -39,14 +39,11 @@ class DIST(Loss):
         "the per-class mean skips classes without spread in the batch"
     )
     defaults = {"T": 4.0, "beta": 2.0, "gamma": 2.0, "ce_weight": 1.0}
+    positive = ("T",)
     T: float
     beta: float
     gamma: float
     ce_weight: float
-
-    def __init__(self, **hparams: float) -> None:
-        super().__init__(**hparams)
-        self.require_positive("T")
 
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch

@@ -56,6 +56,7 @@ class DKD(Loss):
         " zero (sampled); a view with no non-target mass has NCKD 0"
     )
     defaults = {"T": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20, "ce_weight": 1.0}
+    positive = ("T",)
     T: float
     alpha: float
     beta: float
@@ -64,7 +65,6 @@ class DKD(Loss):
 
     def __init__(self, **hparams: float) -> None:
         super().__init__(**hparams)
-        self.require_positive("T")
         if self.warmup < 0:
             raise InvalidSpec(f"loss {self.name}: warmup={self.warmup} must be >= 0 — e.g. 20")
 

@@ -53,6 +53,7 @@ class EnergyKD(Loss):
         "renormalised, as for kd"
     )
     defaults = {"ce_weight": 0.1, "kd_weight": 0.9, **_ENERGY_DEFAULTS}
+    positive = ("t_low", "t_mid", "t_high")
     r_low: float
     r_high: float
     t_low: float
@@ -62,7 +63,6 @@ class EnergyKD(Loss):
 
     def __init__(self, **hparams: float | str) -> None:
         super().__init__(**hparams)
-        self.require_positive("t_low", "t_mid", "t_high")
         if self.mapping not in {"paper", "code"}:
             raise InvalidSpec(
                 f"loss {self.name}: mapping={self.mapping!r} is unknown — use paper or code"

@@ -34,13 +34,10 @@ class KD(Loss):
         "and T>1 lifts it; at T=1 a sampled cache gives an unbiased gradient"
     )
     defaults = {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    positive = ("T",)
     T: float
     ce_weight: float
     kd_weight: float
-
-    def __init__(self, **hparams: float) -> None:
-        super().__init__(**hparams)
-        self.require_positive("T")
 
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch

@@ -34,13 +34,10 @@ class NKD(Loss):
         "non-target mass has a non-target term of 0"
     )
     defaults = {"T": 3.0, "gamma": 3.5, "ce_weight": 1.0}
+    positive = ("T",)
     T: float
     gamma: float
     ce_weight: float
-
-    def __init__(self, **hparams: float) -> None:
-        super().__init__(**hparams)
-        self.require_positive("T")
 
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch

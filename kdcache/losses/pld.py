@@ -31,11 +31,8 @@ class PLD(Loss):
         " class order; qt is p^(1/T) renormalised"
     )
     defaults = {"T": 1.0}
+    positive = ("T",)
     T: float
-
-    def __init__(self, **hparams: float) -> None:
-        super().__init__(**hparams)
-        self.require_positive("T")
 
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch

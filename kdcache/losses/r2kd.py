@@ -40,12 +40,9 @@ class R2KD(Loss):
         "the per-class mean skips classes without mass in the batch"
     )
     defaults = {"T": 4.0, "ce_weight": 1.0}
+    positive = ("T",)
     T: float
     ce_weight: float
-
-    def __init__(self, **hparams: float) -> None:
-        super().__init__(**hparams)
-        self.require_positive("T")
 
     def forward(
         self, student: StudentOutput, teacher: TeacherBatch, batch: Batch

@@ -8,9 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdcache import checks, dataset_specs
+from kdcache import checks
+from kdcache.data.spec import DatasetSpec
+from kdcache.data.spec import parse as parse_dataset
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import INTERPOLATIONS, parse_norm
+from kdcache.models.preprocess import INTERPOLATIONS, parse_norm
+
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
 
 
 @dataclass
@@ -25,8 +31,8 @@ class TrainConfig:
     loss_params: dict[str, Any] = field(default_factory=dict)
     student_layers: tuple[str, ...] = ()  # feature losses: student layers paired with the teacher's, in order
     online_teacher: str | None = None  # model spec of a teacher run on every batch (classic online KD)
-    teacher_weights: str | None = None  # its weights: a file, torchvision:TAG or pretrained (kdcache/zoo.py)
-    class_map: str | None = None  # the online teacher's class of each dataset class (kdcache/class_map.py)
+    teacher_weights: str | None = None  # its weights: a file, torchvision:TAG or pretrained (kdcache/models/registry.py)
+    class_map: str | None = None  # the online teacher's class of each dataset class (kdcache/models/class_maps.py)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
@@ -56,7 +62,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse option values that are wrong whatever the data, model and cache (no torch needed)."""
-        dataset_specs.parse(self.dataset)
+        self.resolve()
+
+    def resolve(self) -> TrainSettings:
+        """These settings parsed and checked, once, into the frozen value the stage reads (no torch needed)."""
+        dataset = parse_dataset(self.dataset)
         checks.at_least("--epochs", self.epochs, 1)
         checks.at_least("--batch-size", self.batch_size, 1)
         checks.positive("--lr", self.lr, allow_none=False)
@@ -79,8 +89,31 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise InvalidSpec(f"--precision {self.precision!r} is not one of auto, fp32, bf16, fp16")
         checks.output_folder("--out", self.out)
-        if self.norm is not None:
-            parse_norm(self.norm, None)
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidSpec(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidSpec(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.teacher_weights and not self.online_teacher:
+            raise InvalidSpec("--weights is the online teacher's weights file — add --online-teacher MODEL")
+        if self.class_map and not self.online_teacher:
+            raise InvalidSpec("--class-map maps the online teacher's classes (a cache records its own) — add "
+                              "--online-teacher MODEL, or drop --class-map")
+        return TrainSettings(self, dataset, parse_norm(self.norm, None) if self.norm is not None else None)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A :class:`TrainConfig` resolved once: the parsed values the stage reads beside the config as given
+    (``config``, recorded in run.json). ``norm`` is (mean, std), or None for the dataset's statistics."""
+
+    config: TrainConfig
+    dataset: DatasetSpec
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+def resolve(cfg: TrainConfig | TrainSettings) -> TrainSettings:
+    """``cfg`` resolved (settings already resolved are taken as they are)."""
+    return cfg if isinstance(cfg, TrainSettings) else cfg.resolve()
 
 
 EVAL_SPLITS = ("train", "test", "val")
@@ -96,13 +129,13 @@ class EvalConfig:
     split: str = "test"  # train, test or val (the same as test)
     size: int | None = None  # default: the weights' input size, else the dataset's
     norm: str | None = None  # dataset | imagenet | clip | inception | M,M,M/S,S,S; default: the weights' own
-    class_map: str | None = None  # the model's class of each dataset class (kdcache/class_map.py)
+    class_map: str | None = None  # the model's class of each dataset class (kdcache/models/class_maps.py)
     batch_size: int = 256
     device: str = "auto"
 
     def validate(self) -> None:
         """Refuse option values that are wrong whatever the data and model (no torch needed)."""
-        dataset_specs.parse(self.dataset)
+        parse_dataset(self.dataset)
         if self.split not in EVAL_SPLITS:
             raise InvalidSpec(f"--split {self.split!r} is not a split — use train, test or val (val is the same as test)")
         checks.positive("--size", self.size)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache import data, distributed, preprocess
+from kdcache import data, distributed
+from kdcache.models import preprocess
 from kdcache.augment import Recipe
-from kdcache.class_map import apply_class_map, check_classes, read_class_map
+from kdcache.models.class_maps import apply_class_map, check_classes, read_class_map
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.runtime import pick_device
 from kdcache.student.config import EVAL_SPLITS, EvalConfig
 from kdcache.views import Renderer
-from kdcache.zoo import load_model
+from kdcache.models import load_model
 
 
 class EvalViews(Dataset):

@@ -18,7 +18,7 @@ from kdcache.cache.store import Cache
 from kdcache.cache.view_sets import EXTRA_PREFIX, EXTRA_VIEW_BASE, extra_views
 from kdcache.data import ImageSet
 from kdcache.errors import CacheMismatch, InvalidSpec
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.student.reader import Block, TrainViews, plan_epoch
 from kdcache.views import Renderer, recorded_decode
 

@@ -12,10 +12,10 @@ import os
 import torch
 
 from kdcache import data
-from kdcache.class_map import apply_class_map, check_classes, read_class_map
+from kdcache.models.class_maps import apply_class_map, check_classes, read_class_map
 from kdcache.errors import InvalidSpec, MissingData
-from kdcache.preprocess import Preprocess
-from kdcache.zoo import is_zoo_reference, load_model
+from kdcache.models.preprocess import Preprocess
+from kdcache.models import is_zoo_reference, load_model
 
 #: What an online teacher offers, in the vocabulary of ``Loss.check``.
 ONLINE_INPUTS = frozenset({"logits", "probs"})
@@ -24,7 +24,7 @@ ONLINE_INPUTS = frozenset({"logits", "probs"})
 class OnlineTeacher:
     """A frozen teacher in eval mode; calling it returns its float32 logits for a batch of student inputs.
 
-    A teacher with its own preprocessing (zoo weights, see kdcache/preprocess.py) gets the student's
+    A teacher with its own preprocessing (zoo weights, see kdcache/models/preprocess.py) gets the student's
     view re-normalised with its statistics and, at another input size, resized on the device.
     """
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache import data, distributed, preprocess
+from kdcache import data, distributed
+from kdcache.models import preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.store import Cache, open_cache
 from kdcache.student.targets import CacheTargets

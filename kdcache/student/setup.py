@@ -15,15 +15,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache import data, distributed, losses, models, preprocess
+from kdcache import data, distributed, losses, models
+from kdcache.models import preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.manifest import energy_temperature
 from kdcache.cache.store import Cache, limit_codec_threads, open_cache
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, resolve_precision
 from kdcache.student import robust
-from kdcache.student.config import TrainConfig
+from kdcache.student.config import TrainConfig, TrainSettings, resolve
 from kdcache.student.ema import EMA
 from kdcache.student.evaluate import eval_loader
 from kdcache.student.extra_views import with_extra_views
@@ -31,10 +32,6 @@ from kdcache.student.online import OnlineTeacher, check_online
 from kdcache.student.reader import TrainViews
 from kdcache.student.targets import CacheTargets, StudentFeatures, layer_pairs, teacher_inputs
 from kdcache.views import Renderer, ViewReplay
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-
 
 @dataclasses.dataclass
 class Run:
@@ -80,21 +77,6 @@ class Run:
             "views": views.to_record() if (views := student_views(self.cfg, self.cache)) else None,
             "online_teacher_sha256": self.online.sha256 if self.online else None,
         }
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Refuse options that are wrong whatever the data (one line each), before anything is written."""
-    cfg.validate()
-    pick_device(cfg.device)  # a device that is not there is refused before anything is written
-    if cfg.optimizer not in OPTIMIZERS:
-        raise InvalidSpec(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise InvalidSpec(f"--schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if cfg.teacher_weights and not cfg.online_teacher:
-        raise InvalidSpec("--weights is the online teacher's weights file — add --online-teacher MODEL")
-    if cfg.class_map and not cfg.online_teacher:
-        raise InvalidSpec("--class-map maps the online teacher's classes (a cache records its own) — add "
-                          "--online-teacher MODEL, or drop --class-map")
 
 
 def criterion_for(cfg: TrainConfig, cache: Cache | None) -> losses.Loss:
@@ -183,11 +165,13 @@ def open_checked_cache(cfg: TrainConfig, source: data.Source) -> Cache | None:
     return cache
 
 
-def check(cfg: TrainConfig) -> None:
+def check(cfg: TrainConfig | TrainSettings) -> None:
     """Raise what :func:`set_up` would raise about ``cfg`` before it trains: options, dataset, cache,
     student model, loss and online teacher. ``--nproc`` runs it once before starting the ranks."""
-    validate(cfg)
-    source = data.open_source(cfg.dataset)
+    settings = resolve(cfg)
+    cfg = settings.config
+    pick_device(cfg.device)  # a device that is not there is refused before anything is written
+    source = data.open_source(settings.dataset)
     cache = open_checked_cache(cfg, source)
     models.create_model(cfg.model, source.num_classes, source.channels)
     criterion_for(cfg, cache)
@@ -196,13 +180,14 @@ def check(cfg: TrainConfig) -> None:
     student_preprocess(cfg, source, cache)
 
 
-def set_up(cfg: TrainConfig) -> Run:
+def set_up(cfg: TrainConfig | TrainSettings) -> Run:
     """Everything a run needs before its first step (torchrun: DDP, one rank per process)."""
-    validate(cfg)
+    settings = resolve(cfg)
+    cfg = settings.config
     torch.manual_seed(cfg.seed)
     device = distributed.init_if_needed(pick_device(cfg.device))
     rank, world = distributed.rank_world()
-    source = data.open_source(cfg.dataset)
+    source = data.open_source(settings.dataset)
     cache = open_checked_cache(cfg, source)
 
     criterion = criterion_for(cfg, cache)

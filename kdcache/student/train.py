@@ -16,7 +16,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.student import checkpoint
-from kdcache.student.config import TrainConfig
+from kdcache.student.config import TrainConfig, TrainSettings, resolve
 from kdcache.student.epoch import RunningSums, train_one_epoch
 from kdcache.student.evaluate import evaluate
 from kdcache.student.setup import Run, check, set_up, student_views
@@ -35,11 +35,13 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else {}
 
 
-def train(cfg: TrainConfig, on_start: Callable[[Run], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig | TrainSettings, on_start: Callable[[Run], None] | None = None) -> TrainResult:
     """Run stage 2 as ``cfg`` says; writes model.pt, checkpoint.pt, metrics.jsonl, run.json to ``cfg.out``.
     ``on_start`` is called with the set-up run before the first step (the CLI says what the views are)."""
+    settings = resolve(cfg)
+    cfg = settings.config
     fresh = checkpoint.is_fresh(Path(cfg.out))
-    run = set_up(cfg)
+    run = set_up(settings)
     if on_start is not None:
         on_start(run)
     start_epoch, metrics = checkpoint.start(run)

@@ -27,10 +27,10 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from kdcache.class_map import apply_class_map, check_classes, map_entry, read_class_map
+from kdcache.models.class_maps import apply_class_map, check_classes, map_entry, read_class_map
 from kdcache.errors import InvalidSpec, MissingData, WeightsMismatch
-from kdcache.preprocess import Preprocess
-from kdcache.zoo import PRETRAINED, LoadedModel, is_zoo_reference, load_model
+from kdcache.models.preprocess import Preprocess
+from kdcache.models import PRETRAINED, LoadedModel, is_zoo_reference, load_model
 
 ENSEMBLE_MODES = ("mean-prob", "mean-logit")
 
@@ -109,9 +109,9 @@ def load_teachers(
     the members' preprocessing.
 
     ``modules`` are teachers handed over as objects (hashed by their parameters); otherwise each
-    member is loaded by kdcache/zoo.py (a weights file, hashed by its bytes, or zoo weights).
+    member is loaded by kdcache/models/registry.py (a weights file, hashed by its bytes, or zoo weights).
     ``class_map`` (a file, or the indices a cache recorded) selects the teacher columns of the
-    dataset's classes (kdcache/class_map.py); without one the class counts must agree.
+    dataset's classes (kdcache/models/class_maps.py); without one the class counts must agree.
     """
     if ensemble not in ENSEMBLE_MODES:
         raise InvalidSpec(f"--ensemble {ensemble!r} is not one of {', '.join(ENSEMBLE_MODES)}")

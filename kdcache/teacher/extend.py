@@ -27,17 +27,20 @@ from kdcache import data
 from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec, layout_entry
 from kdcache.cache.formats import FORMAT_VERSION
+from kdcache.cache.claim import ClaimOptions
+from kdcache.cache.claim import lock as claim_lock
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.logits import decode_logits, storage_dtype
 from kdcache.cache.manifest import record_change, refuse_imported
 from kdcache.cache.roots import publish_aliases
-from kdcache.cache.store import Cache, open_cache
+from kdcache.cache.store import CacheWriter, open_writer
 from kdcache.errors import InvalidSpec
-from kdcache.preprocess import Preprocess
+from kdcache.models.preprocess import Preprocess
 from kdcache.runtime import loader_workers, pick_device
 from kdcache.teacher.config import ExtendConfig
 from kdcache.teacher.ensemble import combine, load_recorded, load_teachers, member_pairs
-from kdcache.teacher.outputs import feature_entries, feature_specs, parse_features
+from kdcache.teacher.config import parse_features
+from kdcache.teacher.outputs import feature_entries, feature_specs
 from kdcache.teacher.passes import Shard, ViewBatch, cache_shards, run_shards
 from kdcache.views import Renderer, recorded_decode
 
@@ -105,7 +108,7 @@ def extend(
         change["features"] = [f"{f['layer']}:{f['mode']}" for f in entries]
     _record(cache, new, change)
 
-    lock = WriterLock(cache.path, wait=wait, break_stale=break_lock).acquire()
+    lock = claim_lock(cache.path, ClaimOptions(wait=wait, break_lock=break_lock))
     try:
         if k2 > k:
             cache.grow_views(k2)
@@ -120,10 +123,10 @@ def extend(
                         publish_aliases(cache.path, new), new)
 
 
-def _open(path: str, dataset: str | None) -> tuple[Cache, data.Source]:
+def _open(path: str, dataset: str | None) -> tuple[CacheWriter, data.Source]:
     """The complete cache at ``path``, opened for writing, and its dataset (``dataset``, else the recorded
     spec; checked by fingerprint)."""
-    cache = open_cache(path, mode="r+")
+    cache = open_writer(path)
     m = cache.manifest
     refuse_imported(m, cache.path, "extend")
     if "he_extra" in m["recipe"]:
@@ -135,7 +138,7 @@ def _open(path: str, dataset: str | None) -> tuple[Cache, data.Source]:
     return cache, source
 
 
-def _record(cache: Cache, new: dict[str, Any], change: dict[str, Any]) -> None:
+def _record(cache: CacheWriter, new: dict[str, Any], change: dict[str, Any]) -> None:
     """Give ``new`` its id and a ``history`` entry for ``change``, noting a format it brings forward."""
     if cache.stored_format < FORMAT_VERSION:
         change = {**change, "format": [cache.stored_format, FORMAT_VERSION]}
@@ -184,7 +187,7 @@ def add_members(
                              weights=listed(new["config"]["weights"]) + list(weights))
     _record(cache, new, {"teachers": [e["spec"] for e in entries]})
 
-    lock = WriterLock(cache.path, wait=wait, break_stale=break_lock).acquire()
+    lock = claim_lock(cache.path, ClaimOptions(wait=wait, break_lock=break_lock))
     try:
         for s in added:
             cache.add_array(s, cache.views)
@@ -196,7 +199,7 @@ def add_members(
                         publish_aliases(cache.path, new), new)
 
 
-def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], outputs: dict[str, Any],
+def _run(cache: CacheWriter, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], outputs: dict[str, Any],
          views: np.ndarray, write: Callable[[Shard, dict[str, np.ndarray]], None], batch_size: int,
          device: torch.device, progress: bool, on_batch: OnBatch | None, lock: WriterLock,
          forward: Callable[[torch.Tensor, ViewBatch], tuple[torch.Tensor, list[torch.Tensor]]] | None = None) -> int:
@@ -210,7 +213,7 @@ def _run(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: 
                       desc="extend", on_batch=on_batch)
 
 
-def _recombine(cache: Cache, nets: list[torch.nn.Module], source: data.Source, manifest: dict[str, Any],
+def _recombine(cache: CacheWriter, nets: list[torch.nn.Module], source: data.Source, manifest: dict[str, Any],
                batch_size: int, device: torch.device, progress: bool, on_batch: OnBatch | None,
                lock: WriterLock) -> int:
     """Run the new members on every view; write their logits, and the target and energy of the grown ensemble."""
@@ -242,7 +245,7 @@ def _recombine(cache: Cache, nets: list[torch.nn.Module], source: data.Source, m
                 device, progress, on_batch, lock, forward)
 
 
-def _compute(cache: Cache, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], k: int, k2: int,
+def _compute(cache: CacheWriter, teacher: torch.nn.Module, source: data.Source, manifest: dict[str, Any], k: int, k2: int,
              added: list[str], batch_size: int, device: torch.device, progress: bool, on_batch: OnBatch | None,
              lock: WriterLock) -> int:
     """Run the teacher on the views that need it and write what is new; the views computed.

@@ -23,29 +23,16 @@ from kdcache.augment import Recipe
 from kdcache.augment.mixing import CutMix, MixUp
 from kdcache.cache.arrays import ArraySpec, layout_entry
 from kdcache.cache.manifest import energy_temperature
-from kdcache.cache.store import Cache
+from kdcache.cache.store import Cache, CacheWriter
 from kdcache.cache.view_sets import EXTRA_PREFIX, EXTRA_VIEW_BASE
 from kdcache.data import ImageSet
-from kdcache.errors import CacheCorrupt, InvalidSpec
-from kdcache.preprocess import Preprocess
+from kdcache.errors import CacheCorrupt
+from kdcache.models.preprocess import Preprocess
+from kdcache.teacher.config import ExtraViews
 from kdcache.teacher.passes import Shard, run_shards
 from kdcache.views import Renderer, recorded_decode
 
 MIX_OPS = {"cutmix": CutMix(), "mixup": MixUp(alpha=0.2)}  # the paper's HE-DA settings (losses.md)
-
-def parse(text: str) -> dict[str, Any]:
-    """``R:K2[:cutmix|mixup]`` (R in (0, 1], default op cutmix) as ``{"fraction", "views", "op"}``."""
-    parts = text.split(":")
-    usage = f"--extra-views {text!r} is not R:K2[:cutmix|mixup] — e.g. --extra-views 0.5:4 or 0.3:2:mixup"
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in MIX_OPS):
-        raise InvalidSpec(usage)
-    try:
-        fraction, views = float(parts[0]), int(parts[1])
-    except ValueError as exc:
-        raise InvalidSpec(usage) from exc
-    if not 0 < fraction <= 1 or views < 1:
-        raise InvalidSpec(f"--extra-views {text!r} needs 0 < R <= 1 and K2 >= 1 — e.g. --extra-views 0.5:4")
-    return {"fraction": fraction, "views": views, "op": parts[2] if len(parts) == 3 else "cutmix"}
 
 
 def recipe_for(recipe: Recipe, op: str) -> Recipe:
@@ -53,11 +40,11 @@ def recipe_for(recipe: Recipe, op: str) -> Recipe:
     return Recipe((*(o for o in recipe.ops if o.name not in MIX_OPS), MIX_OPS[op]))
 
 
-def add_to_manifest(manifest: dict[str, Any], text: str | None, recipe: Recipe) -> None:
-    """Record ``--extra-views`` under ``recipe.he_extra``, part of the cache id; nothing when ``text`` is None."""
-    if text is None:
+def add_to_manifest(manifest: dict[str, Any], extra: ExtraViews | None, recipe: Recipe) -> None:
+    """Record ``--extra-views`` under ``recipe.he_extra``, part of the cache id; nothing when ``extra`` is None."""
+    if extra is None:
         return
-    entry = parse(text)
+    entry: dict[str, Any] = {"fraction": extra.fraction, "views": extra.views, "op": extra.op}
     entry |= {"energy_temperature": energy_temperature(manifest), "view_base": EXTRA_VIEW_BASE,
               "augment": recipe_for(recipe, entry["op"]).to_manifest()}
     manifest["recipe"]["he_extra"] = entry
@@ -72,7 +59,7 @@ def choose(cache: Cache, fraction: float, temperature: float) -> tuple[np.ndarra
     return np.sort(order[:m]).astype(np.int64), float(mean[order[m - 1]])
 
 
-def _layout(cache: Cache, entry: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+def _layout(cache: CacheWriter, entry: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     """Create (or find) the ``he/`` arrays; returns the manifest's ``he`` section."""
     indices, threshold = choose(cache, entry["fraction"], entry["energy_temperature"])
     if "he" in cache.manifest and cache.has_array(f"{EXTRA_PREFIX}status"):
@@ -93,7 +80,7 @@ def _layout(cache: Cache, entry: dict[str, Any], recipe: Recipe) -> dict[str, An
     return cache.manifest["he"]
 
 
-def add_extra_views(cache: Cache, teacher: torch.nn.Module, images: ImageSet, device: torch.device,
+def add_extra_views(cache: CacheWriter, teacher: torch.nn.Module, images: ImageSet, device: torch.device,
                     batch_size: int = 256, workers: int = 0, progress: bool = True) -> int:
     """Compute and write the extra views the manifest asks for (none without them); returns how many
     were computed. Every regular shard must be done: the choice needs every sample's energy. Extra-view

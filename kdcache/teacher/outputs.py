@@ -13,55 +13,16 @@ import torch
 from kdcache import models
 from kdcache.augment.rng import Draws
 from kdcache.cache.arrays import MAP_CODEC, MAP_LEVEL, ArraySpec
-from kdcache.cache.logits import from_device, storage_dtype, stored_tensor
+from kdcache.cache.logits import SAMPLE_STREAM, from_device, storage_dtype, stored_tensor
 from kdcache.errors import InvalidSpec
 from kdcache.runtime import HostCopier
 
-LOGIT_DTYPES = ("float16", "bfloat16", "float32")
-FEATURE_MODES = ("full", "pooled", "attention")
-SAMPLE_STREAM = 0xFFFF  # Philox stream of the class draws of ``sampled`` logits (ops use 0.. and 2**15 + k)
-MAX_DRAWS = 65535  # counts are stored as uint8 (N <= 255) or uint16
 
 
 def energy(logits: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
     """``E = -T·logsumexp(z/T)`` per row and temperature: [B, len(temperatures)], float32."""
     z = logits.float()
     return torch.stack([-t * torch.logsumexp(z / t, dim=1) for t in temperatures], dim=1)
-
-
-def parse_logits(text: str, num_classes: int, dtype: str) -> dict[str, Any]:
-    """The manifest entry of ``--logits dense|topk:K|sampled:N`` for ``num_classes`` classes."""
-    mode, _, size = text.partition(":")
-    usage = f"--logits {text!r} is not dense, topk:K or sampled:N — e.g. --logits topk:10 or --logits sampled:50"
-    if mode == "dense" and not size:
-        return {"mode": "dense", "dtype": dtype}
-    if mode not in ("topk", "sampled") or not size.isdigit() or int(size) < 1:
-        raise InvalidSpec(usage)
-    n = int(size)
-    index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
-    if mode == "topk":
-        if n > num_classes:
-            raise InvalidSpec(f"--logits topk:{n} keeps more classes than the dataset's {num_classes} — "
-                              f"use K <= {num_classes} (or --logits dense)")
-        return {"mode": "topk", "k": n, "dtype": dtype, "values": "log_softmax", "index_dtype": index_dtype}
-    if n > MAX_DRAWS:
-        raise InvalidSpec(f"--logits sampled:{n} draws more than {MAX_DRAWS} classes per view — use N <= {MAX_DRAWS}")
-    return {"mode": "sampled", "draws": n, "width": min(n, num_classes), "temperature": 1.0,
-            "index_dtype": index_dtype, "count_dtype": "uint8" if n <= 255 else "uint16",
-            "rng": {"stream": SAMPLE_STREAM}}
-
-
-def target_specs(entry: dict[str, Any], num_classes: int) -> list[ArraySpec]:
-    """The arrays that store the teacher target of logit mode ``entry``."""
-    if entry["mode"] == "dense":
-        return [ArraySpec("logits", (num_classes,), storage_dtype(entry["dtype"]), entry["dtype"])]
-    if entry["mode"] == "topk":
-        k = (entry["k"],)
-        return [ArraySpec("topk/values", k, storage_dtype(entry["dtype"]), entry["dtype"]),
-                ArraySpec("topk/indices", k, entry["index_dtype"])]
-    width = (entry["width"],)
-    return [ArraySpec("sampled/ids", width, entry["index_dtype"]),
-            ArraySpec("sampled/counts", width, entry["count_dtype"])]
 
 
 def topk_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,21 +51,6 @@ def sample_counts(logits: torch.Tensor, uniforms: torch.Tensor, width: int) -> t
 def class_uniforms(seed: int, indices: np.ndarray, views: np.ndarray, draws: int) -> np.ndarray:
     """The uniforms behind the class draws of views (i, v), float64 [B, draws]: Philox stream SAMPLE_STREAM."""
     return Draws(seed, indices, views, SAMPLE_STREAM).uniform(draws)
-
-
-def parse_features(specs: tuple[str, ...]) -> dict[str, str]:
-    """``LAYER[:full|pooled|attention]`` entries as layer -> mode (attention when no mode is given)."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        layer, _, mode = spec.partition(":")
-        mode = mode or "attention"
-        if not layer or mode not in FEATURE_MODES:
-            raise InvalidSpec(f"--features {spec!r} is not LAYER[:full|pooled|attention] — "
-                              "e.g. --features layer3:attention")
-        if layer in out:
-            raise InvalidSpec(f"--features names layer {layer} twice — store one mode per layer")
-        out[layer] = mode
-    return out
 
 
 def feature_shape(layer: str, shape: tuple[int, ...], mode: str) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from kdcache.cache.roots import join
 from kdcache.cache.store import open_cache
 from kdcache.errors import KdcacheError
 from kdcache.runtime import loader_workers, pick_device
-from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.config import PrecomputeConfig, PrecomputeSettings, resolve
 from kdcache.teacher.passes import ViewBatch, run_teacher
 from kdcache.teacher.precompute import prepare
 from kdcache.views import Renderer
@@ -51,10 +51,13 @@ class Plan:
         return asdict(self)
 
 
-def plan(cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
+def plan(cfg: PrecomputeConfig | PrecomputeSettings, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
          warmup: int | None = None) -> Plan:
     """Estimate the run ``cfg`` describes from ``warmup`` views (default: two batches, at most 1024)."""
-    source, recipe, pre, teacher, manifest, specs = prepare(cfg, teacher)
+    settings = resolve(cfg)
+    cfg = settings.config
+    device = pick_device(cfg.device)
+    source, recipe, pre, teacher, manifest, specs = prepare(settings, teacher, device)
     n, k = len(source.train), cfg.views
     wanted = cache_id(manifest)
     path = join(cfg.out, wanted)
@@ -70,7 +73,7 @@ def plan(cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module]
     pairs = np.linspace(0, n * k - 1, count).round().astype(np.int64)
     indices, views = pairs // k, pairs % k
     renderer = Renderer.for_model(source.train, recipe, pre, cfg.decode)
-    outputs, seconds = _warmup(cfg, source, renderer, teacher, manifest, indices, views)
+    outputs, seconds = _warmup(cfg, source, renderer, teacher, manifest, indices, views, device)
     timed = count - min(cfg.batch_size, count) if count > cfg.batch_size else count
     result.warmup_views = count
     result.views_per_second = timed / seconds if seconds > 0 else 0.0
@@ -90,11 +93,10 @@ def plan(cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module]
 
 
 def _warmup(cfg: PrecomputeConfig, source, renderer: Renderer, teacher: torch.nn.Module, manifest: dict[str, Any],
-            indices: np.ndarray, views: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+            indices: np.ndarray, views: np.ndarray, device: torch.device) -> tuple[dict[str, np.ndarray], float]:
     """What precompute would store for views (indices[j], views[j]), and the seconds the batches after
     the first took (the teacher pass, pipelined as precompute runs it; the first batch warms caches and
     kernels up)."""
-    device = pick_device(cfg.device)
     batches = [ViewBatch(indices[lo : lo + cfg.batch_size], views[lo : lo + cfg.batch_size])
                for lo in range(0, len(indices), cfg.batch_size)]
     parts: list[dict[str, np.ndarray]] = []

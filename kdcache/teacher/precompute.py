@@ -20,29 +20,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdcache import data, distributed, preprocess
+from kdcache import data, distributed
+from kdcache.models import preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.arrays import ArraySpec
-from kdcache.cache.integrity import damaged_shards, reopen_shards
+from kdcache.cache.claim import ClaimOptions, claim
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.manifest import cache_id, provenance
-from kdcache.cache.roots import alias_name, join, write_alias
-from kdcache.cache.store import Cache, check_root, create_cache, limit_codec_threads, open_cache
-from kdcache.errors import CacheCorrupt, CacheMismatch, InterruptedLayout, InvalidSpec, KdcacheError, MissingData
-from kdcache.preprocess import Preprocess
+from kdcache.cache.roots import alias_name, join
+from kdcache.cache.store import CacheWriter, limit_codec_threads, open_cache, open_writer
+from kdcache.models.preprocess import Preprocess
 from kdcache.runtime import codec_threads, loader_workers, pick_device, resolve_precision
 from kdcache.teacher import extra_views
-from kdcache.teacher.config import PrecomputeConfig
+from kdcache.teacher.config import PrecomputeConfig, PrecomputeSettings, resolve
 from kdcache.teacher.ensemble import load_teachers, members_entry
-from kdcache.teacher.outputs import (
-    LOGIT_DTYPES,
-    feature_entries,
-    feature_specs,
-    member_specs,
-    parse_features,
-    parse_logits,
-    target_specs,
-)
+from kdcache.cache.logits import logits_entry, target_specs
+from kdcache.teacher.outputs import feature_entries, feature_specs, member_specs
 from kdcache.teacher.passes import cache_shards, compiled_forward, run_shards
 from kdcache.views import Renderer
 
@@ -62,17 +55,6 @@ class PrecomputeResult:
         return self.views_computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def _validate(cfg: PrecomputeConfig) -> None:
-    cfg.validate()
-    if cfg.logit_dtype not in LOGIT_DTYPES:
-        raise InvalidSpec(f"--logit-dtype {cfg.logit_dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
-    pick_device(cfg.device)  # a device that is not there is refused before any folder is made
-    parse_logits(cfg.logits, 1 << 20, cfg.logit_dtype)  # syntax only; the class count is checked later
-    parse_features(tuple(cfg.features))
-    if cfg.extra_views is not None:
-        extra_views.parse(cfg.extra_views)
-
-
 def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
     """The fully resolved settings of a run, as JSON (the manifest's ``config``; not part of the cache id):
     ``PrecomputeConfig(**run_config(cfg))`` reruns it."""
@@ -80,11 +62,12 @@ def run_config(cfg: PrecomputeConfig) -> dict[str, Any]:
 
 
 def build_manifest(
-    cfg: PrecomputeConfig, source: data.Source, recipe: Recipe, teacher: dict[str, Any], pre: Preprocess,
-    features: list[dict[str, Any]] | None = None,
+    settings: PrecomputeSettings, source: data.Source, recipe: Recipe, teacher: dict[str, Any], pre: Preprocess,
+    device: torch.device, features: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of the cache ``cfg`` describes (id and layout are added by the store);
+    """The manifest of the cache ``settings`` describe (id and layout are added by the store);
     ``teacher`` is its teacher section (members and ensemble, see kdcache/teacher/ensemble.py)."""
+    cfg = settings.config
     return {
         "teacher": teacher,
         "dataset": source.manifest_entry(),
@@ -96,8 +79,8 @@ def build_manifest(
             **({"decode": cfg.decode} if cfg.decode != "full" else {}),  # it changes the pixels: part of the id
         },
         "outputs": {
-            "precision": resolve_precision(cfg.precision, pick_device(cfg.device)),  # it changes every output
-            "logits": parse_logits(cfg.logits, source.num_classes, cfg.logit_dtype),
+            "precision": resolve_precision(cfg.precision, device),  # it changes every output
+            "logits": logits_entry(settings.logits, source.num_classes, cfg.logit_dtype),
             "energy": {"temperatures": [float(t) for t in cfg.energy_t]},
             "features": features or [],
             **members_entry(len(teacher["members"]), cfg.keep_members, cfg.logit_dtype),
@@ -108,24 +91,26 @@ def build_manifest(
 
 
 def prepare(
-    cfg: PrecomputeConfig, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
+    cfg: PrecomputeConfig | PrecomputeSettings, teacher: torch.nn.Module | list[torch.nn.Module] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[data.Source, Recipe, Preprocess, torch.nn.Module, dict[str, Any], list[ArraySpec]]:
     """Everything a run needs before it touches storage: source, recipe, the teacher's preprocessing
-    (kdcache/preprocess.py), the teacher to run (loaded, see kdcache/teacher/ensemble.py), manifest and
-    array specs."""
-    _validate(cfg)
-    source = data.open_source(cfg.dataset)
+    (kdcache/models/preprocess.py), the teacher to run (loaded, see kdcache/teacher/ensemble.py), manifest and
+    array specs. ``device`` (default: the one ``--device`` names) decides the recorded precision."""
+    settings = resolve(cfg)
+    cfg = settings.config
+    device = device if device is not None else pick_device(cfg.device)
+    source = data.open_source(settings.dataset)
     recipe = Recipe.parse(cfg.augment)
     teacher, section, own = load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
                                           cfg.ensemble, cfg.keep_members, modules=teacher, class_map=cfg.class_map,
                                           dataset_classes=source.classes)
     size = cfg.teacher_size or (own.size if own is not None else None) or source.image_size
     pre = preprocess.resolve(own, source.mean, source.std, source.channels, size, cfg.teacher_norm)
-    modes = parse_features(tuple(cfg.features))
     spec = "+".join(m["spec"] for m in section["members"])
-    features = feature_entries(teacher, spec, modes, (source.channels, size, size))
-    manifest = build_manifest(cfg, source, recipe, section, pre, features)
-    extra_views.add_to_manifest(manifest, cfg.extra_views, recipe)
+    features = feature_entries(teacher, spec, dict(settings.features), (source.channels, size, size))
+    manifest = build_manifest(settings, source, recipe, section, pre, device, features)
+    extra_views.add_to_manifest(manifest, settings.extra_views, recipe)
     entry = manifest["outputs"]["logits"]
     specs = [
         *target_specs(entry, source.num_classes),
@@ -137,14 +122,14 @@ def prepare(
     return source, recipe, pre, teacher, manifest, specs
 
 
-def check(cfg: PrecomputeConfig) -> None:
+def check(cfg: PrecomputeConfig | PrecomputeSettings) -> None:
     """Raise what :func:`precompute` would raise about ``cfg`` before it touches storage: options,
     dataset, recipe, teachers and their weights. ``--nproc`` runs it once before starting the ranks."""
     prepare(cfg)
 
 
 def precompute(
-    cfg: PrecomputeConfig,
+    cfg: PrecomputeConfig | PrecomputeSettings,
     teacher: torch.nn.Module | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> PrecomputeResult:
@@ -157,10 +142,13 @@ def precompute(
     custom logging).
     """
     began = time.perf_counter()
-    source, recipe, pre, teacher, manifest, specs = prepare(cfg, teacher)
+    settings = resolve(cfg)
+    cfg = settings.config
+    device = pick_device(cfg.device)
+    source, recipe, pre, teacher, manifest, specs = prepare(settings, teacher, device)
 
     rank, _ = distributed.rank_world()
-    device = distributed.init_if_needed(pick_device(cfg.device))
+    device = distributed.init_if_needed(device)
     cache, alias, lock = _claim(cfg, manifest, source, specs)
     try:
         if cache.complete:
@@ -182,7 +170,7 @@ def precompute(
     return PrecomputeResult(cache.path, cache.id, False, total, time.perf_counter() - began, manifest, alias)
 
 
-def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, renderer: Renderer,
+def _compute(cfg: PrecomputeConfig, cache: CacheWriter, teacher: torch.nn.Module, renderer: Renderer,
              device: torch.device, lock: WriterLock | None,
              on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None) -> int:
     """Run the teacher over this rank's unfinished shards and write each as it completes; the views computed.
@@ -210,68 +198,16 @@ def _compute(cfg: PrecomputeConfig, cache: Cache, teacher: torch.nn.Module, rend
 
 
 def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
-           specs: list[ArraySpec]) -> tuple[Cache, str, WriterLock | None]:
-    """The cache to reuse or write, and the writer lock that rank 0 holds while it is incomplete.
-
-    A complete cache is reused without locking (readers never lock, and may lack write permission).
-    Otherwise rank 0 takes the lock, then creates or resumes the layout — it may have been
-    completed by the writer it waited for — and only then do the other ranks open it.
-    """
+           specs: list[ArraySpec]) -> tuple[CacheWriter, str, WriterLock | None]:
+    """The cache to reuse or write (kdcache/cache/claim.py), and the writer lock that rank 0 holds while it is
+    incomplete. Rank 0 claims it; only then do the other ranks open it."""
     rank, _ = distributed.rank_world()
-    path = join(cfg.out, cache_id(manifest))
-    lock = None
     if rank == 0:
-        if cfg.rebuild or not _complete(path):
-            lock = WriterLock(path, wait=cfg.wait, break_stale=cfg.break_lock).acquire()
-        try:
-            cache, alias = _open_or_create(cfg, manifest, source, specs, repair=lock is not None)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        if cache.complete and lock is not None:
-            lock.release()
-            lock = None
+        held = claim(cfg.out, manifest, source.train.labels, specs,
+                     ClaimOptions(wait=cfg.wait, break_lock=cfg.break_lock, rebuild=cfg.rebuild),
+                     chunk_samples=cfg.chunk_samples, sharded=cfg.sharded)
     distributed.barrier()
     if rank > 0:
-        cache = open_cache(path, mode="r+", allow_incomplete=True)
-        alias = join(cfg.out, alias_name(manifest, cache.id))
-    return cache, alias, lock
-
-
-def _complete(path: str) -> bool:
-    """Whether ``path`` holds a complete cache that is whole: every flag set, every chunk object there."""
-    try:
-        cache = open_cache(path, allow_incomplete=True)
-        return cache.complete and not (damaged_shards(cache) if cache.check_chunks else _unset_flags(cache))
-    except KdcacheError:
-        return False
-
-
-def _unset_flags(cache: Cache) -> list[int]:
-    return np.flatnonzero(~cache.shards_done()).tolist()
-
-
-def _open_or_create(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
-                    specs: list[ArraySpec], repair: bool = False) -> tuple[Cache, str]:
-    """The cache at ``cfg.out/<id>``: found (to reuse or resume) or created, and its alias path."""
-    check_root(cfg.out)
-    wanted = cache_id(manifest)
-    path = join(cfg.out, wanted)
-    try:
-        if cfg.rebuild:
-            raise MissingData(path)
-        cache = open_cache(path, mode="r+", allow_incomplete=True)
-    except (MissingData, InterruptedLayout):  # nothing there yet, or a layout whose creation was interrupted
-        cache = create_cache(path, manifest, source.train.labels, specs, chunk_samples=cfg.chunk_samples,
-                             sharded=cfg.sharded, overwrite=cfg.rebuild)
-    if not cache.complete:
-        cache.remove_partial_files()  # chunks a killed writer left half-written; their shards are rewritten
-    if repair and cache.complete:  # found damaged by _claim: rewrite the shards that lost a chunk, refuse worse damage
-        reopen_shards(cache, damaged_shards(cache) if cache.check_chunks else _unset_flags(cache))
-    if cache.id != wanted and any(h.get("previous_id") == wanted for h in cache.manifest.get("history", [])):
-        raise CacheMismatch(f"{path} was extended into cache {cache.id} ({cache.views} views), which holds every view "
-                            f"of {wanted} — train from it, or precompute into another --out to rebuild {wanted}")
-    if cache.id != wanted:
-        raise CacheCorrupt(f"{path} holds cache {cache.id}, not {wanted} as its name says — delete that folder")
-    return cache, write_alias(cfg.out, alias_name(manifest, wanted), wanted)
+        cache = open_writer(join(cfg.out, cache_id(manifest)), allow_incomplete=True)
+        return cache, join(cfg.out, alias_name(manifest, cache.id)), None
+    return held.cache, held.alias, held.lock

@@ -10,7 +10,13 @@ z ^ z>>31``, all modulo 2**64.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from kdcache.data.images import Source
+    from kdcache.data.spec import DatasetSpec
 
 TEST_OFFSET = 10**9  # test image i is image i + TEST_OFFSET: never one of any fake:N's train images
 _SLOT = 1 << 24  # counters per image: pixel words from 0, the label word last
@@ -41,3 +47,19 @@ def fake_images(first: int, count: int, side: int, classes: int) -> tuple[np.nda
         images[start:start + len(index)] = block.view(np.uint8).reshape(len(index), -1)[:, :size]
         labels[start:start + len(index)] = (mix64(base + np.uint64(_SLOT - 1)) % np.uint64(classes)).astype(np.int64)
     return images.reshape(count, 3, side, side), labels
+
+
+def open_fake(spec: DatasetSpec) -> Source:
+    """``fake:N:C:S``: N train and max(N//4, 1) test images made by :func:`fake_images`."""
+    import torch
+
+    from kdcache.data.images import TensorImageSet, tensor_source
+
+    n, c, s = spec.sizes
+
+    def split(first: int, count: int) -> TensorImageSet:
+        images, labels = fake_images(first, count, s, c)
+        return TensorImageSet(torch.from_numpy(images), labels)
+
+    train, test = split(0, n), split(TEST_OFFSET, max(n // 4, 1))
+    return tensor_source(spec.text, train, test, tuple(str(k) for k in range(c)))

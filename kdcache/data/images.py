@@ -1,4 +1,4 @@
-"""Image sets and the Source record: what every dataset source gives (kdcache/data.py opens them by spec).
+"""Image sets and the Source record: what every dataset source gives (kdcache/data/ opens them by spec).
 
 A split is an :class:`ImageSet` of ``(uint8 image [C,H,W], int label)`` with all labels readable
 without decoding an image; a :class:`Source` is both splits plus what models, augmentations and caches
@@ -7,16 +7,16 @@ need to know, including the fingerprint that identifies the exact data.
 
 from __future__ import annotations
 
-import io
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.extras import require
+from kdcache.data.decode import Reduce, decode_bytes, decode_image
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -65,54 +65,6 @@ def file_statistics(mode: str) -> tuple[str, int, tuple[float, ...], tuple[float
     if mode in GRAY_MODES:
         return "L", 1, GRAY_MEAN, GRAY_STD
     return "RGB", 3, RGB_MEAN, RGB_STD
-
-
-#: (full width, full height) -> the smallest (width, height) a reduced decode must keep.
-Reduce = Callable[[int, int], tuple[int, int]]
-
-
-def decode_bytes(data: bytes, mode: str, reduce: Reduce | None = None) -> torch.Tensor:
-    """An encoded image as uint8 [C,H,W] in ``mode`` (``L`` or ``RGB``); a JPEG reduced as ``reduce``
-    asks (see :meth:`ImageSet.load`), anything else, or a JPEG libjpeg-turbo cannot scale, decoded
-    whole by Pillow."""
-    if reduce is not None and data[:2] == b"\xff\xd8":
-        scaled = _scaled_jpeg(data, mode, reduce)
-        if scaled is not None:
-            return scaled
-    return decode_image(Image.open(io.BytesIO(data)), mode)
-
-
-def _scaled_jpeg(data: bytes, mode: str, reduce: Reduce) -> torch.Tensor | None:
-    simplejpeg = require("simplejpeg", "decode", "--decode reduced")
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        min_width, min_height = reduce(width, height)
-        if min_width >= width and min_height >= height:
-            return None
-        pixels = simplejpeg.decode_jpeg(data, "GRAY" if mode == "L" else "RGB", min_width=min_width,
-                                        min_height=min_height)
-    except ValueError:  # CMYK and other layouts libjpeg-turbo will not scale: decode them whole
-        return None
-    pixels = np.ascontiguousarray(pixels).reshape(pixels.shape[0], pixels.shape[1], -1)
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-#: What Pillow and simplejpeg raise for bytes that are not a decodable image.
-UNDECODABLE = (OSError, SyntaxError, ValueError, TypeError)
-
-
-def header(data: bytes) -> tuple[str, int]:
-    """(PIL mode, shorter side) of an encoded image, from its header alone: what a source needs of its
-    first image to choose gray or RGB and its native size."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.mode, min(image.size)
-
-
-def decode_image(image: Image.Image, mode: str) -> torch.Tensor:
-    """An opened PIL image as uint8 [C,H,W] in ``mode``."""
-    from torchvision.transforms.functional import pil_to_tensor
-
-    return pil_to_tensor(image.convert(mode))
 
 
 class TensorImageSet(ImageSet):
@@ -189,3 +141,31 @@ def read_only_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.array(labels, dtype=np.int64)
     labels.flags.writeable = False
     return labels
+
+
+def tensor_source(spec: str, train: TensorImageSet, test: TensorImageSet, classes: tuple[str, ...]) -> Source:
+    """The Source of two in-memory splits: the training split's statistics and a sha256 of every pixel and label."""
+    mean, std = channel_stats(train.images)
+    digest = hashlib.sha256()
+    for name, split in (("train", train), ("test", test)):
+        digest.update(f"{name} images {tuple(split.images.shape)} uint8\n".encode())
+        digest.update(split.images.numpy().data)
+        digest.update(f"{name} labels {split.labels.shape} int64\n".encode())
+        digest.update(split.labels.astype("<i8").tobytes())
+    return Source(spec=spec, train=train, test=test, num_classes=len(classes),
+                  channels=train.images.shape[1], image_size=train.images.shape[2],
+                  mean=mean, std=std, classes=classes, fingerprint=f"sha256:{digest.hexdigest()}")
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images in [0,1] units; float64, chunked to bound memory."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)

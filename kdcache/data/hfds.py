@@ -12,41 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
+from kdcache.data.decode import UNDECODABLE, Reduce, decode_bytes, header
+from kdcache.data.images import ImageSet, Source, file_statistics, read_only_labels
+from kdcache.data.spec import DatasetSpec
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.extras import require
-from kdcache.image_sets import (
-    UNDECODABLE,
-    ImageSet,
-    Reduce,
-    Source,
-    decode_bytes,
-    file_statistics,
-    header,
-    read_only_labels,
-)
 
 TEST_SPLITS = ("validation", "test", "val")
-_SPLIT = re.compile(r"^[A-Za-z_][\w.-]*$")
-
-
-def parse_spec(rest: str) -> tuple[str, str, dict[str, str]]:
-    """``PATH[:SPLIT][?image=COL&label=COL]`` -> (path, train split, column options)."""
-    where, _, query = rest.partition("?")
-    options = dict(parse_qsl(query))
-    if set(options) - {"image", "label"} or not where:
-        raise InvalidSpec(f"bad hfds spec {rest!r} — use hfds:PATH[:SPLIT][?image=COL&label=COL]")
-    path, sep, split = where.rpartition(":")
-    if not sep or not path or not _SPLIT.match(split):
-        path, split = where, "train"
-    return path, split, options
 
 
 def _datasets():
@@ -124,9 +102,9 @@ def _labels(split: Any, label: str, where: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def open_hfds(spec: str, rest: str) -> Source:
-    """The source ``hfds:REST``: the train split and the first of validation/test/val beside it."""
-    path, train_name, options = parse_spec(rest)
+def open_hfds(spec: DatasetSpec) -> Source:
+    """The source ``hfds:…``: the train split and the first of validation/test/val beside it."""
+    path, train_name, options = spec.path, spec.name, dict(spec.options)
     loaded = _load(path)
     splits = dict(loaded) if hasattr(loaded, "keys") else {}
     if train_name not in splits:
@@ -137,14 +115,14 @@ def open_hfds(spec: str, rest: str) -> Source:
         raise MissingData(f"dataset {path} has no validation or test split beside {train_name!r} — add one "
                           "(kdcache evaluates on it)")
     train, test = splits[train_name], splits[test_name]
-    image, label = _columns(train.features, options, spec)
+    image, label = _columns(train.features, options, spec.text)
     labels = {name: _labels(splits[name], label, f"{path}:{name}") for name in (train_name, test_name)}
     feature = train.features[label]
     names = (tuple(feature.names) if isinstance(feature, _datasets().ClassLabel)
              else tuple(str(k) for k in range(int(max(v.max() for v in labels.values())) + 1)))
     first_mode, side = HfImageSet(train, image, labels[train_name], "", f"{path}:{train_name}").read(0, header)
     mode, channels, mean, std = file_statistics(first_mode)
-    return Source(spec=spec, train=HfImageSet(train, image, labels[train_name], mode, f"{path}:{train_name}"),
+    return Source(spec=spec.text, train=HfImageSet(train, image, labels[train_name], mode, f"{path}:{train_name}"),
                   test=HfImageSet(test, image, labels[test_name], mode, f"{path}:{test_name}"),
                   num_classes=len(names), channels=channels, image_size=side, mean=mean, std=std,
                   classes=names, fingerprint=_fingerprint(train.features, {train_name: train, test_name: test},
