@@ -338,8 +338,8 @@ def test_tinyvit_views_and_targets_are_those_its_reader_gives(folder, tinyvit):
             assert np.array_equal(ids[epoch], their_ids)
             back = np.exp(values[epoch].astype(np.float64)).astype(np.float16)
             assert np.array_equal(back.view(np.uint16), their_probs.view(np.uint16))  # the float16 bits come back
-    assert cache.manifest["imported"]["model"] == "clip_vit_large_patch14_22k"
-    assert cache.manifest["outputs"]["precision"] == "fp16"
+    assert cache.manifest["imported"]["model"] == "tiny_vit"
+    assert cache.manifest["outputs"]["precision"] == "fp16"  # AMP_ENABLE true, TinyViT's default
 
 
 def test_a_truncated_tinyvit_values_file_is_refused_by_name(folder, tinyvit, tmp_path):
@@ -354,10 +354,31 @@ def test_a_truncated_tinyvit_values_file_is_refused_by_name(folder, tinyvit, tmp
                      config=str(root / "config.json"), progress=False)
 
 
+@pytest.mark.parametrize(("changes", "precision"), [({"AMP_ENABLE": False}, "fp32"), ({"AMP_ENABLE": True}, "fp16")])
+def test_tinyvit_precision_is_its_amp_enable(folder, tinyvit, tmp_path, changes, precision):
+    root, _, _ = tinyvit
+    config = tinyvit_config(tmp_path / "config.json", **changes)
+    path = import_cache("tinyvit", str(root / "logits"), spec(folder), str(tmp_path / "o"), config=str(config),
+                        progress=False).path
+    assert open_cache(path).manifest["outputs"]["precision"] == precision
+
+
+def test_an_older_tinyvit_config_says_its_precision_with_amp_opt_level(tmp_path):
+    import yaml
+
+    from kdcache.interop.tinyvit import teacher_precision
+
+    assert teacher_precision(yaml.safe_load("AMP_OPT_LEVEL: O0\n")) == "fp32"
+    assert teacher_precision(yaml.safe_load("AMP_OPT_LEVEL: O1\n")) == "fp16"
+    assert teacher_precision({}) == "fp16"  # TinyViT's default: AMP on
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("AUG.REPROB", 0.25, "random noise"), ("AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "RandAugment"),
     ("AUG.MIXUP", 0.8, "pair2"), ("AUG.COLOR_JITTER", 0.4, "color jitter"),
-    ("DATA.INTERPOLATION", "random", "a random one is not recorded"),
+    ("DATA.INTERPOLATION", "random", "cannot save logits with a random one"),
+    ("DATA.INTERPOLATION", "lanczos", "kdcache replays bilinear, bicubic or nearest"),
+    ("DATA.MEAN_AND_STD_TYPE", "imagenet21k", "TinyViT would not run with it"),
 ])
 def test_tinyvit_augmentations_without_an_exact_op_are_refused(folder, tinyvit, tmp_path, key, value, message):
     root, _, _ = tinyvit

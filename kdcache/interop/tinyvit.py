@@ -1,5 +1,6 @@
 """microsoft/Cream TinyViT's saved teacher logits, read as a kdcache cache.
 
+Follows TinyViT at Cream 4a13c40 (its saved-logits layout is unchanged since the release, d23b323).
 The layout (TinyViT's ``data/augmentation/manager.py``, ``dataset_wrapper.py`` and ``save_logits.py``,
 docs/interop.md): one folder ``logits_top<K>_epoch<E>`` per epoch, in each a ``rank<R>-keys.txt`` (one
 sample key per line, ``str(index)`` in torchvision's ``ImageFolder`` order) and a ``rank<R>-values.bin``
@@ -29,14 +30,13 @@ from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
 from kdcache.models.preprocess import Preprocess
 
 FORMAT = "tinyvit"
-#: The layout of TinyViT's save_logits.py (Cream 166a68e): the only one there is.
+#: The layout of TinyViT's save_logits.py (Cream d23b323 to 4a13c40): the only one there is.
 VERSION = 1
 _EPOCH = re.compile(r"logits_top(\d+)_epoch(\d+)$")
 #: TinyViT's defaults (its config.py) for the keys a config file may leave out.
 DEFAULTS = {"DATA.IMG_SIZE": 224, "DATA.INTERPOLATION": "bicubic", "DATA.MEAN_AND_STD_TYPE": "default",
             "AUG.COLOR_JITTER": 0.4, "AUG.AUTO_AUGMENT": "rand-m9-mstd0.5-inc1", "AUG.REPROB": 0.25,
-            "AUG.MIXUP": 0.8, "AUG.CUTMIX": 1.0, "AUG.CUTMIX_MINMAX": None, "MODEL.NAME": "unknown",
-            "AMP_OPT_LEVEL": "O1"}
+            "AUG.MIXUP": 0.8, "AUG.CUTMIX": 1.0, "AUG.CUTMIX_MINMAX": None, "MODEL.NAME": "unknown"}
 NORMS = {"default": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
          "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
@@ -51,6 +51,16 @@ def setting(config: Mapping[str, Any], key: str) -> Any:
             return DEFAULTS[key]
         node = node[part]
     return node
+
+
+def teacher_precision(config: Mapping[str, Any]) -> str:
+    """The teacher forward's precision: ``AMP_ENABLE`` (Cream 680976f on; True, the default: fp16 autocast),
+    else an older config's ``AMP_OPT_LEVEL`` (apex; ``O0`` is fp32)."""
+    if "AMP_ENABLE" in config:
+        return "fp16" if bool(config["AMP_ENABLE"]) else "fp32"
+    if "AMP_OPT_LEVEL" in config:
+        return "fp32" if str(config["AMP_OPT_LEVEL"]) == "O0" else "fp16"
+    return "fp16"
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -70,24 +80,25 @@ def check_augmentation(config: Mapping[str, Any], where: str) -> tuple[int, str]
     """The view side and interpolation; InvalidSpec for a TinyViT augmentation kdcache cannot replay."""
     refused = {
         "AUG.AUTO_AUGMENT": ("none", "TinyViT's RandAugment (timm's, on PIL images) has no exact kdcache op"),
-        "AUG.COLOR_JITTER": (0, "color jitter has no exact kdcache op"),
+        "AUG.COLOR_JITTER": (0, "TinyViT applies color jitter only without RandAugment, where its save_logits.py "
+                                "fails (aug_random has no shuffle)"),
         "AUG.REPROB": (0, "TinyViT's random erasing fills with random noise, which kdcache's erase does not"),
-        "AUG.MIXUP": (0, "TinyViT mixes pairs of a batch (pair2 mode), not stored partners"),
-        "AUG.CUTMIX": (0, "TinyViT mixes pairs of a batch (pair2 mode), not stored partners"),
+        "AUG.MIXUP": (0, "TinyViT's pair2 mixing (adjacent rows of its sampler's permutation) is not imported"),
+        "AUG.CUTMIX": (0, "TinyViT's pair2 mixing (adjacent rows of its sampler's permutation) is not imported"),
     }
     for key, (off, why) in refused.items():
         value = setting(config, key)
         if value not in (off, None) and not (isinstance(value, (int, float)) and value <= 0):
             raise InvalidSpec(f"{where}: {key} {value!r} — {why}; import logits saved with {key} {off}")
     if setting(config, "AUG.CUTMIX_MINMAX") is not None:
-        raise InvalidSpec(f"{where}: AUG.CUTMIX_MINMAX is set — TinyViT's cutmix has no stored partner")
+        raise InvalidSpec(f"{where}: AUG.CUTMIX_MINMAX is set — TinyViT's pair2 mixing is not imported")
     side = int(setting(config, "DATA.IMG_SIZE"))
     if side <= 32:
         raise InvalidSpec(f"{where}: DATA.IMG_SIZE {side} makes TinyViT use a padded RandomCrop, which has no kdcache op")
     interpolation = str(setting(config, "DATA.INTERPOLATION"))
     if interpolation not in ("bilinear", "bicubic", "nearest"):
-        raise InvalidSpec(f"{where}: DATA.INTERPOLATION {interpolation!r} — kdcache replays one fixed interpolation "
-                          "(bilinear, bicubic or nearest); a random one is not recorded")
+        raise InvalidSpec(f"{where}: DATA.INTERPOLATION {interpolation!r} — kdcache replays bilinear, bicubic or "
+                          "nearest (TinyViT cannot save logits with a random one)")
     return side, interpolation
 
 
@@ -122,7 +133,13 @@ def draw(seed: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
 
 
 class Epoch:
-    """One ``logits_top<K>_epoch<E>`` folder: where each sample's item is, and the items (memory-mapped)."""
+    """One ``logits_top<K>_epoch<E>`` folder: where each sample's item is, and the items (memory-mapped).
+
+    A key the sampler padded into several rank files (one entry per file) is read from the highest rank, as
+    TinyViT's reader reads it once it has loaded every rank file: ``_Reader.find_item_in_packages``
+    (manager.py) maps each key to the file it loaded last that lists it, loading files lazily in rank order
+    from its own rank on, so every read after the first few of an epoch gets the highest rank's entry.
+    """
 
     def __init__(self, folder: Path, k: int, num_samples: int) -> None:
         self.item = np.dtype([("seed", "<i4"), ("ids", "<i2", (k,)), ("probs", "<f2", (k,))])
@@ -140,7 +157,7 @@ class Epoch:
                     raise InvalidSpec(f"{keys_file}: key {key!r} is not a sample index below {num_samples} — kdcache "
                                       "imports TinyViT logits keyed by index, of the --dataset they were saved for")
                 t = int(key)
-                if self.rank[t] < 0:  # a key padded into several ranks: TinyViT's rank-0 reader takes the lowest
+                if self.rank[t] < 0 or slot > self.rank[t]:  # padded into several ranks: the highest (docstring)
                     self.rank[t], self.row[t] = slot, row
         if (self.rank < 0).any():
             raise MissingData(f"{folder} has no logits of sample {int(np.argmax(self.rank < 0))} — the dataset has "
@@ -189,7 +206,11 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None) -> Imp
     k, folders = epochs(root)
     n = len(source.train)
     loaded = [Epoch(folder, k, n) for folder in folders]
-    mean, std = NORMS.get(str(setting(config, "DATA.MEAN_AND_STD_TYPE")), NORMS["default"])
+    norm = str(setting(config, "DATA.MEAN_AND_STD_TYPE"))
+    if norm not in NORMS:  # TinyViT itself raises KeyError (build.py)
+        raise InvalidSpec(f"{config_file}: DATA.MEAN_AND_STD_TYPE {norm!r} is not one of {', '.join(NORMS)} — "
+                          "TinyViT would not run with it; pass the config the logits were saved with")
+    mean, std = NORMS[norm]
     pre = Preprocess(mean[: source.channels] if source.channels == 3 else (sum(mean) / 3,),
                      std[: source.channels] if source.channels == 3 else (sum(std) / 3,), side, interpolation,
                      origin=FORMAT)
@@ -198,7 +219,7 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None) -> Imp
     reader = _Reader(loaded, source, np.argsort(order), k)
     about = {"version": VERSION, "source": str(root), "epochs": len(folders), "config": str(config_file),
              "model": str(setting(config, "MODEL.NAME")), "interpolation": interpolation, "img_size": side}
-    precision = "fp32" if str(setting(config, "AMP_OPT_LEVEL")) == "O0" else "fp16"
+    precision = teacher_precision(config)
     return Import(FORMAT, about, recipe, len(folders), k, pre, str(setting(config, "MODEL.NAME")),
                   _digest(config_file, folders), str(root), reader.read, precision)
 
