@@ -38,6 +38,8 @@ def import_cache(
 
     r = run(fmt, src, dataset, out, config=source_config, progress=not quiet,
             options=ClaimOptions(wait=wait, break_lock=break_lock, rebuild=rebuild))
+    for note in r.notes:
+        typer.echo(f"note: {note}", err=True)
     if r.reused:
         typer.echo(f"cache {r.cache_id} at {r.path} already holds this import — reused")
     else:

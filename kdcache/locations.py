@@ -6,10 +6,16 @@ turns a URL into a filesystem, so that a missing protocol driver is one line nam
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 from kdcache.errors import InvalidSpec, MissingDependency
 from kdcache.extras import require
+
+#: Local file systems whose files are the kernel's, not data: reading one can block forever (/proc/kmsg).
+SPECIAL_ROOTS = ("/proc", "/sys", "/dev")
 
 #: fsspec protocols whose driver is a kdcache extra: protocol -> (module, extra).
 DRIVERS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3")}
@@ -23,6 +29,36 @@ def is_remote(path: str) -> bool:
 def local_path(path: str) -> str:
     """A local path without its ``file://`` prefix."""
     return str(path).removeprefix("file://")
+
+
+def guard(path: str | os.PathLike, what: str = "path") -> None:
+    """Refuse, in one line and before anything opens it, a local ``path`` that is neither a regular file nor a
+    folder (a FIFO, a socket, a device) or lies on a kernel file system (/proc, /sys, /dev), where a read can
+    block forever. Remote URLs and paths that do not exist yet pass."""
+    text = str(path)
+    if is_remote(text):
+        return
+    local = os.path.realpath(os.path.expanduser(local_path(text)))
+    special = next((root for root in SPECIAL_ROOTS if local == root or local.startswith(root + "/")), None)
+    if special is not None:
+        raise InvalidSpec(f"{what} {text} lies on {special}, a kernel file system, not data — pass a file or "
+                          "folder of your own")
+    try:
+        mode = os.stat(local).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidSpec(f"{what} {text} is not a regular file or folder (a pipe, socket or device) — pass a file "
+                          "or folder")
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether local ``path`` is ``folder`` or lies below it (symbolic links resolved; remote: never)."""
+    if is_remote(str(path)) or is_remote(str(folder)):
+        return False
+    here = Path(os.path.realpath(os.path.expanduser(local_path(str(path)))))
+    there = Path(os.path.realpath(os.path.expanduser(local_path(str(folder)))))
+    return here == there or there in here.parents
 
 
 def protocol(path: str) -> str:
@@ -43,6 +79,7 @@ def filesystem(path: str) -> tuple[Any, str]:
     does not know or whose driver is missing."""
     import fsspec  # a dependency of torch
 
+    guard(path)
     require_driver(path)
     try:
         return fsspec.core.url_to_fs(path)

@@ -3,9 +3,11 @@
 Nothing here imports kdcache.interop: each writer and reader is a transcription of the other project's
 code, named where it follows it, so the tests compare kdcache's import against that code's behaviour.
 
-- ml-dr (apple/ml-dr c72c884): ``reinforce.py`` (``transform_batch``, ``reinforce``), ``dr/transforms.py``
-  (``Compose.compress``/``decompress``, ``reapply``), ``transforms.py`` (``MixUp``, ``CutMix.rand_bbox``),
-  ``dr/utils.py`` (``sparsify``, ``densify``), ``dr/data.py`` (``ReinforcedDataset.__getitem__``).
+- ml-dr (apple/ml-dr a21113c, whose code files equal c72c884): ``reinforce.py`` (``main``, ``transform_batch``,
+  ``reinforce``), ``dr/transforms.py`` (``clean_config``, ``compose_from_config``, ``Compose.compress``/
+  ``decompress``/``reapply``), ``transforms.py`` (``MixUp``, ``CutMix.rand_bbox``), ``dr/utils.py``
+  (``sparsify``, ``densify``), ``dr/data.py`` (``ReinforcedDataset.__getitem__``). Checked against that code,
+  run unchanged (docs/interop.md, "Checked against the real code").
 - TinyViT (microsoft/Cream 4a13c40, TinyViT/): ``save_logits.py`` (``save_logits_one_epoch``, the config.json
   it dumps), ``data/sampler.py`` (``MyDistributedSampler``), ``data/augmentation/manager.py`` (``_Writer``),
   ``dataset_wrapper.py`` (seed and item layout), ``aug_random.py`` (the PCG64 stream), ``transforms.py``
@@ -46,41 +48,54 @@ def make_folder(root: Path, per_class: int = 5) -> Path:
     return root
 
 
-# --- ml-dr -----------------------------------------------------------------------------------------------
+# --- ml-dr (apple/ml-dr a21113c, whose code files equal c72c884) ----------------------------------------------
 
 MLDR_NAMES = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
-              "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
-MLDR_NO_PARAM = ("uint8", "center_crop", "to_tensor", "normalize")
+              "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")  # TRANSFORMATION_TO_NAME
+MLDR_NO_PARAM = ("uint8", "center_crop", "to_tensor", "normalize")  # dr/transforms.py NO_PARAM_TRANSFORMS
+MLDR_MEAN, MLDR_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def mldr_config(mix: str | None, erase: bool, views: int, k: int, interpolation: int = 2) -> dict[str, Any]:
-    aug: dict[str, Any] = {"random_resized_crop": {"size": SIZE, "scale": [0.25, 1.0], "interpolation": interpolation},
-                           "random_horizontal_flip": {"p": 0.5}, "to_tensor": {},
-                           "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
+    """What ``reinforce.py`` ``main`` saves as config.pth.tar for a configs/imagenet/reinforce/*.yaml-style run:
+    every entry with ``enable: true`` as the published configs have, ``uint8`` first, MixUp with their
+    ``div_by: 2`` (λ is then at most 0.5)."""
+    aug: dict[str, Any] = {"uint8": {"enable": True},
+                           "random_resized_crop": {"enable": True, "size": SIZE, "scale": [0.25, 1.0],
+                                                   "interpolation": interpolation},
+                           "random_horizontal_flip": {"enable": True, "p": 0.5}, "to_tensor": {"enable": True},
+                           "normalize": {"enable": True, "mean": list(MLDR_MEAN), "std": list(MLDR_STD)}}
     if erase:
-        aug["random_erase"] = {"p": 0.5}
-    if mix:
-        aug[mix] = {"alpha": 1.0, "p": 0.7}
-    return {"reinforce": {"num_samples": views, "topk": k, "image_augmentation": aug, "compress": True},
-            "teacher": {"name": "tiny-ensemble"}, "dataset": "imagenet"}
+        aug["random_erase"] = {"enable": True, "p": 0.5}
+    if mix == "mixup":
+        aug["mixup"] = {"enable": True, "alpha": 1.0, "div_by": 2.0, "p": 0.7}
+    elif mix == "cutmix":
+        aug["cutmix"] = {"enable": True, "alpha": 1.0, "p": 0.7}
+    return {"reinforce": {"num_samples": views, "topk": k, "image_augmentation": aug, "compress": True,
+                          "num_candidates": None, "joblib": False, "gzip": False},
+            "teacher": {"timm_ensemble": True, "name": "tiny-ensemble"}, "dataset": "imagenet"}
 
 
 def names_of(config: dict[str, Any]) -> list[str]:
-    return [n for n in MLDR_NAMES if n in config["reinforce"]["image_augmentation"]]
+    """The names ``dr.transforms.compose_from_config`` composes: ``clean_config`` drops ``enable: false``
+    entries, then ``TRANSFORMATION_TO_NAME``'s order; other names are ignored, as ml-dr ignores them."""
+    aug = config["reinforce"]["image_augmentation"]
+    return [n for n in MLDR_NAMES if n in aug and dict(aug[n] or {}).get("enable", True)]
 
 
-def cut_box(size: int, lam: float) -> tuple[int, int, int, int]:
-    """ml-dr's ``CutMix.rand_bbox`` for an output of size x size."""
+def cut_box(size: int, lam: float) -> tuple[Any, Any, Any, Any]:
+    """``transforms.py`` ``CutMix.rand_bbox`` for an output of size x size: NumPy int64 values, as ml-dr stores."""
     h = w = size
     cut_rat = np.sqrt(1.0 - lam)
     cut_h, cut_w = int(h * cut_rat), int(w * cut_rat)
     cx, cy = np.random.randint(h), np.random.randint(w)
-    return (int(np.clip(cx - cut_h // 2, 0, h)), int(np.clip(cy - cut_w // 2, 0, w)),
-            int(np.clip(cx + cut_h // 2, 0, h)), int(np.clip(cy + cut_w // 2, 0, w)))
+    return (np.clip(cx - cut_h // 2, 0, h), np.clip(cy - cut_w // 2, 0, w),
+            np.clip(cx + cut_h // 2, 0, h), np.clip(cy + cut_w // 2, 0, w))
 
 
 def compress(params: dict[str, Any], names: list[str]) -> list[Any]:
-    """``dr.transforms.Compose.compress``."""
+    """``dr.transforms.Compose.compress`` (every per-image transform's ``compress_params`` is the identity for the
+    transforms used here)."""
     out: list[Any] = []
     no_pair = True
     if "mixup" in names or "cutmix" in names:
@@ -90,7 +105,7 @@ def compress(params: dict[str, Any], names: list[str]) -> list[Any]:
         else:
             out.append(None)
     for name in names:
-        p = params[name]
+        p = params[name]  # a KeyError for a missing name, as in ml-dr
         if name in MLDR_NO_PARAM:
             continue
         if name == "mixup":
@@ -104,7 +119,10 @@ def compress(params: dict[str, Any], names: list[str]) -> list[Any]:
 
 def write_mldr(folder: Path, src: Path, mix: str | None = None, erase: bool = False, views: int = 3, k: int = 3,
                compressed: bool = True, seed: int = 0, interpolation: int = 2) -> dict[str, Any]:
-    """A reinforcement of ``folder``'s train split by ml-dr's rules; returns the config."""
+    """A reinforcement of ``folder``'s train split as ``reinforce.py`` writes it (``transform_batch``: the dict of
+    every composed name, ``(NO_PARAM, NO_PARAM)`` for the parameterless ones, then the crops, ``id2`` whenever a
+    mixing transform is configured; ``reinforce``: one ``torch.save`` per sample, protocol 4). The partner is any
+    sample (ml-dr draws it within the batch, which does not change the format). Returns the config."""
     config = mldr_config(mix, erase, views, k, interpolation)
     config["reinforce"]["compress"] = compressed
     names = names_of(config)
@@ -119,8 +137,7 @@ def write_mldr(folder: Path, src: Path, mix: str | None = None, erase: bool = Fa
         for _ in range(views):
             id2 = random.randint(0, len(ds) - 1)
             pair = [ds[t][0], ds[id2][0]]
-            params: dict[str, Any] = {"random_resized_crop": tuple(tuple(crop.get_params(im, crop.scale, crop.ratio))
-                                                                   for im in pair),
+            params: dict[str, Any] = {"uint8": ((), ()),
                                       "random_horizontal_flip": tuple(torch.rand(1).item() < 0.5 for _ in pair),
                                       "to_tensor": ((), ()), "normalize": ((), ())}
             if erase:
@@ -131,7 +148,12 @@ def write_mldr(folder: Path, src: Path, mix: str | None = None, erase: bool = Fa
             if mix:
                 on = not torch.rand(1) > aug[mix]["p"]
                 lam = float(np.random.beta(1.0, 1.0)) if on else None
-                params[mix] = (lam if mix == "mixup" else (lam, cut_box(SIZE, lam))) if on else None
+                if mix == "mixup":
+                    params[mix] = lam / aug["mixup"]["div_by"] if on else None
+                else:
+                    params[mix] = (lam, cut_box(SIZE, lam)) if on else None
+            params["random_resized_crop"] = tuple(tuple(crop.get_params(im, crop.scale, crop.ratio)) for im in pair)
+            if mix:
                 params["id2"] = id2  # transform_batch sets it whenever a mixing transform is configured
             probs = torch.softmax(torch.randn(len(CLASSES)) * 3, 0).numpy()
             ids = np.argpartition(probs, -k)[-k:]  # dr.utils.sparsify
@@ -143,8 +165,8 @@ def write_mldr(folder: Path, src: Path, mix: str | None = None, erase: bool = Fa
 
 
 def decompress(params: Any, names: list[str]) -> dict[str, Any]:
-    """``dr.transforms.Compose.decompress``."""
-    if isinstance(params, dict):
+    """``dr.transforms.Compose.decompress``, as ``ReinforcedDataset`` calls it (only for a list)."""
+    if not isinstance(params, list):
         return params
     out: dict[str, Any] = {}
     no_pair = None
@@ -162,57 +184,92 @@ def decompress(params: Any, names: list[str]) -> dict[str, Any]:
             out[name] = (p[0], p[1])
         else:
             out[name] = (p,)
+    for name in names:  # "Fill non-random transformations"
+        if name in MLDR_NO_PARAM:
+            out[name] = ((), ())
     return out
 
 
-def mldr_view(folder: Path, src: Path, index: int, view: int, size: int = SIZE) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The view ml-dr's ``ReinforcedDataset`` renders for (index, view), before ``normalize`` (float [C,S,S] in
-    [0,1]), and the stored entry: ImageFolder's PIL images through ``Compose.reapply``."""
-    config = torch.load(src / "config.pth.tar", weights_only=False)
-    names = names_of(config)
+def _reapply_one(name: str, x: Any, p: Any, aug: dict[str, Any]) -> Any:
+    """One per-image transform of ``Compose.reapply`` on image ``x`` with its param ``p``."""
+    if name == "uint8":
+        return (x * 255).to(torch.uint8) if isinstance(x, torch.Tensor) else x  # ToUint8: a PIL image is kept
+    if name == "random_resized_crop":
+        cfg = aug[name]
+        size = cfg["size"] if isinstance(cfg["size"], (list, tuple)) else [cfg["size"], cfg["size"]]
+        mode = F._interpolation_modes_from_int(cfg.get("interpolation", 2))
+        return F.resized_crop(x, *p, list(size), interpolation=mode, antialias=True)
+    if name == "random_horizontal_flip":
+        return F.hflip(x) if p else x
+    if name == "to_tensor":
+        return F.to_tensor(x) if not isinstance(x, torch.Tensor) else (x / 255.0).to(torch.float32)
+    if name == "random_erase":
+        ex, ey, eh, ew = p
+        if ex != -1:
+            x[:, ex:ex + eh, ey:ey + ew] = 0  # value ignored: always zero
+        return x
+    if name == "normalize":
+        return T.Normalize(aug[name]["mean"], aug[name]["std"])(x)
+    raise NotImplementedError(f"ml-dr transform {name} is not transcribed here")
+
+
+def mldr_view(folder: Path, src: Path, index: int, view: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The view ml-dr's ``ReinforcedDataset.__getitem__`` (dr/data.py) gives for (index, view) — normalised and
+    mixed, as its student trains on it — and the stored entry: ImageFolder's PIL images through
+    ``Compose.reapply``, which runs a composed transform only when the params name it, per image only when its
+    slot is not None. A view that never became a tensor fails as the real ``img.detach()`` does."""
+    config = torch.load(src / "config.pth.tar", weights_only=False)  # ml-dr: torch.load's default
+    names, aug = names_of(config), config["reinforce"]["image_augmentation"]
     ds = torchvision.datasets.ImageFolder(str(folder / "train"))
     stored = torch.load(src / f"{index}.pth.tar", weights_only=False)
     assert stored[0] == index
     entry = stored[1][view]
     params = decompress(entry["params"], names)
-    img = ds[index][0]
-    img2 = ds[params["id2"]][0] if ("cutmix" in params or "mixup" in params) else None
-    images = [img, img2]
-    for slot in (0, 1):  # Compose.reapply: a transform whose param of this image is None is skipped
-        if images[slot] is None:
+    images = [ds[index][0], ds[params["id2"]][0] if ("cutmix" in params or "mixup" in params) else None]
+    for name in names:
+        if name not in params:
             continue
-        x = images[slot]
-        given = {name: params[name][slot] for name in ("random_resized_crop", "random_horizontal_flip", "random_erase")
-                 if name in params}
-        if given.get("random_resized_crop") is not None:
-            i, j, h, w = given["random_resized_crop"]
-            mode = config["reinforce"]["image_augmentation"]["random_resized_crop"].get("interpolation", 2)
-            x = F.resized_crop(x, i, j, h, w, [size, size], interpolation=F._interpolation_modes_from_int(mode))
-        if given.get("random_horizontal_flip"):
-            x = F.hflip(x)
-        x = F.to_tensor(x)
-        box = given.get("random_erase")
-        if box is not None and box[0] != -1:
-            ex, ey, eh, ew = box
-            x[:, ex:ex + eh, ey:ey + ew] = 0
-        images[slot] = x
-    x, x2 = images
-    if params.get("mixup") is not None:
-        lam = params["mixup"]
-        x = lam * x + (1 - lam) * x2
-    if params.get("cutmix") is not None:
-        _, (b1, c1, b2, c2) = params["cutmix"]
-        x = x.clone()
-        x[:, b1:b2, c1:c2] = x2[:, b1:b2, c1:c2]
-    return x, entry
+        if name in ("mixup", "cutmix"):
+            if params[name] is None:
+                continue
+            x, x2 = images
+            if name == "mixup":
+                images[0] = params[name] * x + (1 - params[name]) * x2
+            else:
+                _, (b1, c1, b2, c2) = params[name]
+                images[0] = x.clone()
+                images[0][:, b1:b2, c1:c2] = x2[:, b1:b2, c1:c2]
+            continue
+        for slot in (0, 1):
+            if images[slot] is not None and params[name][slot] is not None:
+                images[slot] = _reapply_one(name, images[slot], params[name][slot], aug)
+    if not isinstance(images[0], torch.Tensor):
+        raise AttributeError(f"'{type(images[0]).__name__}' object has no attribute 'detach'")
+    return images[0], entry
 
 
-def mldr_densify(prob: tuple[list[float], list[int]], num_classes: int) -> torch.Tensor:
-    """``dr.utils.densify(method="smooth")``."""
+def mldr_pixels(folder: Path, src: Path, index: int, view: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`mldr_view` with its Normalize undone: [0, 1] floats, to compare with an un-normalised replay."""
+    config = torch.load(src / "config.pth.tar", weights_only=False)
+    norm = config["reinforce"]["image_augmentation"]["normalize"]
+    x, entry = mldr_view(folder, src, index, view)
+    mean, std = (torch.tensor(norm[key], dtype=torch.float32).view(-1, 1, 1) for key in ("mean", "std"))
+    return x * std + mean, entry
+
+
+def mldr_densify(prob: Any, num_classes: int, method: str = "smooth") -> torch.Tensor:
+    """``dr.utils.densify``: a dense target as it is; top-k probabilities whose float32 sum exceeds 1 (or
+    ``method`` zeros) as the softmax of the probabilities, else the missing mass spread over the rest."""
+    if not isinstance(prob, (list, tuple)):
+        return torch.tensor(prob)
     sp, ids = torch.tensor(prob[0]), prob[1]
     r = 1.0 - sp.sum()
-    p = torch.ones(num_classes) * r / (num_classes - len(sp))
-    p[ids] = sp
+    if method == "zeros" or r < 0.0:
+        p = torch.zeros(num_classes)
+        p[ids] = torch.nn.functional.softmax(sp, dim=0)
+    else:
+        p = torch.ones(num_classes) * r / (num_classes - len(sp))
+        p[ids] = sp
     return p
 
 

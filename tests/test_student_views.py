@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from interop_sources import make_folder, mldr_view, write_mldr
+from interop_sources import make_folder, mldr_pixels, write_mldr
 from tests_support import run_cli
 from zoo_support import jpeg_folder, timm_hub
 
@@ -134,7 +134,7 @@ def test_an_imported_bicubic_ml_dr_source_reaches_the_student_as_its_reader_rend
     back = {int(k): t for t, k in enumerate(order)}
 
     def theirs(cache, i, v):
-        return mldr_view(folder, src, back[i], v)[0] * 255
+        return mldr_pixels(folder, src, back[i], v)[0] * 255
 
     assert_same_as_teacher(made.path, dataset, theirs)
 

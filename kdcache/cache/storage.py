@@ -12,7 +12,7 @@ from typing import Any
 import zarr
 import zarr.storage
 
-from kdcache.locations import is_remote, local_path, require_driver
+from kdcache.locations import guard, is_remote, local_path, require_driver
 
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
@@ -36,6 +36,7 @@ def run(coroutine: Any) -> Any:
 
 def open_store(path: str, read_only: bool) -> zarr.abc.store.Store:
     """The Zarr store of a local folder or an fsspec URL."""
+    guard(path, "cache")
     if is_remote(path):
         require_driver(path)
         return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options(path), read_only=read_only)

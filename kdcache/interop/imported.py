@@ -49,6 +49,7 @@ class Import:
     source_path: str
     read: Callable[[np.ndarray], dict[str, np.ndarray]] = field(repr=False)
     precision: str = "unknown"
+    notes: list[str] = field(default_factory=list)  # what the import ignored as the source's own reader does
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ImportResult:
     views: int
     seconds: float
     alias: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def manifest_of(found: Import, source: Source) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True,
     with claim(out, manifest, source.train.labels, array_specs(found, manifest), options) as held:
         cache = held.cache
         if held.reused:
-            return ImportResult(cache.path, cache.id, True, 0, time.perf_counter() - began, held.alias)
+            return ImportResult(cache.path, cache.id, True, 0, time.perf_counter() - began, held.alias, found.notes)
         specs = array_specs(found, cache.manifest)
         done = cache.shards_done()
         todo = [s for s in range(cache.num_shards) if not done[s]]
@@ -106,7 +108,7 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True,
                 views += (stop - start) * found.views
                 bar.update((stop - start) * found.views)
         cache.finish()
-    return ImportResult(cache.path, cache.id, False, views, time.perf_counter() - began, held.alias)
+    return ImportResult(cache.path, cache.id, False, views, time.perf_counter() - began, held.alias, found.notes)
 
 
 def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:

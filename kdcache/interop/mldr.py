@@ -50,9 +50,9 @@ PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def sample_file(src: Path, index: int) -> Path:
-    """The file of sample ``index`` (``.pth.tar``, or joblib's ``.jb``)."""
-    path = src / f"{index}.pth.tar"
-    return path if path.exists() or not (src / f"{index}.jb").exists() else src / f"{index}.jb"
+    """The file of sample ``index``: ``<index>.pth.tar`` (a ``torch.save``, or with ``reinforce.joblib`` a
+    joblib dump under the same name)."""
+    return src / f"{index}.pth.tar"
 
 
 def read_config(src: Path) -> dict[str, Any]:
@@ -67,20 +67,22 @@ def read_config(src: Path) -> dict[str, Any]:
     return config
 
 
-def transforms(config: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
-    """The enabled transforms of ``reinforce.image_augmentation`` in ml-dr's order (``enable: false`` drops one,
-    as ml-dr's ``clean_config`` does); InvalidSpec for one kdcache cannot replay exactly."""
+def transforms(config: Mapping[str, Any], where: str, notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The transforms ml-dr composes from ``reinforce.image_augmentation`` (``compose_from_config``: ``enable:
+    false`` drops one, as ``clean_config`` does, and a name it does not know is ignored, as ml-dr ignores it,
+    with a line in ``notes``), in its order; InvalidSpec for one kdcache cannot replay exactly."""
     given = {name: dict(cfg or {}) for name, cfg in config["reinforce"]["image_augmentation"].items()}
     enabled = {name: cfg for name, cfg in given.items() if cfg.pop("enable", True)}
-    unknown = sorted(set(enabled) - set(ORDER))
-    if unknown:
-        raise InvalidSpec(f"{where}: transform {unknown[0]!r} is not one of ml-dr's ({', '.join(ORDER)}) — "
-                          "it cannot be imported")
+    for name in sorted(set(enabled) - set(ORDER)):
+        if notes is not None:
+            notes.append(f"{where}: ml-dr ignores {name!r}, which is not one of its transforms — so does this import")
+        enabled.pop(name)
     for name, why in REFUSED.items():
         if name in enabled:
             raise InvalidSpec(f"{where}: {why} — import a reinforcement made without {name}")
     if "random_resized_crop" not in enabled:
-        raise InvalidSpec(f"{where}: no random_resized_crop — kdcache imports ml-dr views that crop")
+        raise InvalidSpec(f"{where}: no random_resized_crop, so ml-dr's views are whole images of different "
+                          "sizes (its own writer cannot batch them) — kdcache imports ml-dr views that crop")
     if "mixup" in enabled and "cutmix" in enabled:
         raise InvalidSpec(f"{where}: mixup and cutmix both apply to a view, and a kdcache view mixes once — "
                           "import a reinforcement made with one of them")
@@ -155,7 +157,8 @@ def plan(src: str | Path, source: Source, progress: bool = False) -> Import:
     root = Path(src).expanduser()
     config = read_config(root)
     where = str(root)
-    steps = transforms(config, where)
+    notes: list[str] = []
+    steps = transforms(config, where, notes)
     recipe, side, interpolation = recipe_of(steps, where)
     reinforce = config["reinforce"]
     views, k = int(reinforce["num_samples"]), int(reinforce["topk"])
@@ -174,7 +177,7 @@ def plan(src: str | Path, source: Source, progress: bool = False) -> Import:
              "reinforce": jsonable({key: reinforce[key] for key in reinforce}),
              "teacher": jsonable(config.get("teacher"))}
     return Import(FORMAT, about, recipe, views, k, pre, _teacher_name(config), _digest(root, files, progress), str(root),
-                  reader.read)
+                  reader.read, notes=notes)
 
 
 class _Reader:

@@ -4,7 +4,12 @@ Each sample becomes ``<index>.pth.tar`` (``torch.save``, protocol 4, as ml-dr wr
 ``(index, [{"params": dict, "prob": (probabilities, class ids)} per view])`` with ``index`` in
 torchvision's ``ImageFolder`` order, and ``config.pth.tar`` holds the ``reinforce`` section ml-dr's
 ``ReinforcedDataset`` composes its transforms from. Params are the uncompressed dict that
-``dr.transforms.Compose.reapply`` takes; pixel boxes are computed on each image's own size.
+``dr.transforms.Compose.reapply`` (apple/ml-dr a21113c) takes: it runs a transform only when its name is a key,
+so the dict names ``to_tensor`` and ``normalize`` too, as ml-dr's own writer does, with ``(NO_PARAM, NO_PARAM)``
+pairs; pixel boxes are computed on each image's own size. Checked with ml-dr's real reader (docs/interop.md).
+
+A sample's file is written whole (renamed into place) and ``config.pth.tar`` last; ``.kdcache-export`` names
+the cache being exported, so a rerun of a killed export finishes it.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from kdcache.interop.boxes import spans
 from kdcache.interop.imported import folder_order, image_sizes
 from kdcache.interop.mldr import CONFIG, PIL_CODES, VERSION
 from kdcache.interop.pickles import dump_torch
+from kdcache.locations import guard
 
 _PIL_CODES = {name: code for code, name in PIL_CODES.items()}
+MARKER = ".kdcache-export"  # the id of the cache an (unfinished) export folder holds
 
 
 @dataclass
@@ -52,16 +59,16 @@ def export(cache_path: str, out: str, dataset: str | None = None, progress: bool
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     side = int(cache.manifest["recipe"]["input_size"])
     reinforce = reinforce_section(recipe, cache, side)
-    target = Path(out).expanduser()
-    if target.exists() and any(target.iterdir()):
-        raise InvalidSpec(f"--out {out} is not empty — export into a new folder")
-    target.mkdir(parents=True, exist_ok=True)
+    target = _claim_folder(Path(out).expanduser(), out, cache.id)
     order = folder_order(source)  # ImageFolder index -> kdcache index
     index = np.argsort(order)
     names = [name for name in cache.array_names if name.startswith("aug/") or name.startswith("topk/")]
     with tqdm(total=cache.num_samples, unit="sample", desc="export ml-dr", disable=not progress, leave=False) as bar:
         for start in range(0, cache.num_samples, cache.chunk_samples):  # one read per chunk of every array
             stop = min(start + cache.chunk_samples, cache.num_samples)
+            if all((target / f"{int(index[i])}.pth.tar").is_file() for i in range(start, stop)):
+                bar.update(stop - start)  # written whole by the run this one finishes
+                continue
             block = {name: cache.read_samples(name, start, stop) for name in names}
             for i in range(start, stop):
                 rows = _views(cache, recipe, source, i, {name: values[i - start] for name, values in block.items()},
@@ -73,6 +80,32 @@ def export(cache_path: str, out: str, dataset: str | None = None, progress: bool
               "kdcache": {"cache_id": cache.id, "layout_version": VERSION}}
     dump_torch(config, target / CONFIG)  # last: a folder without it is not taken for a whole export
     return ExportResult(str(target), cache.num_samples, cache.views, isinstance(recipe.ops[0], PilResizedCrop))
+
+
+def _claim_folder(target: Path, out: str, cid: str) -> Path:
+    """The export folder: new or empty, or one an earlier export of the same cache left (resumed, its
+    half-written files removed); any other non-empty folder is refused."""
+    guard(target, "--out")
+    if target.exists() and not target.is_dir():
+        raise InvalidSpec(f"--out {out} is a file — export into a new folder")
+    marker = target / MARKER
+    if target.is_dir() and any(target.iterdir()):
+        if not marker.is_file() or marker.read_text().strip() != cid:
+            raise InvalidSpec(f"--out {out} is not empty (and holds no unfinished export of cache {cid}) — export "
+                              "into a new folder")
+        for partial in target.glob("*.tmp"):
+            partial.unlink()
+        (target / CONFIG).unlink(missing_ok=True)  # written again last
+        return target
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidSpec(f"--out {out} lies under a file — export into a new folder") from None
+    except PermissionError:
+        raise InvalidSpec(f"--out {out} cannot be created (permission denied) — export into a folder you may write"
+                          ) from None
+    marker.write_text(cid + "\n")
+    return target
 
 
 def reinforce_section(recipe: Recipe, cache: Cache, side: int) -> dict[str, Any]:
@@ -96,7 +129,7 @@ def reinforce_section(recipe: Recipe, cache: Cache, side: int) -> dict[str, Any]
         else:
             raise InvalidSpec(f"recipe op {op.name!r} has no ml-dr transform that replays it — export a cache whose "
                               "recipe uses rrc or pilrrc, flip, erase, mixup or cutmix")
-    steps["to_tensor"] = {}
+    steps["to_tensor"] = {}  # ml-dr composes it after the flip and before erasing
     steps["normalize"] = {"mean": list(rec["mean"]), "std": list(rec["std"])}
     k = int(cache.manifest["outputs"]["logits"]["k"])
     return {"num_samples": cache.views, "topk": k, "image_augmentation": steps, "densify": "smooth",
@@ -108,6 +141,7 @@ def _views(cache: Cache, recipe: Recipe, source: Any, i: int, arrays: dict[str, 
     """ml-dr's list of ``{"params", "prob"}`` for every view of kdcache sample ``i`` (``arrays``: its rows)."""
     params = {name.removeprefix("aug/"): values for name, values in arrays.items() if name.startswith("aug/")}
     probs = np.exp(decode_logits(arrays["topk/values"], cache.logit_dtype).astype(np.float64))
+    probs = np.stack([densify_as_stored(p, cache.num_classes) for p in probs])
     ids = arrays["topk/indices"].astype(np.int64)
     partner, lam = recipe.mixing(params)
     h, w = image_sizes(source, np.array([i]))
@@ -123,11 +157,32 @@ def _views(cache: Cache, recipe: Recipe, source: Any, i: int, arrays: dict[str, 
         if mix is not None and not mixed:
             slots.append(dict.fromkeys(slots[0]))  # ml-dr's reader loads a partner image even when it mixes none
         p: dict[str, Any] = {name: tuple(s[name] for s in slots) for name in slots[0]}
+        p |= {"to_tensor": ((), ()), "normalize": ((), ())}  # reapply runs only the transforms its dict names
         if mix is not None:  # like transform_batch, id2 is set whenever a mixing transform is configured
             p[mix.name] = _mixing(mix, row, float(lam[v]), side, i, v) if mixed else None
             p["id2"] = int(index[int(partner[v])] if mixed else index[i])
         out.append({"params": p, "prob": (probs[v].tolist(), ids[v].tolist())})
     return out
+
+
+def densify_as_stored(p: np.ndarray, num_classes: int) -> np.ndarray:
+    """Top-k probabilities that ml-dr's ``densify`` (dr/utils.py) turns into kdcache's target.
+
+    kdcache spreads the missing mass ``1 − Σp`` over the other classes, or, where the stored values sum above 1,
+    renormalises them (kdcache.cache.logits.densify_tensors). ml-dr takes ``softmax(p)`` when its float32 sum
+    exceeds 1 (``r < 0``), so such a view is written as ``p/Σp``, scaled down by float32 steps until ml-dr's
+    float32 ``1 − Σp`` is not negative; so is a view that keeps every class (no class left to spread onto).
+    """
+    import torch
+
+    def short(values: np.ndarray) -> bool:
+        return bool(1.0 - torch.tensor(values.tolist(), dtype=torch.float32).sum() < 0.0)
+
+    if len(p) == num_classes or short(p):
+        p = p / p.sum()
+        while short(p):
+            p = p * (1.0 - 2.0**-23)
+    return p
 
 
 def _slot(recipe: Recipe, row: dict[str, np.ndarray], prefix: str, h: int, w: int, side: int) -> dict[str, Any]:

@@ -96,7 +96,14 @@ def _unpickle(data: bytes, name: str) -> Any:
 
 
 def dump_torch(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` (plain data) as ``torch.save`` does with protocol 4: what ml-dr's own reader loads."""
+    """Write ``obj`` (plain data) with ``torch.save`` at its default pickle protocol (2), whole or not at all
+    (a temporary file renamed into place). ml-dr writes protocol 4, which torch >= 2.6's default
+    ``torch.load(weights_only=True)`` refuses (FRAME); protocol 2 of plain data loads with it, so ml-dr's
+    own reader reads the export under any torch."""
+    import os
+
     import torch
 
-    torch.save(obj, str(path), pickle_protocol=4)
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    torch.save(obj, str(tmp))
+    os.replace(tmp, path)
