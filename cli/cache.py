@@ -57,6 +57,11 @@ def info(
                    f"{spec['augment']['spec']} views, {format_size(he['stored_bytes'])}")
     typer.echo(f"layout    chunks of {lay['chunk_samples']} samples x 1 view, shards of {lay['shard_samples']} "
                f"samples, Zarr sharding {'on' if lay.get('sharded') else 'off'}")
+    bound = d["bound"]
+    typer.echo("bound     " + ("chunks to their place (a digest per chunk)" if bound["chunks"] else
+                               "chunks NOT bound to their place (made before format 5: a moved chunk is not caught)")
+               + "; " + ("inputs: the crc32c of every image the teacher read" if bound["inputs"] else
+                         "inputs NOT bound (a changed source image is not caught)"))
     p = m["provenance"]
     typer.echo(f"made by   kdcache {p['kdcache']}, torch {p['torch']}, zarr {p['zarr']}, "
                f"{p.get('user', '?')}@{p['host']} at {p['created']}")

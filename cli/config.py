@@ -14,24 +14,27 @@ import typer
 
 from kdcache.errors import InvalidSpec, MissingData
 from kdcache.extras import require
+from kdcache.locations import guard
+from kdcache.textfiles import check_depth, parse_yaml, read_text
 
 
 def read_config(path: Path) -> dict[str, Any]:
     """The table of options in ``path``: TOML, or YAML for .yaml/.yml files."""
+    guard(path, "config file")
     if not path.is_file():
         raise MissingData(f"config file {path} not found — check the path given to --config")
-    text = path.read_text()
+    text = read_text(path, "config file")
     if path.suffix in (".yaml", ".yml"):
-        yaml = require("yaml", "yaml", "YAML config files (or use TOML)")
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise InvalidSpec(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        require("yaml", "yaml", "YAML config files (or use TOML)")
+        values = parse_yaml(text, f"config file {path}") or {}
     else:
         try:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidSpec(f"config file {path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise InvalidSpec(f"config file {path} nests tables too deep — it is damaged") from None
+        check_depth(values, f"config file {path}")
     if not isinstance(values, dict):
         raise InvalidSpec(f"config file {path} must hold a table of option = value pairs")
     return {str(key).replace("-", "_"): value for key, value in values.items()}

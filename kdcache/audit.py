@@ -105,7 +105,8 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
             r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
             stored = {name: cache.read_views(f"{vset.prefix}aug/{name}", r, v) for name in vset.recipe.fields()}
             batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
-        renderer = ViewReplay.of(rec).renderer(source.train, vset.recipe, teacher_pre.mean, teacher_pre.std)
+        images = source.train.bound(cache.input_checksums(), cache.path)
+        renderer = ViewReplay.of(rec).renderer(images, vset.recipe, teacher_pre.mean, teacher_pre.std)
         for out in run_teacher(teacher, renderer, batches, cache.manifest["outputs"], seed=int(rec["seed"]),
                                num_samples=cache.num_samples, device=dev):
             report.problems += _check_batch(cache, vset, out)

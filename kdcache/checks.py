@@ -30,6 +30,25 @@ def at_least(name: str, value: int | float | None, low: float) -> None:
         raise InvalidSpec(f"{name} must be at least {low:g}, got {value} — pass {low:g} or more")
 
 
+#: Upper bounds of counts and sizes, far above any real run, so that a typo (``--views 100000000000``) is one
+#: line before anything is laid out rather than a memory error or a cache folder of absurd arrays.
+LIMITS = {"--views": 100_000, "--batch-size": 1 << 20, "--chunk-samples": 1 << 20, "--teacher-size": 8192,
+          "--size": 8192, "--epochs": 1_000_000, "--workers": 1024, "--warmup-epochs": 1_000_000}
+
+
+def at_most(name: str, value: int | float | None) -> None:
+    """``value`` is at most the option's bound in :data:`LIMITS`."""
+    if value is not None and name in LIMITS and value > LIMITS[name]:
+        raise InvalidSpec(f"{name} {value} is more than {LIMITS[name]:,}, the most kdcache accepts — pass a smaller "
+                          "value")
+
+
+def at_least_at_most(name: str, value: int | float | None, low: float) -> None:
+    """:func:`at_least` ``low``, and :func:`at_most` its bound."""
+    at_least(name, value, low)
+    at_most(name, value)
+
+
 def finite(name: str, value: float | int | None) -> None:
     """``value`` is a real, finite number: NaN and infinity are refused (they poison losses and JSON)."""
     if value is None:
@@ -54,6 +73,16 @@ def seed(value: int) -> None:
 def device(value: str) -> None:
     if not _DEVICE.match(str(value)):
         raise InvalidSpec(f"unknown device {value!r} — use auto, cpu or cuda[:N]")
+
+
+def outside(option: str, value: str, folder: str | None, what: str) -> None:
+    """Refuse an output ``value`` that is ``folder`` or lies inside it (``what`` names the folder): a cache
+    written into a dataset's class tree becomes a class of it."""
+    from kdcache.locations import inside
+
+    if folder is not None and inside(value, folder):
+        raise InvalidSpec(f"{option} {value} lies inside {what} {folder} — writing there would change the data; pass "
+                          "a folder outside it")
 
 
 def output_folder(option: str, value: str) -> None:

@@ -52,6 +52,14 @@ def guard(path: str | os.PathLike, what: str = "path") -> None:
                           "or folder")
 
 
+def unreachable(path: str, exc: BaseException) -> InvalidSpec:
+    """One line for a storage that refused ``path`` (no credentials, no such bucket, no network): what it said,
+    and where credentials come from."""
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return InvalidSpec(f"{path} cannot be reached ({type(exc).__name__}: {text}) — check the URL, and the credentials "
+                       "(environment variables such as AWS_ACCESS_KEY_ID, or fsspec's configuration)")
+
+
 def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether local ``path`` is ``folder`` or lies below it (symbolic links resolved; remote: never)."""
     if is_remote(str(path)) or is_remote(str(folder)):

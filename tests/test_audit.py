@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -25,9 +26,15 @@ ALL = "1000"  # more pairs than the 64 x 3 views of the cache: every view is rep
 
 @pytest.fixture
 def tampered(cache_path, tmp_path) -> Path:
-    """A private copy of the shared cache, free to modify through zarr."""
+    """A private copy of the shared cache, free to modify through zarr, whose chunks are not bound to their place:
+    what a forger who also rewrote the chunk digests leaves (or a cache made before format 5). Only recomputing
+    the teacher's outputs catches an edit then."""
     dst = tmp_path / "copy"
     shutil.copytree(cache_path, dst)
+    meta = dst / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["kdcache"]["layout"]["bound"]
+    meta.write_text(json.dumps(doc))
     return dst
 
 

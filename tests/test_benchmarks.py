@@ -74,3 +74,13 @@ def test_the_interop_benchmark_measures_replay_export_and_import(tmp_path, capsy
     assert all(row["views/s"] > 0 for row in record["replay"]) and record["replay"][0]["vs rrc"] == 1.0
     assert record["export_views_per_s"] > 0 and record["import_views_per_s"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "interop"
+
+
+@pytest.mark.slow
+def test_the_binding_benchmark_reads_one_cache_bound_and_unbound(tmp_path, capsys):
+    from benchmarks import binding
+
+    record = binding.main(["--quick", "--reps", "2", "--out", str(tmp_path)])
+    assert record["loader"]["ratio"] > 0 and record["block_reads"]["ratio"] > 0
+    assert record["bytes_bound"] > record["bytes_unbound"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "binding"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tests_support import precompute_config, run_cli
 
 from kdcache.cache.integrity import repair, verify
@@ -191,3 +192,94 @@ def test_damage_found_inside_a_loader_worker_is_still_one_line(built, tmp_path, 
                             str(tmp_path / "run"), "--epochs", "2", "--quiet", "--device", "cpu", "--workers", "1"],
                            capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "logits" in err and "Traceback" not in err, err
+
+
+# --- bound to their place and to their inputs (format 5) -------------------------------------------------------
+
+@pytest.mark.parametrize(("build", "array"), [("topk", "topk/values"), ("topk", "topk/indices"), ("dense", "aug/flip")])
+def test_a_chunk_swapped_with_another_views_passes_its_checksum_but_not_its_place(built, tmp_path, capsys, build,
+                                                                                 array):
+    path, _ = _copy(built, build, tmp_path)
+    def chunk(view: int) -> Path:  # rows 0.. of one view: a file, or a folder of one (tail axes)
+        place = Path(path) / array / "c" / "0" / str(view)
+        return place if place.is_file() else next(p for p in place.rglob("*") if p.is_file())
+
+    one, two = chunk(0), chunk(1)
+    data = one.read_bytes(), two.read_bytes()
+    one.write_bytes(data[1])
+    two.write_bytes(data[0])
+    report = verify(path)
+    assert {p.chunk for p in report.problems} == {one.relative_to(path).as_posix(), two.relative_to(path).as_posix()}
+    assert all("not the ones written there" in p.what for p in report.problems)
+    code, err = _train(path, tmp_path, capsys)
+    assert code == 2 and "holds values that are not the ones written there" in err and err.count("\n") == 1
+
+
+def _jpeg_cache(tmp_path: Path, teacher_weights) -> tuple[Path, str]:
+    from zoo_support import jpeg_folder
+
+    folder = jpeg_folder(tmp_path / "pets", classes=2, train=4, val=1, sides=(40, 60))
+    torch.save(__import__("kdcache").models.create_model("cnn", 2, 3).state_dict(), tmp_path / "t.pt")
+    cfg = precompute_config(tmp_path / "caches", str(tmp_path / "t.pt"), dataset=f"imagefolder:{folder}", views=2,
+                            chunk_samples=4)
+    return folder, precompute(cfg).path
+
+
+def test_a_changed_source_image_is_refused_by_every_reader_naming_it(tmp_path, teacher_weights, capsys):
+    from kdcache import loader
+    from kdcache.audit import recompute
+    from kdcache.errors import DataCorrupt
+    from kdcache.teacher.extend import extend
+
+    folder, path = _jpeg_cache(tmp_path, teacher_weights)
+    assert open_cache(path).binds_inputs
+    victim = sorted((folder / "train").rglob("*.jpg"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of the entropy-coded data: it still decodes, to other pixels
+    victim.write_bytes(bytes(raw))
+    dataset = f"imagefolder:{folder}"
+    code, _, err = run_cli(["train", "--dataset", dataset, "--model", "cnn", "--cache", path, "--epochs", "2",
+                            "--out", str(tmp_path / "run"), "--quiet"], capsys)
+    assert code == 2 and victim.name in err and "is not the image cache" in err and err.count("\n") == 1, err
+    for reader in (lambda: [b for b in loader(path, dataset, batch_size=2)],
+                   lambda: extend(path, views=3, weights=[str(tmp_path / "t.pt")], progress=False),
+                   lambda: recompute(path, 16, weights=[str(tmp_path / "t.pt")])):  # every pair
+        with pytest.raises(DataCorrupt, match=f"{victim.name} is not the image cache"):
+            reader()
+
+
+def test_a_cache_made_before_format_5_says_it_binds_neither(tmp_path, capsys):
+    compat = Path(__file__).parent / "fixtures" / "compat" / "format-4-last" / "topk"
+    code, out, _ = run_cli(["info", str(compat), "--quick"], capsys)
+    assert code == 0 and "chunks NOT bound" in out and "inputs NOT bound" in out
+    assert not open_cache(str(compat)).binds_inputs and not open_cache(str(compat)).binds_chunks
+
+
+def test_a_shard_rewritten_with_its_size_and_time_restored_is_indexed_again(tmp_path, monkeypatch):
+    import io
+    import os
+    import tarfile
+
+    from kdcache.data import open_source
+
+    monkeypatch.setenv("KDCACHE_INDEX_DIR", str(tmp_path / "index"))
+    png = io.BytesIO()
+    __import__("PIL.Image").Image.new("RGB", (8, 8)).save(png, "PNG")
+
+    def write(label: bytes) -> None:
+        for split in ("train", "val"):
+            with tarfile.open(tmp_path / f"{split}-0.tar", "w") as tar:
+                for name, data in (("a.png", png.getvalue()), ("a.cls", label), ("b.png", png.getvalue()),
+                                   ("b.cls", b"1")):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+
+    write(b"0")
+    spec = f"wds:{tmp_path}/train-{{0..0}}.tar"
+    before = open_source(spec)
+    stat = os.stat(tmp_path / "train-0.tar")
+    write(b"1")  # the same size; its times set back
+    os.utime(tmp_path / "train-0.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = open_source(spec)
+    assert after.train.labels.tolist() == [1, 1] and after.fingerprint != before.fingerprint

@@ -11,7 +11,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from interop_sources import (CLASSES, SIZE, make_folder, mldr_densify, mldr_pixels, mldr_view, tinyvit_config,
+from interop_sources import (CLASSES, SIZE, make_folder, mldr_densify, mldr_pixels, tinyvit_config,
                              tinyvit_view, write_mldr, write_tinyvit)
 from tests_support import run_cli
 

@@ -30,7 +30,9 @@ def files(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(params=["pre-layout/topk", "pre-preprocess/extra-views", "pre-precision/dense-features"])
 def old(tmp_path, request) -> Path:
-    dst = tmp_path / "root" / request.param.replace("/", "-")
+    """An old cache where precompute put it: ROOT/<its cache id>."""
+    stored = json.loads((COMPAT / request.param / "zarr.json").read_text())["attributes"]["kdcache"]
+    dst = tmp_path / "root" / stored["cache_id"]
     shutil.copytree(COMPAT / request.param, dst)
     return dst
 

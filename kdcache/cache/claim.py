@@ -63,14 +63,14 @@ def lock(path: str, options: ClaimOptions) -> WriterLock:
 
 def claim(root: str, manifest: dict[str, Any], labels: np.ndarray, specs: list[ArraySpec],
           options: ClaimOptions = ClaimOptions(), chunk_samples: int | None = None,
-          sharded: bool | None = None) -> Claim:
+          sharded: bool | None = None, inputs: bool = False) -> Claim:
     """The cache ``manifest`` describes under ``root``: a whole one reused, else locked and created or resumed
-    (``chunk_samples`` and ``sharded`` lay a new one out; see kdcache/cache/store.py)."""
+    (``chunk_samples``, ``sharded`` and ``inputs`` lay a new one out; see kdcache/cache/store.py)."""
     check_root(root)
     path = join(root, cache_id(manifest))
     held = lock(path, options) if options.rebuild or not is_whole(path) else None
     try:
-        cache = _open_or_create(path, manifest, labels, specs, options.rebuild, chunk_samples, sharded,
+        cache = _open_or_create(path, manifest, labels, specs, options.rebuild, (chunk_samples, sharded, inputs),
                                 repair=held is not None)
     except BaseException:
         if held is not None:
@@ -97,15 +97,16 @@ def _damaged(cache: CacheWriter) -> list[int]:
 
 
 def _open_or_create(path: str, manifest: dict[str, Any], labels: np.ndarray, specs: list[ArraySpec], rebuild: bool,
-                    chunk_samples: int | None, sharded: bool | None, repair: bool) -> CacheWriter:
+                    layout: tuple[int | None, bool | None, bool], repair: bool) -> CacheWriter:
     wanted = cache_id(manifest)
     try:
         if rebuild:
             raise MissingData(path)
         cache = open_writer(path, allow_incomplete=True)
     except (MissingData, InterruptedLayout):  # nothing there yet, or a layout whose creation was interrupted
+        chunk_samples, sharded, inputs = layout
         cache = create_cache(path, manifest, labels, specs, chunk_samples=chunk_samples, sharded=sharded,
-                             overwrite=rebuild)
+                             overwrite=rebuild, inputs=inputs)
     if not cache.complete:
         cache.remove_partial_files()  # chunks a killed writer left half-written; their shards are rewritten
     if repair and cache.complete:  # found damaged: rewrite the shards that lost a chunk, refuse worse damage

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 #: Subtrees whose inner keys are owned elsewhere: augmentation ops carry their own op version
 #: (kdcache/augment), provenance is free text, and ``imported`` holds what another system's files said of
@@ -57,9 +57,14 @@ KEYS_3 = KEYS_2 | {"dataset.parts[].name", "dataset.parts[].samples", "dataset.p
 #: (``kdcache import``); such a cache has no ``config``, since no precompute made it.
 KEYS_4 = KEYS_3 | {"imported"}
 
+#: Version 5 binds a cache to its place and its inputs: ``layout.bound`` (every per-view array keeps its chunks'
+#: digests, ``digests/<array>``) and ``layout.inputs`` (``crc32c``: the crc32c of every source image the teacher
+#: read, ``inputs/crc32c``; written by precompute).
+KEYS_5 = KEYS_4 | {"layout.bound", "layout.inputs"}
+
 #: Version 1 (kdcache 0.1.0 up to 2026-12-02) held version 2's keys, some of them only from a later
 #: commit on, and ``config.he_extra``, the old name of ``config.extra_views``.
-KEYS = {1: KEYS_2 | {"config.he_extra"}, 2: KEYS_2, 3: KEYS_3, 4: KEYS_4}
+KEYS = {1: KEYS_2 | {"config.he_extra"}, 2: KEYS_2, 3: KEYS_3, 4: KEYS_4, 5: KEYS_5}
 
 # What format-1 writers used where they recorded nothing (each is the behaviour of that code).
 _V1_DEFAULTS = {
@@ -88,6 +93,43 @@ def key_paths(manifest: Mapping[str, Any]) -> set[str]:
 
     walk(manifest, "")
     return out
+
+
+def check_keys(manifest: Mapping[str, Any], version: int, where: str) -> None:
+    """CacheCorrupt when ``manifest`` holds a key its format version does not have: an edited manifest."""
+    from kdcache.errors import CacheCorrupt
+
+    extra = sorted(key_paths(manifest) - KEYS[version])
+    if extra:
+        raise CacheCorrupt(f"{where} holds {extra[0]!r}, which no format-{version} manifest has — it was edited or "
+                           "damaged; rebuild the cache with precompute --rebuild")
+
+
+def check_shape(manifest: Mapping[str, Any], where: str) -> None:
+    """CacheCorrupt unless the values every reader relies on have the types and ranges a writer gives them."""
+    from kdcache.errors import CacheCorrupt
+
+    def count(*path: str) -> bool:
+        node: Any = manifest
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return isinstance(node, int) and not isinstance(node, bool) and node >= 1
+
+    wanted = [("dataset", "num_samples"), ("dataset", "num_classes"), ("recipe", "views"), ("recipe", "input_size"),
+              ("layout", "chunk_samples"), ("layout", "shard_samples"), ("layout", "num_shards")]
+    bad = next((".".join(p) for p in wanted if not count(*p)), None)
+    arrays = manifest.get("layout", {}).get("arrays") if isinstance(manifest.get("layout"), Mapping) else None
+    if bad is None and not (isinstance(arrays, list) and all(
+            isinstance(a, Mapping) and isinstance(a.get("name"), str) and isinstance(a.get("dtype"), str)
+            and isinstance(a.get("tail"), list) and all(isinstance(t, int) and t >= 0 for t in a["tail"])
+            for a in arrays)):
+        bad = "layout.arrays"
+    logits = manifest.get("outputs", {}).get("logits") if isinstance(manifest.get("outputs"), Mapping) else None
+    if bad is None and not (isinstance(logits, Mapping) and logits.get("mode") in ("dense", "topk", "sampled")):
+        bad = "outputs.logits"
+    if bad is not None:
+        raise CacheCorrupt(f"{where}: {bad} is not what a writer records — the manifest was edited or damaged; "
+                           "rebuild the cache with precompute --rebuild")
 
 
 def stored_version(manifest: Mapping[str, Any]) -> int | None:
@@ -141,5 +183,10 @@ def _from_3(m: dict[str, Any]) -> None:
     format-3 manifest is already a format-4 one."""
 
 
+def _from_4(m: dict[str, Any]) -> None:
+    """Format 4 -> 5: a format-4 cache keeps no chunk digests and no crc32c of its inputs; the absent keys say
+    so (``layout.bound`` and ``layout.inputs`` unset), which ``info`` reports and the reads respect."""
+
+
 #: version -> the step that brings a manifest of that version to the next one.
-UPGRADES = {1: _from_1, 2: _from_2, 3: _from_3}
+UPGRADES = {1: _from_1, 2: _from_2, 3: _from_3, 4: _from_4}

@@ -35,6 +35,7 @@ def describe(path: str, scan: bool = True) -> dict[str, Any]:
         "num_shards": cache.num_shards,
         "arrays": arrays,
         "bytes_per_view": sum(a["stored_bytes"] for n, a in arrays.items() if n != "labels") / views_total,
+        "bound": {"chunks": cache.binds_chunks, "inputs": cache.binds_inputs},
         "manifest": cache.manifest,
     }
     if cache.manifest.get("he"):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache.chunks import ChunkIndex
+from kdcache.cache.digests import INPUTS, chunk_digests, digest_name
 from kdcache.cache.lock import STALE_SECONDS, WriterLock, read_lock
 from kdcache.cache.logits import decode_logits
 from kdcache.cache.store import STATUS_ARRAY, Cache, CacheWriter, open_cache, open_writer
@@ -130,9 +131,8 @@ def verify(path: str) -> Verification:
     for name, (shape, dtype, logical) in cache.expected_arrays().items():
         if not _layout_matches(cache, report, name, shape, dtype):
             continue
-        if every_chunk:
-            report.problems += [Problem(name, key, "chunk file missing")
-                                for key in cache.missing_chunks(name, done=done)]
+        missing = cache.missing_chunks(name, done=done) if every_chunk else []
+        report.problems += [Problem(name, key, "chunk file missing") for key in missing]
         for shard in range(cache.num_shards):
             if name != "labels" and not done[shard]:
                 continue
@@ -146,9 +146,40 @@ def verify(path: str) -> Verification:
                 continue
             report.chunks_read += -(-(stop - start) // cache.chunk_samples) * (1 if name == "labels" else cache.views)
             report.problems += _value_problems(cache, name, values, start, logical)
+            if name != "labels":
+                report.problems += [p for p in _digest_problems(cache, name, values, start) if p.chunk not in missing]
     if cache.manifest.get("he"):
         _verify_extra_views(cache, report)
+    report.problems += _inputs_problems(cache)
     return report
+
+
+def _digest_problems(cache: Cache, name: str, values: np.ndarray, start: int) -> list[Problem]:
+    """Chunks of ``values`` (rows from ``start`` of per-view array ``name``) whose values are not the ones
+    written at their place: a chunk moved from another position, view or array (kdcache/cache/digests.py)."""
+    try:
+        table = cache.digests(name)
+    except CacheCorrupt as exc:
+        return [Problem(digest_name(name), None, f"missing or unreadable ({_first_line(exc)})")]
+    if table is None:
+        return []
+    chunk = cache.group[name].chunks[0]
+    found = chunk_digests(values, chunk)
+    first = start // chunk
+    stored = table[first : first + len(found), : found.shape[1]]
+    return [Problem(name, cache.chunk_key(name, (first + int(r)) * chunk, int(v)),
+                    "holds values that are not the ones written there (moved from another position, view or array, "
+                    "or changed)")
+            for r, v in np.argwhere(found != stored)]
+
+
+def _inputs_problems(cache: Cache) -> list[Problem]:
+    """The crc32c table of the teacher's inputs, where the cache keeps one: there and whole."""
+    try:
+        cache.input_checksums()
+    except CacheCorrupt as exc:
+        return [Problem(INPUTS, None, f"missing or unreadable ({_first_line(exc)})")]
+    return []
 
 
 def _status_problems(cache: Cache, done: np.ndarray) -> list[Problem]:
@@ -209,6 +240,8 @@ def _verify_extra_views(cache: Cache, report: Verification) -> None:
         report.chunks_read += -(-m // int(he["chunk_samples"])) * (1 if name == "he/indices" else k2)
         if logical in FLOAT_DTYPES and not np.isfinite(decode_logits(values, logical)).all():
             report.problems.append(Problem(name, None, "NaN/Inf values"))
+        if name != "he/indices":
+            report.problems += _digest_problems(cache, name, values, 0)
 
 
 def _layout_matches(cache: Cache, report: Verification, name: str, shape: tuple[int, ...], dtype: str) -> bool:

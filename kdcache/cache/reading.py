@@ -15,10 +15,12 @@ import numpy as np
 import zarr
 
 from kdcache.cache.arrays import ArraySpec, spec_from_entry
-from kdcache.cache.chunks import ChunkIndex, damaged_error, missing_error
+from kdcache.cache.chunks import REPAIR, ChunkIndex, damaged_error, missing_error
+from kdcache.cache.digests import INPUTS, digest_name
 from kdcache.cache.logits import TARGET_ARRAYS, decode_logits, densify
 from kdcache.cache.manifest import check_dataset
 from kdcache.cache.storage import run
+from kdcache.checksums import crc32c
 from kdcache.errors import CacheCorrupt, CacheMismatch, KdcacheError
 
 
@@ -42,6 +44,7 @@ class CacheReader:
         self.stored_format = int(manifest["format_version"]) if stored_format is None else stored_format
         self._arrays: dict[str, zarr.Array] = {}
         self._index: dict[str, ChunkIndex] = {}
+        self._digests: dict[str, np.ndarray] = {}
         #: Every data read refuses chunks whose objects are missing (kdcache/cache/chunks.py); ``verify``,
         #: which reports them itself, turns this off. Format-1 caches may lack chunks that equal the fill
         #: value, so for them a missing object is not damage until ``kdcache upgrade`` has listed them.
@@ -86,6 +89,51 @@ class CacheReader:
     @property
     def id(self) -> str:
         return self.manifest["cache_id"]
+
+    @property
+    def binds_chunks(self) -> bool:
+        """Whether every chunk's digest is kept, binding it to its array, rows and view (format 5 on)."""
+        return bool(self.manifest.get("layout", {}).get("bound"))
+
+    @property
+    def binds_inputs(self) -> bool:
+        """Whether the crc32c of every source image the teacher read is kept (precompute, format 5 on)."""
+        return self.manifest.get("layout", {}).get("inputs") == "crc32c"
+
+    def input_checksums(self) -> np.ndarray | None:
+        """uint32 [N]: the crc32c of each train image's bytes as the teacher read them; None when not bound."""
+        if not self.binds_inputs:
+            return None
+        self._present(INPUTS, slice(0, self.num_samples))
+        return self._decoded(INPUTS, "", lambda: self._array(INPUTS)[:]).astype(np.uint32)
+
+    def digests(self, name: str) -> np.ndarray | None:
+        """uint32 [chunk rows, views]: the digest of every chunk of per-view array ``name``; None when the cache
+        keeps none."""
+        if not self.binds_chunks:
+            return None
+        table = self._digests.get(name)
+        if table is None:
+            key = digest_name(name)
+            table = self._digests[name] = self._decoded(key, "", lambda: self._array(key)[:]).astype(np.uint32)
+        return table
+
+    def _check_digests(self, names: Sequence[str], blocks: Sequence[tuple[int, int, int]],
+                       read: list[dict[str, np.ndarray]]) -> None:
+        """Refuse a block whose values are not those its place held when written (a chunk moved to another
+        position, view or array): the block reads of training, one whole chunk each."""
+        if not self.binds_chunks:
+            return
+        for name in names:
+            chunk, rows = self._array(name).chunks[0], self._array(name).shape[0]
+            table = self.digests(name)
+            for (start, stop, view), values in zip(blocks, read):
+                if start % chunk or stop != min(start + chunk, rows) or view >= table.shape[1]:
+                    continue
+                if crc32c(values[name]) != int(table[start // chunk, view]):
+                    raise CacheCorrupt(f"cache {self.path}: chunk {self.chunk_key(name, start, view)} of {name} holds "
+                                       "values that are not the ones written there (moved from another position, view "
+                                       "or array, or changed) — " + REPAIR.format(path=self.path))
 
     @property
     def num_samples(self) -> int:
@@ -196,7 +244,9 @@ class CacheReader:
                                           for start, stop, view in blocks for arr in arrays))
 
         flat = iter(self._gathered(names, blocks, gather))
-        return [{name: np.asarray(next(flat)) for name in names} for _ in blocks]
+        read = [{name: np.asarray(next(flat)) for name in names} for _ in blocks]
+        self._check_digests(names, blocks, read)
+        return read
 
     def _gathered(self, names: Sequence[str], blocks: Sequence[tuple[int, int, int]],
                   gather: Callable[[], Any]) -> list[Any]:

@@ -11,11 +11,23 @@ import json
 import re
 from typing import Any, Mapping
 
-from kdcache.errors import MissingData
-from kdcache.locations import filesystem
+from kdcache.errors import CacheCorrupt, InvalidSpec, MissingData
+from kdcache.locations import filesystem, unreachable
 
 ALIAS_KIND = "alias"
 ALIAS_VERSION = 1
+#: A cache id: 16 lowercase hex digits (kdcache.cache.manifest.cache_id). Every name read from a manifest or an
+#: alias file is checked against it before a path is built from it, so nothing leads outside a root.
+CACHE_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def check_cache_id(cid: object, where: str) -> str:
+    """``cid`` when it is a cache id; CacheCorrupt naming ``where`` otherwise (a damaged or hostile file)."""
+    if not isinstance(cid, str) or not CACHE_ID.fullmatch(cid):
+        shown = repr(cid)[:60]
+        raise CacheCorrupt(f"{where} names cache id {shown}, which is not a cache id (16 hex digits) — the file is "
+                           "damaged or was edited; nothing was followed or written")
+    return cid
 
 
 def alias_name(manifest: Mapping[str, Any], cid: str) -> str:
@@ -45,10 +57,10 @@ def read_alias(path: str) -> str | None:
         if not fs.isfile(fpath) or fs.size(fpath) > 65536:
             return None
         ref = json.loads(fs.cat_file(fpath))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    if isinstance(ref, dict) and ref.get("kdcache") == ALIAS_KIND and isinstance(ref.get("cache_id"), str):
-        return ref["cache_id"]
+    if isinstance(ref, dict) and ref.get("kdcache") == ALIAS_KIND:
+        return check_cache_id(ref.get("cache_id"), f"alias {path}")
     return None
 
 
@@ -60,6 +72,9 @@ def resolve(path: str) -> str:
 
 def write_alias(root: str, alias: str, cid: str) -> str:
     """Record ``ROOT/<alias>`` -> ``ROOT/<cid>`` unless that alias already exists; return its path."""
+    check_cache_id(cid, f"alias {alias}")
+    if not re.fullmatch(r"[A-Za-z0-9._+-]+", alias) or alias in (".", ".."):
+        raise CacheCorrupt(f"alias name {alias!r} is not a file name — the manifest it came from is damaged")
     path = join(root, alias)
     fs, fpath = filesystem(path)
     if not fs.exists(fpath):
@@ -70,8 +85,12 @@ def write_alias(root: str, alias: str, cid: str) -> str:
 
 def publish_aliases(path: str, manifest: Mapping[str, Any]) -> list[str]:
     """Alias files ``ROOT/<readable alias>`` and, when the folder is named otherwise, ``ROOT/<cache id>``
-    naming the folder of the cache at ``path``: how a cache whose id changed (extend, upgrade) is found."""
+    naming the folder of the cache at ``path``: how a cache whose id changed (extend, upgrade) is found. An alias
+    names a cache id only, so a cache in a folder not named by one (not laid out by kdcache) gets none."""
     root, _, folder = path.rstrip("/").rpartition("/")
+    check_cache_id(manifest.get("cache_id"), f"the manifest of {path}")
+    if not CACHE_ID.fullmatch(folder):
+        return []
     aliases = [write_alias(root, alias_name(manifest, manifest["cache_id"]), folder)]
     if manifest["cache_id"] != folder:
         aliases.append(write_alias(root, manifest["cache_id"], folder))
@@ -85,13 +104,22 @@ def scan_root(root: str) -> tuple[list[str], dict[str, list[str]]]:
         entries = fs.ls(froot, detail=True)
     except FileNotFoundError as exc:
         raise MissingData(f"no folder {root} — pass the --out ROOT given to precompute") from exc
+    except NotADirectoryError:
+        raise InvalidSpec(f"{root} is a file — pass the --out ROOT given to precompute, a folder") from None
+    except Exception as exc:  # noqa: BLE001 - a remote store's refusal (credentials, network) in one line
+        raise unreachable(root, exc) from None
     folders, aliases = [], {}
     for entry in sorted(entries, key=lambda e: e["name"]):
         path = join(root, entry["name"].rstrip("/").rpartition("/")[2])
         if entry["type"] == "directory":
             folders.append(path)
-        elif (cid := read_alias(path)) is not None:
-            aliases.setdefault(cid, []).append(path)
+        else:
+            try:
+                cid = read_alias(path)
+            except CacheCorrupt:  # an alias naming no cache id is not followed, nor listed
+                continue
+            if cid is not None:
+                aliases.setdefault(cid, []).append(path)
     return folders, aliases
 
 

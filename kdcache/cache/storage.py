@@ -12,7 +12,7 @@ from typing import Any
 import zarr
 import zarr.storage
 
-from kdcache.locations import guard, is_remote, local_path, require_driver
+from kdcache.locations import guard, is_remote, local_path, require_driver, unreachable
 
 MANIFEST_KEY = "kdcache"
 STATUS_ARRAY = "status/shards"
@@ -59,8 +59,17 @@ def storage_options(url: str) -> dict[str, Any] | None:
 
 
 def open_group(path: str, mode: str) -> zarr.Group:
-    """The Zarr v3 group at ``path`` (``mode`` "r", "r+", "a" or "w"); raises one of :data:`NO_GROUP`."""
-    return zarr.open_group(open_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+    """The Zarr v3 group at ``path`` (``mode`` "r", "r+", "a" or "w"); raises one of :data:`NO_GROUP`, or for a
+    store that refuses (credentials, network) one line saying so."""
+    store = open_store(path, read_only=mode == "r")
+    try:
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+    except NO_GROUP:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a remote store's refusal in one line; a local error is a bug
+        if not is_remote(path) or isinstance(exc, RecursionError):
+            raise
+        raise unreachable(path, exc) from None
 
 
 def check_root(root: str) -> None:

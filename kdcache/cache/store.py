@@ -25,8 +25,8 @@ from typing import Any, cast
 import numpy as np
 
 from kdcache.cache.arrays import ArraySpec
-from kdcache.cache.formats import FORMAT_VERSION, normalise, stored_version
-from kdcache.cache.roots import resolve, where_caches_are
+from kdcache.cache.formats import FORMAT_VERSION, check_keys, check_shape, normalise, stored_version
+from kdcache.cache.roots import check_cache_id, resolve, where_caches_are
 from kdcache.cache.storage import (
     MANIFEST_KEY,
     NO_GROUP,
@@ -55,6 +55,7 @@ def create_cache(
     shard_chunks: int = 4,
     sharded: bool | None = None,
     overwrite: bool = False,
+    inputs: bool = False,
 ) -> CacheWriter:
     """Lay out a new cache at ``path`` with status ``writing``; refuses to overwrite a cache unless
     ``overwrite`` (``precompute --rebuild``: everything at ``path`` is deleted first).
@@ -62,11 +63,12 @@ def create_cache(
     The manifest is written last, so a Zarr group at ``path`` without one is a layout whose creation
     was interrupted: it is rebuilt array by array (the folder itself is kept, and with it a writer's
     lock file). ``sharded=None`` packs chunks into Zarr shards when an array would otherwise have
-    more than ``MAX_CHUNK_FILES`` chunk files.
+    more than ``MAX_CHUNK_FILES`` chunk files. With ``inputs`` the cache keeps the crc32c of every source
+    image its shards were rendered from (kdcache/cache/digests.py): ``write_shard`` then takes them.
     """
     if not overwrite and manifest_at(path) is not None:
         raise CacheMismatch(f"{path} already holds a cache — choose another --out or delete it")
-    group, manifest = lay_out(path, manifest, labels, specs, chunk_samples, shard_chunks, sharded, overwrite)
+    group, manifest = lay_out(path, manifest, labels, specs, chunk_samples, shard_chunks, sharded, overwrite, inputs)
     return CacheWriter(path, group, manifest)
 
 
@@ -81,6 +83,9 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
     path = resolve(str(path))
     try:
         group = open_group(path, mode)
+    except RecursionError:
+        raise CacheCorrupt(f"cache {path}: its zarr.json nests deeper than a JSON reader allows — the file is damaged or "
+                           "was edited; rebuild the cache with precompute --rebuild") from None
     except NO_GROUP as exc:
         if group_metadata(path) is not None:
             raise CacheCorrupt(f"cache {path}: its zarr.json (the group metadata holding the manifest) is not valid "
@@ -97,7 +102,11 @@ def open_cache(path: str, mode: str = "r", allow_incomplete: bool = False) -> Ca
             f"{FORMAT_VERSION} — upgrade kdcache"
         )
     kind = CacheWriter if mode != "r" else Cache
-    cache = kind(path, group, normalise(manifest), stored_format=version)
+    check_keys(manifest, version, f"the manifest of {path}")
+    normalised = normalise(manifest)
+    check_cache_id(normalised.get("cache_id"), f"the manifest of {path}")
+    check_shape(normalised, f"the manifest of {path}")
+    cache = kind(path, group, normalised, stored_format=version)
     if not allow_incomplete and not cache.complete:
         done = int(cache.shards_done().sum())
         raise CacheCorrupt(

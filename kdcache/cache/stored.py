@@ -29,7 +29,13 @@ class Cache(CacheReader):
             first = int(np.flatnonzero(~done)[0])
             raise CacheCorrupt(f"cache {self.path} says it is complete but {STATUS_ARRAY} marks shard {first} "
                                f"({int((~done).sum())} of {len(done)}) unwritten — " + REPAIR.format(path=self.path))
+        expected = self.expected_arrays()
         for name in ["labels", *(self.array_names if names is None else names)]:
+            arr = self._array(name)
+            if name in expected and (tuple(arr.shape), str(arr.dtype)) != expected[name][:2]:
+                raise CacheCorrupt(f"cache {self.path}: array {name} is stored as {list(arr.shape)} {arr.dtype}, the "
+                                   f"manifest says {list(expected[name][0])} {expected[name][1]} — the manifest was "
+                                   "edited or the cache is damaged; rebuild it with precompute --rebuild")
             self._present(name, slice(0, self.num_samples))
 
     def shards_done(self, strict: bool = True) -> np.ndarray:

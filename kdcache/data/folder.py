@@ -9,12 +9,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from kdcache.data.builtin import SPLIT_SEED
 from kdcache.data.images import GRAY_MEAN, GRAY_MODES, GRAY_STD, RGB_MEAN, RGB_STD, FolderImageSet, Source
 from kdcache.data.spec import DatasetSpec
-from kdcache.errors import MissingData
+from kdcache.data.decode import UNDECODABLE, file_header
+from kdcache.errors import DataCorrupt, MissingData
+from kdcache.locations import guard
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _GRAY_SAMPLE = 256
@@ -23,6 +24,7 @@ _GRAY_SAMPLE = 256
 def open_folder(spec: DatasetSpec) -> Source:
     path = spec.path
     root = Path(path).expanduser()
+    guard(root, "image folder")
     layout = f"put images at {path}/train/<class>/*.png and {path}/val/<class>/*.png"
     if not (root / "train").is_dir():
         what = "has no train/ folder" if root.is_dir() else "not found"
@@ -56,8 +58,7 @@ def open_folder(spec: DatasetSpec) -> Source:
     for split, rel, size in sorted(entries):
         digest.update(f"{split}\t{rel}\t{size}\n".encode())
     train_files = splits[0][0]
-    with Image.open(root / train_files[0]) as first:
-        image_size = min(first.size)
+    image_size = min(_header(root / train_files[0])[1])
     step = max(len(train_files) // _GRAY_SAMPLE, 1)
     gray = all(_mode(root / f) in GRAY_MODES for f in train_files[::step][:_GRAY_SAMPLE])
     mode = "L" if gray else "RGB"
@@ -85,5 +86,11 @@ def _scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 
 def _mode(path: Path) -> str:
-    with Image.open(path) as im:
-        return im.mode
+    return _header(path)[0]
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    try:
+        return file_header(path)
+    except UNDECODABLE as exc:
+        raise DataCorrupt(f"image {path} does not decode ({exc}) — restore or remove it") from None

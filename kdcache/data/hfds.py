@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from kdcache.data.decode import UNDECODABLE, Reduce, decode_bytes, header
-from kdcache.data.images import ImageSet, Source, file_statistics, read_only_labels
+from kdcache.data.images import MAX_CLASSES, ImageSet, Source, file_statistics, read_only_labels
 from kdcache.data.spec import DatasetSpec
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.extras import require
+from kdcache.locations import guard
 
 TEST_SPLITS = ("validation", "test", "val")
 
@@ -39,8 +40,14 @@ def _load(path: str) -> Any:
     """The DatasetDict at ``path``: a save_to_disk folder, else the local HF cache, offline."""
     datasets = _datasets()
     folder = Path(path).expanduser()
+    guard(folder, "hfds folder")
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-        return datasets.load_from_disk(str(folder))
+        try:
+            return datasets.load_from_disk(str(folder))
+        except Exception as exc:  # noqa: BLE001 - arrow, JSON and schema errors all mean a damaged folder
+            reason = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise DataCorrupt(f"Hugging Face dataset {path} cannot be read ({type(exc).__name__}: {reason}) — its "
+                              "files (state.json, dataset_info.json, *.arrow) are damaged; save it again") from None
     try:
         return datasets.load_dataset(str(folder) if folder.exists() else path)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for "not here"
@@ -68,38 +75,53 @@ class HfImageSet(ImageSet):
         self.image = image
         self.labels = read_only_labels(labels)
         self.mode = mode
-        self.where = where
+        self.place = where
+
+    def where(self, i: int) -> str:
+        return f"row {i} of dataset {self.place}"
 
     def read(self, i: int, what: Callable[[bytes], Any]) -> Any:
         """``what`` of row ``i``'s stored image bytes; DataCorrupt naming the row when they do not decode."""
         cell = self.dataset[int(i)][self.image]
+        if not isinstance(cell, dict) or (cell.get("bytes") is None and not cell.get("path")):
+            raise DataCorrupt(f"dataset {self.place}: row {i} has no image — fill it, or drop that row")
         try:
-            return what(cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes())
+            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+        except OSError as exc:
+            raise DataCorrupt(f"dataset {self.place}: the image file of row {i} cannot be read ({exc.strerror}) — "
+                              "restore it") from None
+        try:
+            return what(data)
         except UNDECODABLE as exc:
-            raise DataCorrupt(f"dataset {self.where}: the image of row {i} does not decode ({exc}) — fix or drop "
+            raise DataCorrupt(f"dataset {self.place}: the image of row {i} does not decode ({exc}) — fix or drop "
                               "that row") from None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.load(i), int(self.labels[i])
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
-        return self.read(i, lambda data: decode_bytes(data, self.mode, reduce))
+        def decoded(data: bytes) -> torch.Tensor:
+            self.checked(i, data)
+            return decode_bytes(data, self.mode, reduce)
+
+        return self.read(i, decoded)
 
 
 def _labels(split: Any, label: str, where: str) -> np.ndarray:
     """The label column as int64; DataCorrupt naming the first row without a class index."""
-    values = np.asarray(split.with_format("numpy", columns=[label])[label])
-    if values.dtype == object:
-        missing = [i for i, v in enumerate(values) if v is None or not float(v).is_integer()]
-        values = np.array([-1 if v is None else v for v in values], dtype=np.float64)
-    else:
-        values = values.astype(np.float64)
-        missing = []
-    bad = missing or np.flatnonzero(~np.isfinite(values) | (values < 0) | (values != np.round(values))).tolist()
+    values = np.asarray(split.with_format("numpy", columns=[label])[label], dtype=object).reshape(len(split), -1)
+    numbers = np.full(len(values), -1.0)
+    for i, row in enumerate(values):
+        cell = row[0] if len(row) == 1 else None  # a list of labels is no class index
+        if isinstance(cell, (int, float, np.integer, np.floating)) and not isinstance(cell, bool):
+            numbers[i] = float(cell)
+    bad = np.flatnonzero(~np.isfinite(numbers) | (numbers < 0) | (numbers != np.round(numbers))
+                         | (numbers >= MAX_CLASSES)).tolist()
     if bad:
         raise DataCorrupt(f"dataset {where}: row {bad[0]} has no class label (the column must hold class indices "
-                          "from 0) — fill it, or choose the label column with ?label=COLUMN")
-    return values.astype(np.int64)
+                          f"from 0 to {MAX_CLASSES - 1}, one per row) — fill it, or choose the label column with "
+                          "?label=COLUMN")
+    return numbers.astype(np.int64)
 
 
 def open_hfds(spec: DatasetSpec) -> Source:
@@ -115,11 +137,18 @@ def open_hfds(spec: DatasetSpec) -> Source:
         raise MissingData(f"dataset {path} has no validation or test split beside {train_name!r} — add one "
                           "(kdcache evaluates on it)")
     train, test = splits[train_name], splits[test_name]
+    for name, split in ((train_name, train), (test_name, test)):
+        if len(split) == 0:
+            raise MissingData(f"dataset {path} has no rows in its {name!r} split — add some")
     image, label = _columns(train.features, options, spec.text)
     labels = {name: _labels(splits[name], label, f"{path}:{name}") for name in (train_name, test_name)}
     feature = train.features[label]
+    top = int(max(v.max() for v in labels.values()))
     names = (tuple(feature.names) if isinstance(feature, _datasets().ClassLabel)
-             else tuple(str(k) for k in range(int(max(v.max() for v in labels.values())) + 1)))
+             else tuple(str(k) for k in range(top + 1)))
+    if top >= len(names):
+        raise DataCorrupt(f"dataset {path}: a row has label {top}, but its ClassLabel names {len(names)} classes — fix "
+                          "the labels or the ClassLabel's names")
     first_mode, side = HfImageSet(train, image, labels[train_name], "", f"{path}:{train_name}").read(0, header)
     mode, channels, mean, std = file_statistics(first_mode)
     return Source(spec=spec.text, train=HfImageSet(train, image, labels[train_name], mode, f"{path}:{train_name}"),

@@ -7,28 +7,76 @@ need to know, including the fingerprint that identifies the exact data.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from kdcache.data.decode import Reduce, decode_bytes, decode_image
+from kdcache.checksums import crc32c
+from kdcache.data.decode import UNDECODABLE, Reduce, decode_bytes, file_header
+from kdcache.errors import DataCorrupt
 
 
 class ImageSet(torch.utils.data.Dataset):
     """One split. ``__getitem__(i) -> (image: torch.uint8 tensor [C,H,W], label: int)``.
 
     ``labels`` (int64 [N], read-only) gives every label without decoding any image.
+
+    Every image read goes through :meth:`checked`, with the bytes it decodes (a file's, a shard member's, a
+    row's; the pixels of a set held in memory). A copy :meth:`bound` to a cache's crc32c table refuses an
+    image whose bytes are not the ones the teacher read; a :meth:`recording` copy keeps each crc32c it saw
+    (precompute, which stores them). Sources are shared within a process, so neither changes the set itself.
     """
 
     labels: np.ndarray
+    expected: np.ndarray | None = None  # uint32 [N]: the crc32c each image's bytes must have
+    bound_to: str = ""  # the cache ``expected`` came from, for messages
+    seen: dict[int, int] | None = None  # crc32c of the images read, when recording
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def bound(self, expected: np.ndarray | None, cache: str) -> ImageSet:
+        """This set, refusing an image whose bytes' crc32c is not ``expected[i]`` (None: itself, unchecked)."""
+        if expected is None:
+            return self
+        out = copy.copy(self)
+        out.expected, out.bound_to = np.asarray(expected, dtype=np.uint32), cache
+        return out
+
+    def recording(self) -> ImageSet:
+        """This set, keeping the crc32c of every image it reads (:meth:`checksums` hands them out)."""
+        out = copy.copy(self)
+        out.seen = {}
+        return out
+
+    def checksums(self, indices: Sequence[int]) -> np.ndarray:
+        """uint32 crc32c of images ``indices``, as recorded when they were read (and then forgotten)."""
+        out = np.array([self.seen[int(i)] for i in indices], dtype=np.uint32)
+        for i in set(int(i) for i in indices):
+            self.seen.pop(i, None)
+        return out
+
+    def where(self, i: int) -> str:
+        """Where image ``i`` lies, for messages (a file, a shard and key, a row)."""
+        return f"sample {i}"
+
+    def checked(self, i: int, data: bytes | np.ndarray) -> None:
+        """Record and check the crc32c of the bytes image ``i`` is decoded from (see the class docstring)."""
+        if self.expected is None and self.seen is None:
+            return
+        value = crc32c(data)
+        if self.seen is not None:
+            self.seen[int(i)] = value
+        if self.expected is not None and value != int(self.expected[i]):
+            raise DataCorrupt(f"{self.where(i)} is not the image cache {self.bound_to} was made from: its bytes "
+                              f"changed (crc32c {value:08x}, the cache recorded {int(self.expected[i]):08x}) — "
+                              "restore it, or precompute a cache of the data as it is now")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
@@ -54,6 +102,10 @@ class ImageSet(torch.utils.data.Dataset):
         return self[i][0]
 
 
+#: The largest class index a source may hold (ImageNet-21k has 21,841 classes): a label beyond it is damage,
+#: and would make every dense target that many floats wide.
+MAX_CLASSES = 1 << 20
+
 # Image files are not scanned for statistics; these are the usual ImageNet constants.
 RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
@@ -76,7 +128,9 @@ class TensorImageSet(ImageSet):
         self.labels = read_only_labels(labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i].clone(), int(self.labels[i])
+        image = self.images[i].clone()
+        self.checked(i, image.numpy())
+        return image, int(self.labels[i])
 
 
 class FolderImageSet(ImageSet):
@@ -94,14 +148,25 @@ class FolderImageSet(ImageSet):
 
     def image_size(self, i: int) -> tuple[int, int]:
         """(width, height) of image ``i``, from its header (nothing is decoded)."""
-        with Image.open(self.root / self.files[i]) as im:
-            return im.size
+        with self._decoding(i):
+            return file_header(self.root / self.files[i])[1]
+
+    def where(self, i: int) -> str:
+        return f"image {self.root / self.files[i]}"
 
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
-        if reduce is not None:
-            return decode_bytes((self.root / self.files[i]).read_bytes(), self.mode, reduce)
-        with Image.open(self.root / self.files[i]) as im:
-            return decode_image(im, self.mode)
+        with self._decoding(i):
+            data = (self.root / self.files[i]).read_bytes()
+            self.checked(i, data)
+            return decode_bytes(data, self.mode, reduce)
+
+    @contextlib.contextmanager
+    def _decoding(self, i: int) -> Iterator[None]:
+        """A file that is not a whole image (or asks for too many pixels) as one DataCorrupt line naming it."""
+        try:
+            yield
+        except UNDECODABLE as exc:
+            raise DataCorrupt(f"{self.where(i)} does not decode ({exc}) — restore or remove it") from None
 
 
 @dataclass(frozen=True)

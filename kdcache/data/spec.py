@@ -62,6 +62,15 @@ class DatasetSpec:
     def __str__(self) -> str:
         return self.text
 
+    def local_root(self) -> str | None:
+        """The local folder whose whole tree is the data (an image folder, whose every sub-folder is a class; a
+        ``datasets`` folder): what no output may be written into. None for sources read by name (built-in
+        sets, torchvision's files, shards) and for remote data."""
+        if self.kind not in ("imagefolder", "hfds"):
+            return None
+        folder = self.path
+        return None if "://" in folder and not folder.startswith("file://") else folder.removeprefix("file://")
+
 
 def parse(spec: str | DatasetSpec) -> DatasetSpec:
     """The :class:`DatasetSpec` of ``spec``; InvalidSpec, in one line, for anything else."""

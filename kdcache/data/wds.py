@@ -140,8 +140,12 @@ class WdsImageSet(ImageSet):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.load(i), int(self.labels[i])
 
+    def where(self, i: int) -> str:
+        return f"sample {self.index.keys[i]} of shard {self.index.urls[int(self.index.shard[i])]}"
+
     def load(self, i: int, reduce: Reduce | None = None) -> torch.Tensor:
         data = self.read_bytes(i)  # a failed read is the storage's error, not a damaged image
+        self.checked(i, data)
         with _decoding(self.index.urls[int(self.index.shard[i])], self.index.keys[i]):
             return decode_bytes(data, self.mode, reduce)
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from kdcache.data.images import MAX_CLASSES
 from kdcache.errors import DataCorrupt, MissingData
-from kdcache.locations import filesystem
+from kdcache.locations import filesystem, is_remote, local_path
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = the path up to the first dot of the file name
 
@@ -78,13 +79,18 @@ def index_dir() -> Path:
 
 
 def _version(url: str) -> str:
-    """What changes when a shard does: its size and its ETag (object stores) or modification time."""
+    """What changes whenever a shard's content does: on an object store its size and ETag (a hash of the
+    content); on a local disk its size, inode and change time (``st_ctime``, which every write moves and no
+    one can set back, unlike the modification time)."""
     fs, path = filesystem(url)
     try:
         info = fs.info(path)
     except FileNotFoundError:
         raise MissingData(f"shard {url} not found — check the wds: pattern (brace ranges such as "
                           "{000..146})") from None
+    if not is_remote(url):
+        st = os.stat(local_path(url))
+        return f"{url}\t{st.st_size}\t{st.st_ino}\t{st.st_mtime_ns}\t{st.st_ctime_ns}"
     stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
     return f"{url}\t{info.get('size')}\t{stamp}"
 
@@ -111,9 +117,13 @@ def scan(urls: tuple[str, ...], image_keys: tuple[str, ...], label_key: str) -> 
     a small local index so that later runs and other processes read no shard to find them."""
     require(urls)
     shard, keys, offsets, sizes, labels, counts = [], [], [], [], [], []
+    first_shard: dict[str, int] = {}
     for s, url in enumerate(urls):
         found = _indexed(url, image_keys, label_key)
         for key, offset, size, label in found:
+            if first_shard.setdefault(key, s) != s:
+                raise DataCorrupt(f"sample {key} is in shard {urls[first_shard[key]]} and again in shard {url} — a "
+                                  "key names one sample: rename or remove one")
             shard.append(s)
             keys.append(key)
             offsets.append(offset)
@@ -129,7 +139,7 @@ def _scan_shard(url: str, image_keys: tuple[str, ...], label_key: str) -> list[t
     fs, path = filesystem(url)
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
-    last, end = "its first member", 0
+    last, end, current = "its first member", 0, None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
@@ -138,10 +148,16 @@ def _scan_shard(url: str, image_keys: tuple[str, ...], label_key: str) -> list[t
                 if parsed is None:
                     continue
                 key, ext = parsed.group(1), parsed.group(2).lower()
+                if key != current and key in samples:
+                    raise DataCorrupt(f"shard {url} holds sample {key} twice (its members appear again after other "
+                                      "samples') — a key names one sample: rename or remove the second")
                 if key not in samples:
                     samples[key] = {}
                     order.append(key)
+                current = key
                 entry = samples[key]
+                if ext == label_key and "label" in entry:
+                    raise DataCorrupt(f"shard {url}: sample {key} has two .{label_key} members — keep one")
                 if ext in image_keys and "image" not in entry:
                     entry["image"] = (member.offset_data, member.size, image_keys.index(ext))
                 elif ext in image_keys and image_keys.index(ext) < entry["image"][2]:
@@ -170,7 +186,8 @@ def _sample(url: str, key: str, entry: dict[str, Any], image_keys: tuple[str, ..
     except (UnicodeDecodeError, ValueError):
         raise DataCorrupt(f"shard {url}: the .{label_key} label of sample {key} is not an integer "
                           f"({entry['label'][:20]!r}) — write the class index as text") from None
-    if label < 0:
-        raise DataCorrupt(f"shard {url}: sample {key} has label {label} — class indices start at 0")
+    if not 0 <= label < MAX_CLASSES:
+        raise DataCorrupt(f"shard {url}: sample {key} has label {label} — class indices run from 0 to "
+                          f"{MAX_CLASSES - 1} (MAX_CLASSES)")
     offset, size, _ = entry["image"]
     return key, int(offset), int(size), label

@@ -15,6 +15,20 @@ from kdcache.augment.op import BOX_SCALE
 from kdcache.errors import DataCorrupt, InvalidSpec
 
 
+def integers(values: object, where: str, what: str) -> np.ndarray:
+    """``values`` as int64, refused (one line naming ``where`` and ``what``) unless every one is an integer:
+    not a bool, not a fraction, not text."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    array = np.asarray(values, dtype=object)
+    flat = array.reshape(-1)
+    ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in flat)
+    if not ok:
+        bad = next(v for v in flat if not (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))))
+        raise DataCorrupt(f"{where}: {what} holds {bad!r}, not an integer — the source is damaged")
+    return array.astype(np.int64)
+
+
 def spans(start: np.ndarray, length: np.ndarray, n: np.ndarray, min_len: int) -> tuple[np.ndarray, np.ndarray]:
     """``pixel_span`` on arrays of float64 fractions: the integer (offset, length) each replay uses."""
     a = np.floor(start * n + 0.5)
@@ -31,7 +45,7 @@ def crop_boxes(top: np.ndarray, left: np.ndarray, height: np.ndarray, width: np.
     ``where`` names the views in an error (``"ml-dr sample 12"``). A crop outside its image means the
     dataset is not the one the source was made from.
     """
-    top, left, height, width = (np.asarray(v, dtype=np.int64) for v in (top, left, height, width))
+    top, left, height, width = (integers(v, where, "a crop") for v in (top, left, height, width))
     image_h, image_w = np.asarray(image_h, dtype=np.int64), np.asarray(image_w, dtype=np.int64)
     outside = (top < 0) | (left < 0) | (height < 1) | (width < 1) | (top + height > image_h) | (left + width > image_w)
     if outside.any():
@@ -63,7 +77,7 @@ def view_boxes(top: np.ndarray, left: np.ndarray, height: np.ndarray, width: np.
                where: str) -> np.ndarray:
     """Pixel boxes of a ``size`` x ``size`` view as float32 fractions ``[..., 4]`` (x0, y0, w, h) whose edges
     round back to those pixels (``pixel_span`` at the view's side, and CutMix's lattice of ``size`` steps)."""
-    top, left, height, width = (np.asarray(v, dtype=np.int64) for v in (top, left, height, width))
+    top, left, height, width = (integers(v, where, "a box") for v in (top, left, height, width))
     if ((top < 0) | (left < 0) | (height < 0) | (width < 0) | (top + height > size) | (left + width > size)).any():
         raise DataCorrupt(f"{where}: a box lies outside the {size}x{size} view — the source is damaged")
     box = (np.stack([left, top, width, height], axis=-1) / size).astype(np.float32)

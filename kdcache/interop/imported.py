@@ -21,13 +21,27 @@ from kdcache.cache.arrays import ArraySpec
 from kdcache.cache.claim import ClaimOptions, claim
 from kdcache.cache.logits import parse_logits, target_specs
 from kdcache.cache.manifest import provenance
-from kdcache.errors import InvalidSpec
+from kdcache.errors import DataCorrupt, InvalidSpec
+from kdcache.interop.boxes import integers
 from kdcache.data.images import Source
 from kdcache.models.preprocess import Preprocess
 
 #: Each view's top-k values are stored as float32 log-probabilities (kdcache's top-k target; the
 #: sources store probabilities): exp of a stored value cast back to the source's dtype gives its bits.
 VALUE_DTYPE = "float32"
+#: How far above 1 a view's stored top-k may sum: float32 softmax rounding, and float16 storage (TinyViT).
+TOP_K_SUM_SLACK = 1e-2
+
+
+def _numbers(values: object, where: str, what: str) -> np.ndarray:
+    """``values`` as float64, refused unless each is a real number (not a bool, not text)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
+        return values.astype(np.float64)
+    array = np.asarray(values, dtype=object).reshape(-1)
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+               for v in array):
+        raise DataCorrupt(f"{where}: the {what} are not all numbers — the source is damaged")
+    return np.asarray(values, dtype=np.float64)
 
 
 @dataclass
@@ -114,12 +128,17 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True,
 def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and class ids ``[..., k]`` as stored top-k: float32 log-probabilities in descending order
     (ties keep the source's order) and their ids (cast to the cache's index dtype when written)."""
-    probs, ids = np.asarray(probs, dtype=np.float64), np.asarray(ids, dtype=np.int64)
+    probs, ids = _numbers(probs, where, "probabilities"), integers(ids, where, "the class ids")
     if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
         raise InvalidSpec(f"{where}: class id {int(ids.max() if ids.max() >= num_classes else ids.min())} is outside "
                           f"the dataset's {num_classes} classes — pass the --dataset the source was made for")
+    if ids.size and (np.sort(ids, axis=-1)[..., 1:] == np.sort(ids, axis=-1)[..., :-1]).any():
+        raise DataCorrupt(f"{where}: a view names one class twice among its top-k — the source is damaged")
     if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
         raise InvalidSpec(f"{where}: the stored values are not probabilities in [0, 1] — the source is damaged")
+    if (probs.sum(axis=-1) > 1 + TOP_K_SUM_SLACK).any():
+        raise DataCorrupt(f"{where}: a view's top-k probabilities sum to {float(probs.sum(axis=-1).max()):.4g}, more "
+                          "than 1 — the source is damaged")
     order = np.argsort(-probs, axis=-1, kind="stable")
     with np.errstate(divide="ignore"):
         values = np.log(np.take_along_axis(probs, order, axis=-1)).astype(np.float32)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdcache import data
+from kdcache import checks, data
 from kdcache.cache.claim import ClaimOptions
 from kdcache.errors import InvalidSpec
 from kdcache.interop import IMPORT_FORMATS, mldr, tinyvit
@@ -18,6 +18,9 @@ def import_cache(fmt: str, src: str, dataset: str, out: str, config: str | None 
         raise InvalidSpec(f"format {fmt!r} is not one of {', '.join(IMPORT_FORMATS)} — see `kdcache import --help`")
     if fmt != "tinyvit" and config is not None:
         raise InvalidSpec(f"--source-config is TinyViT's config file; {fmt} keeps its configuration beside its files — drop it")
-    source = data.open_source(dataset)
+    parsed = data.parse(dataset)
+    checks.outside("--out", out, parsed.local_root(), "the dataset")
+    checks.outside("--out", out, src, "the source")
+    source = data.open_source(parsed)
     found = tinyvit.plan(src, source, config) if fmt == "tinyvit" else mldr.plan(src, source, progress)
     return write_import(found, source, out, progress, options)

@@ -27,6 +27,7 @@ from kdcache.data.images import Source
 from kdcache.interop import pickles
 from kdcache.interop.boxes import crop_boxes, view_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
+from kdcache.locations import guard
 from kdcache.models.preprocess import Preprocess
 
 FORMAT = "ml-dr"
@@ -47,6 +48,8 @@ REFUSED = {
 }
 #: PIL's interpolation codes (what a config may give ``random_resized_crop``) and their names.
 PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+MAX_VIEWS = 100_000  # views per sample, and top-k, a configuration may declare (ml-dr stores 50 to 800 views)
+MAX_SIDE = 8192  # a view's side in pixels
 
 
 def sample_file(src: Path, index: int) -> Path:
@@ -57,6 +60,8 @@ def sample_file(src: Path, index: int) -> Path:
 
 def read_config(src: Path) -> dict[str, Any]:
     """``config.pth.tar`` of an ml-dr folder, read as plain data; MissingData where there is none."""
+    guard(src, "ml-dr source")
+    guard(src / CONFIG, "ml-dr config")
     if not (src / CONFIG).is_file():
         what = "is not a folder" if not src.is_dir() else f"has no {CONFIG}"
         raise MissingData(f"{src} {what} — pass the folder ml-dr's reinforce.py wrote (reinforced_data/)")
@@ -108,6 +113,8 @@ def recipe_of(steps: Mapping[str, Mapping[str, Any]], where: str) -> tuple[Recip
     side = size if isinstance(size, int) else (size[0] if len(size) == 2 and size[0] == size[1] else None)
     if side is None:
         raise InvalidSpec(f"{where}: random_resized_crop size {size!r} is not square — kdcache views are square")
+    if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_SIDE:
+        raise InvalidSpec(f"{where}: random_resized_crop size {size!r} is not a side from 1 to {MAX_SIDE} px")
     scale, ratio = _pair(crop.get("scale"), (0.08, 1.0)), _pair(crop.get("ratio"), (3 / 4, 4 / 3))
     ops: list[Any] = [PilResizedCrop(*scale, *ratio)]
     if "random_horizontal_flip" in steps:
@@ -158,10 +165,14 @@ def plan(src: str | Path, source: Source, progress: bool = False) -> Import:
     config = read_config(root)
     where = str(root)
     notes: list[str] = []
-    steps = transforms(config, where, notes)
-    recipe, side, interpolation = recipe_of(steps, where)
-    reinforce = config["reinforce"]
-    views, k = int(reinforce["num_samples"]), int(reinforce["topk"])
+    try:
+        steps = transforms(config, where, notes)
+        recipe, side, interpolation = recipe_of(steps, where)
+        reinforce = config["reinforce"]
+        views, k = (_count(reinforce[key], key, MAX_VIEWS) for key in ("num_samples", "topk"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidSpec(f"{root / CONFIG} is not an ml-dr configuration kdcache can read ({type(exc).__name__}: "
+                          f"{exc}) — pass the config.pth.tar reinforce.py wrote") from None
     n = len(source.train)
     files = [sample_file(root, i) for i in range(n)]
     missing = next((f for f in files if not f.is_file()), None)
@@ -229,7 +240,7 @@ class _Reader:
     def view(self, params: dict[str, Any], i: int, at: str) -> dict[str, np.ndarray]:
         """The ``aug/`` arrays of one view of kdcache sample ``i``."""
         mixes = [name for name in ("mixup", "cutmix") if params.get(name) is not None]
-        partner = int(self.order[int(params["id2"])]) if mixes else -1
+        partner = int(self.order[self.partner(params["id2"], at)]) if mixes else -1
         sides = [(0, self.size(i))] + ([(1, self.size(partner))] if mixes else [])
         out: dict[str, np.ndarray] = {}
         for slot, (h, w) in sides:
@@ -237,7 +248,10 @@ class _Reader:
             top, left, height, width = params["random_resized_crop"][slot]
             out[prefix + "rrc"] = crop_boxes(top, left, height, width, h, w, at)
             if "random_horizontal_flip" in self.names:
-                out[prefix + "flip"] = np.uint8(bool(_slot(params, "random_horizontal_flip", slot, False)))
+                flip = _slot(params, "random_horizontal_flip", slot, False)
+                if not isinstance(flip, (bool, np.bool_)):
+                    raise DataCorrupt(f"{at}: random_horizontal_flip is {flip!r}, not a bool — the source is damaged")
+                out[prefix + "flip"] = np.uint8(bool(flip))
             if "random_erase" in self.names:
                 box = _slot(params, "random_erase", slot, None)
                 x, y, eh, ew = box if box is not None and box[0] != -1 else (0, 0, 0, 0)
@@ -246,6 +260,14 @@ class _Reader:
             if name not in out and name.startswith("partner_"):
                 out[name] = np.zeros(tail, dtype)
         return {**out, **self.mixing(params, mixes, partner, at)}
+
+    def partner(self, id2: Any, at: str) -> int:
+        """The mixing partner's ml-dr index, refused unless it is one of the dataset's samples."""
+        n = len(self.order)
+        if not isinstance(id2, (int, np.integer)) or isinstance(id2, (bool, np.bool_)) or not 0 <= id2 < n:
+            raise DataCorrupt(f"{at}: the mixing partner id2 is {id2!r}, not a sample index below {n} — the source "
+                              "is damaged, or made over other data")
+        return int(id2)
 
     def mixing(self, params: dict[str, Any], mixes: list[str], partner: int, at: str) -> dict[str, np.ndarray]:
         name = "mixup" if "mixup" in self.names else "cutmix" if "cutmix" in self.names else None
@@ -257,12 +279,28 @@ class _Reader:
         if not mixes:
             return out
         if name == "mixup":
-            out["mixup_lam"] = np.float32(params["mixup"])
+            out["mixup_lam"] = np.float32(_fraction(params["mixup"], at, "the mixup λ"))
             return out
-        _, (x1, y1, x2, y2) = params["cutmix"]
+        lam, (x1, y1, x2, y2) = params["cutmix"]
+        _fraction(lam, at, "the cutmix λ")
         out["cutmix_box"] = view_boxes(x1, y1, x2 - x1, y2 - y1, self.side, at)
         out["cutmix_lam"] = np.float32(1.0 - (x2 - x1) * (y2 - y1) / (self.side * self.side))
         return out
+
+
+def _count(value: Any, key: str, limit: int) -> int:
+    """A positive integer setting of the configuration, at most ``limit``; ValueError otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise ValueError(f"reinforce.{key} is {value!r}, not an integer from 1 to {limit}")
+    return value
+
+
+def _fraction(value: Any, at: str, what: str) -> float:
+    """``value`` as a float in [0, 1] (a mixing λ), refused otherwise."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)) \
+            or not 0.0 <= float(value) <= 1.0:
+        raise DataCorrupt(f"{at}: {what} is {value!r}, not a number in [0, 1] — the source is damaged")
+    return float(value)
 
 
 def _slot(params: Mapping[str, Any], name: str, slot: int, default: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdcache import data
+from kdcache import checks, data
 from kdcache.augment import Recipe
 from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing, RandomResizedCrop
 from kdcache.augment.mixing import CutMix, MixUp
@@ -54,7 +54,9 @@ def export(cache_path: str, out: str, dataset: str | None = None, progress: bool
     if entry["mode"] != "topk":
         raise CacheMismatch(f"cache {cache.path} stores {entry['mode']} logits; ml-dr stores top-k probabilities — "
                             "export a cache made with --logits topk:K")
-    source = data.open_source(dataset or cache.manifest["dataset"]["spec"])
+    parsed = data.parse(dataset or cache.manifest["dataset"]["spec"])
+    checks.outside("--out", out, parsed.local_root(), "the dataset")
+    source = data.open_source(parsed)
     cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     side = int(cache.manifest["recipe"]["input_size"])

@@ -27,6 +27,8 @@ from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.data.images import Source
 from kdcache.interop.boxes import crop_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
+from kdcache.locations import guard
+from kdcache.textfiles import parse_yaml, read_text
 from kdcache.models.preprocess import Preprocess
 
 FORMAT = "tinyvit"
@@ -40,6 +42,7 @@ DEFAULTS = {"DATA.IMG_SIZE": 224, "DATA.INTERPOLATION": "bicubic", "DATA.MEAN_AN
 NORMS = {"default": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
          "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
+MAX_SIDE = 8192  # DATA.IMG_SIZE at most
 SCALE, RATIO, HFLIP = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0), 0.5  # transforms_imagenet_train's defaults
 
 
@@ -64,15 +67,12 @@ def teacher_precision(config: Mapping[str, Any]) -> str:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    import yaml
-
+    """TinyViT's config.json (YAML text), read within kdcache.textfiles' limits."""
+    guard(path, "TinyViT config")
     if not path.is_file():
         raise MissingData(f"TinyViT config {path} not found — pass --source-config, the config.json save_logits.py wrote "
                           "into its output folder (or the --cfg yaml with the same options)")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InvalidSpec(f"TinyViT config {path} is not YAML ({type(exc).__name__}) — pass its config.json") from None
+    config = parse_yaml(read_text(path, "TinyViT config"), f"TinyViT config {path}")
     return config if isinstance(config, dict) else {}
 
 
@@ -92,10 +92,13 @@ def check_augmentation(config: Mapping[str, Any], where: str) -> tuple[int, str]
             raise InvalidSpec(f"{where}: {key} {value!r} — {why}; import logits saved with {key} {off}")
     if setting(config, "AUG.CUTMIX_MINMAX") is not None:
         raise InvalidSpec(f"{where}: AUG.CUTMIX_MINMAX is set — TinyViT's pair2 mixing is not imported")
-    side = int(setting(config, "DATA.IMG_SIZE"))
+    side = setting(config, "DATA.IMG_SIZE")
+    if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_SIDE:
+        raise InvalidSpec(f"{where}: DATA.IMG_SIZE {side!r} is not a side from 1 to {MAX_SIDE} px — pass the config the "
+                          "logits were saved with")
     if side <= 32:
         raise InvalidSpec(f"{where}: DATA.IMG_SIZE {side} makes TinyViT use a padded RandomCrop, which has no kdcache op")
-    interpolation = str(setting(config, "DATA.INTERPOLATION"))
+    interpolation = setting(config, "DATA.INTERPOLATION")
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         raise InvalidSpec(f"{where}: DATA.INTERPOLATION {interpolation!r} — kdcache replays bilinear, bicubic or "
                           "nearest (TinyViT cannot save logits with a random one)")
@@ -143,14 +146,15 @@ class Epoch:
 
     def __init__(self, folder: Path, k: int, num_samples: int) -> None:
         self.item = np.dtype([("seed", "<i4"), ("ids", "<i2", (k,)), ("probs", "<f2", (k,))])
-        ranks = sorted((int(p.name[4:-len("-keys.txt")]), p) for p in folder.glob("rank*-keys.txt"))
+        ranks = sorted((int(m.group(1)), p) for p in folder.glob("rank*-keys.txt")
+                       if (m := re.fullmatch(r"rank(\d+)-keys\.txt", p.name)))
         if not ranks:
             raise MissingData(f"{folder} has no rank<R>-keys.txt — it is not a TinyViT logits folder")
         self.rank = np.full(num_samples, -1, np.int64)
         self.row = np.zeros(num_samples, np.int64)
         self.values = []
         for slot, (_, keys_file) in enumerate(ranks):
-            keys = keys_file.read_text().split()
+            keys = _keys(keys_file)
             self.values.append(self._values(keys_file, len(keys)))
             for row, key in enumerate(keys):
                 if not key.isdigit() or int(key) >= num_samples:
@@ -179,8 +183,17 @@ class Epoch:
         return out
 
 
+def _keys(path: Path) -> list[str]:
+    """The keys of a ``rank<R>-keys.txt``, one per line; DataCorrupt for a file that is not ASCII text."""
+    try:
+        return path.read_bytes().decode("ascii").split()
+    except UnicodeDecodeError:
+        raise DataCorrupt(f"{path} is not a list of sample keys (it is not ASCII text) — the file is damaged") from None
+
+
 def epochs(src: Path) -> tuple[int, list[Path]]:
     """(K, the epoch folders in epoch order); InvalidSpec where epochs are missing or K differs."""
+    guard(src, "TinyViT logits folder")
     found = [(m, p) for p in sorted(src.iterdir()) if p.is_dir() and (m := _EPOCH.match(p.name))] if src.is_dir() else []
     if not found:
         raise MissingData(f"{src} holds no logits_top<K>_epoch<E> folders — pass TinyViT's DISTILL.TEACHER_LOGITS_PATH")

@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from kdcache.errors import InvalidSpec, MissingData
+from kdcache.locations import guard
 
 
 def read_class_map(path: str, dataset_classes: Sequence[str], teacher_classes: Sequence[str] | None,
                    teacher_count: int) -> list[int]:
     """The teacher index of every dataset class, from the lines of ``path``."""
     file = Path(path).expanduser()
+    guard(file, "class map")
     if not file.is_file():
         raise MissingData(f"class map {path} not found — write one line per dataset class: the teacher's class "
                           "index or name")

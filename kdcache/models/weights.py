@@ -13,6 +13,7 @@ from torch import nn
 
 from kdcache.errors import MissingData, MissingDependency, WeightsMismatch
 from kdcache.extras import require
+from kdcache.locations import guard
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, spec: str | None = None) -> None:
@@ -26,6 +27,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in a weights file, read without running pickled code (``weights_only`` or
     safetensors); unreadable files are one-line WeightsMismatch errors that never suggest
     ``weights_only=False``."""
+    guard(path, "weights file")
     if not Path(path).is_file():
         raise MissingData(f"weights file {path} not found — pass the path of a saved state dict")
     how = "save it with torch.save(model.state_dict(), path)"

@@ -67,12 +67,12 @@ class TrainConfig:
     def resolve(self) -> TrainSettings:
         """These settings parsed and checked, once, into the frozen value the stage reads (no torch needed)."""
         dataset = parse_dataset(self.dataset)
-        checks.at_least("--epochs", self.epochs, 1)
-        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least_at_most("--epochs", self.epochs, 1)
+        checks.at_least_at_most("--batch-size", self.batch_size, 1)
         checks.positive("--lr", self.lr, allow_none=False)
         checks.at_least("--momentum", self.momentum, 0)
         checks.at_least("--weight-decay", self.weight_decay, 0)
-        checks.at_least("--warmup-epochs", self.warmup_epochs, 0)
+        checks.at_least_at_most("--warmup-epochs", self.warmup_epochs, 0)
         checks.positive("--grad-clip", self.grad_clip)
         if self.ema is not None:
             checks.in_unit("--ema", self.ema)
@@ -82,13 +82,15 @@ class TrainConfig:
         checks.at_least("--imbalance", self.imbalance, 1)
         checks.seed(self.seed)
         checks.positive("--size", self.size)
+        checks.at_most("--size", self.size)
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
             raise InvalidSpec(f"--interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
-        checks.at_least("--workers", self.workers, 0)
+        checks.at_least_at_most("--workers", self.workers, 0)
         checks.device(self.device)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise InvalidSpec(f"--precision {self.precision!r} is not one of auto, fp32, bf16, fp16")
         checks.output_folder("--out", self.out)
+        checks.outside("--out", self.out, dataset.local_root(), "the dataset")
         if self.optimizer not in OPTIMIZERS:
             raise InvalidSpec(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -139,7 +141,7 @@ class EvalConfig:
         if self.split not in EVAL_SPLITS:
             raise InvalidSpec(f"--split {self.split!r} is not a split — use train, test or val (val is the same as test)")
         checks.positive("--size", self.size)
-        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least_at_most("--batch-size", self.batch_size, 1)
         checks.device(self.device)
         if self.norm is not None:
             parse_norm(self.norm, None)

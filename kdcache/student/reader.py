@@ -350,7 +350,7 @@ def loader(
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     views = ViewReplay.of(cache.manifest["recipe"], size, interpolation)
     pre = preprocess.resolve(None, source.mean, source.std, source.channels, views.size, norm)
-    renderer = views.renderer(source.train, recipe, pre.mean, pre.std)
+    renderer = views.renderer(source.train.bound(cache.input_checksums(), cache.path), recipe, pre.mean, pre.std)
     stream = TeacherViews(renderer, source.train.labels, cache.chunk_samples, int(cache.manifest["recipe"]["seed"]),
                           cache.path, views=cache.views, rank=own_rank if rank is None else rank,
                           world=own_world if world is None else world, batch_size=batch_size,

@@ -236,13 +236,14 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
         recipe, seed, views, block = Recipe.parse(cfg.augment), cfg.seed, None, 256
     labels, kept = training_labels(cfg, source)
     replay = student_views(cfg, cache)
-    renderer = (replay.renderer(source.train, recipe, pre.mean, pre.std, pre.crop_pct) if replay is not None
-                else Renderer.for_model(source.train, recipe, pre))
+    images = source.train.bound(cache.input_checksums(), cache.path) if cache is not None else source.train
+    renderer = (replay.renderer(images, recipe, pre.mean, pre.std, pre.crop_pct) if replay is not None
+                else Renderer.for_model(images, recipe, pre))
     keep = None if kept is None else np.isin(np.arange(len(labels)), kept)
     stream = TrainViews(renderer, labels, block, seed, cfg.cache, targets.arrays() if targets else [], views,
                         batch_size=cfg.batch_size, keep=keep, rank=rank, world=world)
     if len(stream) == 0:
         raise InvalidSpec(f"rank {rank} of {world} has no training samples — use fewer processes")
     if cfg.extra_views:
-        stream = with_extra_views(stream, cache, source.train, pre)
+        stream = with_extra_views(stream, cache, images, pre)
     return stream

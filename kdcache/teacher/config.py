@@ -63,11 +63,12 @@ class PrecomputeConfig:
     def resolve(self) -> PrecomputeSettings:
         """These settings parsed and checked, once, into the frozen value the stage reads (no torch needed)."""
         dataset = parse_dataset(self.dataset)
-        checks.at_least("--views", self.views, 1)
-        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least_at_most("--views", self.views, 1)
+        checks.at_least_at_most("--batch-size", self.batch_size, 1)
         checks.seed(self.seed)
         checks.positive("--teacher-size", self.teacher_size)
-        checks.at_least("--workers", self.workers, 0)
+        checks.at_most("--teacher-size", self.teacher_size)
+        checks.at_least_at_most("--workers", self.workers, 0)
         checks.device(self.device)
         if self.decode not in ("full", "reduced"):
             raise InvalidSpec(f"--decode {self.decode!r} is not one of full, reduced")
@@ -78,12 +79,13 @@ class PrecomputeConfig:
         if self.logit_dtype not in LOGIT_DTYPES:
             raise InvalidSpec(f"--logit-dtype {self.logit_dtype!r} is not one of {', '.join(LOGIT_DTYPES)}")
         checks.output_folder("--out", self.out)
+        checks.outside("--out", self.out, dataset.local_root(), "the dataset")
         if not self.energy_t:
             raise InvalidSpec("--energy-t needs at least one temperature, e.g. --energy-t 1")
         for t in self.energy_t:
             checks.positive("--energy-t", t, allow_none=False)
         if self.chunk_samples is not None:
-            checks.at_least("--chunk-samples", self.chunk_samples, 1)
+            checks.at_least_at_most("--chunk-samples", self.chunk_samples, 1)
         return PrecomputeSettings(
             config=self, dataset=dataset, logits=parse_logit_option(self.logits),
             features=tuple(parse_features(tuple(self.features)).items()),
@@ -170,8 +172,8 @@ class ExtendConfig:
         """Refuse option values that are wrong whatever the cache (no torch needed)."""
         if self.dataset is not None:
             parse_dataset(self.dataset)
-        checks.at_least("--views", self.views, 1)
-        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least_at_most("--views", self.views, 1)
+        checks.at_least_at_most("--batch-size", self.batch_size, 1)
         checks.device(self.device)
         if self.teacher and (self.views or self.features):
             raise InvalidSpec("add ensemble members in an extend call of their own — run extend once with --teacher, "

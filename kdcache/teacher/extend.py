@@ -205,7 +205,8 @@ def _run(cache: CacheWriter, teacher: torch.nn.Module, source: data.Source, mani
          forward: Callable[[torch.Tensor, ViewBatch], tuple[torch.Tensor, list[torch.Tensor]]] | None = None) -> int:
     """The teacher pass over ``views`` of every shard, with the cache's recipe; ``write`` takes each shard."""
     recipe = Recipe.from_manifest(manifest["recipe"]["augment"])
-    renderer = Renderer.for_model(source.train, recipe, Preprocess.from_manifest(manifest["recipe"]),
+    renderer = Renderer.for_model(source.train.bound(cache.input_checksums(), cache.path), recipe,
+                                  Preprocess.from_manifest(manifest["recipe"]),
                                   recorded_decode(manifest["recipe"]))
     return run_shards(teacher, renderer, cache_shards(cache, views), outputs, write, batch_size=batch_size,
                       before_write=lock.check, seed=int(manifest["recipe"]["seed"]), num_samples=cache.num_samples,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
+from kdcache.cache.digests import INPUTS
 from kdcache.cache.store import Cache
 from kdcache.runtime import AUTOCAST, HostCopier, prefetched
 from kdcache.teacher.ensemble import Ensemble
@@ -65,7 +66,8 @@ class _Rendered(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, k: int) -> tuple[int, dict[str, np.ndarray], np.ndarray | None, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[int, dict[str, np.ndarray], np.ndarray | None, torch.Tensor,
+                                           np.ndarray | None]:
         b = self.batches[k]
         params = b.params if b.params is not None else self.renderer.recipe.sample(self.seed, b.samples, b.views,
                                                                                     self.num_samples)
@@ -74,7 +76,9 @@ class _Rendered(Dataset):
         following = k + (info.num_workers if info is not None else 1)
         if following < len(self.batches):  # a remote source fetches it while this one renders
             self.renderer.images.prefetch_ahead(self.batches[following].samples)
-        return k, params, uniforms, self.renderer.batch(b.samples, params)
+        inputs = self.renderer.batch(b.samples, params)
+        images = self.renderer.images  # a recording set kept the crc32c of each image it read (precompute)
+        return k, params, uniforms, inputs, images.checksums(b.samples) if images.seen is not None else None
 
 
 def _as_is(batch: Any) -> Any:
@@ -105,7 +109,7 @@ def run_teacher(
     try:
         with torch.inference_mode(), tqdm(total=total, unit="view", desc=desc, disable=not progress,
                                           dynamic_ncols=True) as bar:
-            for k, params, uniforms, inputs in (prefetched(loader) if workers == 0 else loader):
+            for k, params, uniforms, inputs, checksums in (prefetched(loader) if workers == 0 else loader):
                 x = inputs.to(device, non_blocking=True)
                 if device.type == "cuda" and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)  # convolution kernels' preferred layout
@@ -121,6 +125,8 @@ def run_teacher(
                 if uniforms is not None:
                     uniforms = torch.as_tensor(uniforms).to(device)
                 arrays = batch_outputs(capture, logits, outputs, uniforms, params, members, copier)
+                if checksums is not None:
+                    arrays[INPUTS] = checksums
                 yield PassOutput(batches[k], inputs, logits, members, arrays)
                 if reuse_maps:
                     capture.give_back()

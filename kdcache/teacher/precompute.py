@@ -153,11 +153,13 @@ def precompute(
     try:
         if cache.complete:
             return PrecomputeResult(cache.path, cache.id, True, 0, time.perf_counter() - began, cache.manifest, alias)
-        computed = _compute(cfg, cache, teacher, Renderer.for_model(source.train, recipe, pre, cfg.decode), device, lock,
+        images = source.train.recording() if cache.binds_inputs else source.train  # the crc32c the cache keeps
+        computed = _compute(cfg, cache, teacher, Renderer.for_model(images, recipe, pre, cfg.decode), device, lock,
                             on_batch)
         distributed.barrier()
         if rank == 0:  # the extra views need every sample's energy: one writer, after all shards
-            computed += extra_views.add_extra_views(cache, teacher.to(device).eval(), source.train, device,
+            bound = source.train.bound(cache.input_checksums(), cache.path)
+            computed += extra_views.add_extra_views(cache, teacher.to(device).eval(), bound, device,
                                                     cfg.batch_size, loader_workers(cfg.workers, device), cfg.progress)
         total = int(distributed.all_sum([computed], device)[0])
         if rank == 0:
@@ -205,7 +207,7 @@ def _claim(cfg: PrecomputeConfig, manifest: dict[str, Any], source: data.Source,
     if rank == 0:
         held = claim(cfg.out, manifest, source.train.labels, specs,
                      ClaimOptions(wait=cfg.wait, break_lock=cfg.break_lock, rebuild=cfg.rebuild),
-                     chunk_samples=cfg.chunk_samples, sharded=cfg.sharded)
+                     chunk_samples=cfg.chunk_samples, sharded=cfg.sharded, inputs=True)
     distributed.barrier()
     if rank > 0:
         cache = open_writer(join(cfg.out, cache_id(manifest)), allow_incomplete=True)

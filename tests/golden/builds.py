@@ -37,6 +37,8 @@ def hashes(path: str) -> dict[str, object]:
     names = ["labels", *cache.array_names]
     if cache.manifest.get("he"):
         names += ["he/indices", *(a["name"] for a in cache.manifest["he"]["arrays"])]
+    names += [f"digests/{name}" for name in names if name not in ("labels", "he/indices")]  # format 5: bound chunks
+    names += ["inputs/crc32c"] if cache.binds_inputs else []  # and the teacher's inputs
     arrays = {name: hashlib.sha256(np.ascontiguousarray(cache.read_array(name)).tobytes()).hexdigest()
               for name in names}
     return {"cache_id": cache.id, "arrays": arrays}
