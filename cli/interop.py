@@ -22,12 +22,20 @@ Rerunning resumes an interrupted import, and reuses a complete one.""")
 def import_cache(
     fmt: Annotated[str, typer.Argument(metavar="FORMAT", help=f"One of: {', '.join(IMPORT_FORMATS)}.")],
     src: Annotated[str, typer.Argument(help="The source's folder (ml-dr: reinforced_data/; tinyvit: the "
-                                            "DISTILL.TEACHER_LOGITS_PATH holding logits_top<K>_epoch<E>/).")],
+                                            "DISTILL.TEACHER_LOGITS_PATH holding logits_top<K>_epoch<E>/; fkd: the "
+                                            "--save_path of generate_soft_label.py).")],
     dataset: Annotated[str, typer.Option(help="The dataset the source was made over, e.g. imagefolder:/data/imagenet "
                                               "(sample indices are torchvision ImageFolder's order).")],
     out: Annotated[str, typer.Option(help="Root folder (or s3:// prefix) the cache is written under.")],
-    source_config: Annotated[str | None, typer.Option(help="tinyvit only: the config.json save_logits.py wrote (it says "
-                                                    "which augmentation the seeds drew).")] = None,
+    source_config: Annotated[str | None, typer.Option(help="tinyvit: the config.json save_logits.py wrote (it says "
+                                                    "which augmentation the seeds drew); fkd: a YAML/JSON of "
+                                                    "generate_soft_label.py's arguments (input_size, min_scale_crops, "
+                                                    "max_scale_crops, temp, label_type, arch, mean, std; its "
+                                                    "defaults otherwise).")] = None,
+    randaugment_on: Annotated[str | None, typer.Option(
+        help="ml-dr only: where RandAugment is replayed. pil (default): on the PIL image, as ml-dr's reader renders "
+             "it for the student it trains; tensor: on the uint8 tensor, as its writer rendered it for the teacher "
+             "whose probabilities are stored (docs/interop.md).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help=REBUILD_HELP)] = False,
@@ -37,7 +45,7 @@ def import_cache(
     from kdcache.interop.imports import import_cache as run
 
     r = run(fmt, src, dataset, out, config=source_config, progress=not quiet,
-            options=ClaimOptions(wait=wait, break_lock=break_lock, rebuild=rebuild))
+            options=ClaimOptions(wait=wait, break_lock=break_lock, rebuild=rebuild), randaugment_on=randaugment_on)
     for note in r.notes:
         typer.echo(f"note: {note}", err=True)
     if r.reused:

@@ -232,10 +232,9 @@ def _edit_config(src: Path, to: Path, change) -> Path:
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda aug: aug.update(rand_augment={"num_ops": 2}), "RandAugment on PIL images"),
-    (lambda aug: aug.update(resize={"size": 20}), "a resize before the crop has no kdcache op"),
-    (lambda aug: aug.update(cutmix={}), "mixup and cutmix both apply to a view"),
-    (lambda aug: aug.pop("random_resized_crop"), "no random_resized_crop"),
+    (lambda aug: aug.update(center_crop={"size": 8}), "ml-dr's CenterCrop fails"),
+    (lambda aug: aug.update(rand_augment={"num_ops": 2, "fill": 0}), "rand_augment with an interpolation or fill"),
+    (lambda aug: aug.pop("random_resized_crop"), "kdcache views share one square size"),
 ])
 def test_ops_without_an_exact_kdcache_op_are_refused(folder, mldr_caches, tmp_path, change, message):
     src = _edit_config(mldr_caches["mixup"][0], tmp_path / "src", change)
@@ -438,8 +437,11 @@ def test_tinyvit_needs_its_config_and_ml_dr_takes_none(folder, tinyvit, mldr_cac
     code, _, err = run_cli(["import", "ml-dr", str(mldr_caches["cropflip"][0]), "--dataset", spec(folder), "--out",
                             str(tmp_path / "o"), "--source-config", "x.json"], capsys)
     assert code == 2 and "drop it" in err
-    code, _, err = run_cli(["import", "fkd", "x", "--dataset", spec(folder), "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "is not one of ml-dr, tinyvit" in err
+    code, _, err = run_cli(["import", "sre2l", "x", "--dataset", spec(folder), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is not one of ml-dr, tinyvit, fkd" in err
+    code, _, err = run_cli(["import", "tinyvit", str(root / "logits"), "--dataset", spec(folder), "--out",
+                            str(tmp_path / "o"), "--randaugment-on", "tensor"], capsys)
+    assert code == 2 and "tinyvit has one — drop it" in err
 
 
 def test_import_help_lists_the_formats(capsys):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,37 +52,39 @@ def magnitudes(op: str, wide: bool, height: int, width: int) -> torch.Tensor | N
     return None
 
 
-def apply_op(image: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
-    """One op on a uint8 image, exactly as torchvision v2's auto-augment transforms call it."""
+def apply_op(image: Any, op: str, magnitude: float, fn: ModuleType = F) -> Any:
+    """One op on an image, exactly as torchvision's auto-augment transforms call ``fn``: v2's on a uint8
+    tensor (the default), or v1's (``torchvision.transforms.functional``) on a tensor or PIL image, as v1's
+    ``autoaugment._apply_op`` does. ``solarize``'s magnitude is the threshold in pixel levels."""
     if op in ("shear_x", "shear_y"):
         angle = math.degrees(math.atan(magnitude))
         shear = [angle, 0.0] if op == "shear_x" else [0.0, angle]
-        return F.affine(
+        return fn.affine(
             image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=_NEAREST, fill=None, center=[0, 0]
         )
     if op in ("translate_x", "translate_y"):
         shift = [int(magnitude), 0] if op == "translate_x" else [0, int(magnitude)]
-        return F.affine(
+        return fn.affine(
             image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], interpolation=_NEAREST, fill=None
         )
     if op == "rotate":
-        return F.rotate(image, angle=magnitude, interpolation=_NEAREST, fill=None)
+        return fn.rotate(image, angle=magnitude, interpolation=_NEAREST, fill=None)
     if op == "brightness":
-        return F.adjust_brightness(image, brightness_factor=1.0 + magnitude)
+        return fn.adjust_brightness(image, brightness_factor=1.0 + magnitude)
     if op == "color":
-        return F.adjust_saturation(image, saturation_factor=1.0 + magnitude)
+        return fn.adjust_saturation(image, saturation_factor=1.0 + magnitude)
     if op == "contrast":
-        return F.adjust_contrast(image, contrast_factor=1.0 + magnitude)
+        return fn.adjust_contrast(image, contrast_factor=1.0 + magnitude)
     if op == "sharpness":
-        return F.adjust_sharpness(image, sharpness_factor=1.0 + magnitude)
+        return fn.adjust_sharpness(image, sharpness_factor=1.0 + magnitude)
     if op == "posterize":
-        return F.posterize(image, bits=int(magnitude))
+        return fn.posterize(image, bits=int(magnitude))
     if op == "solarize":
-        return F.solarize(image, threshold=255.0 * magnitude)
+        return fn.solarize(image, threshold=magnitude)
     if op == "autocontrast":
-        return F.autocontrast(image)
+        return fn.autocontrast(image)
     if op == "equalize":
-        return F.equalize(image)
+        return fn.equalize(image)
     return image
 
 
@@ -89,6 +93,8 @@ def _replay(image: torch.Tensor, choices: np.ndarray, wide: bool) -> torch.Tenso
         op = OPS[op_id]
         table = magnitudes(op, wide, image.shape[-2], image.shape[-1])
         magnitude = 0.0 if table is None else float(table[bin_])
+        if op == "solarize":  # v2's table is a fraction of the largest level
+            magnitude *= 255.0
         image = apply_op(image, op, -magnitude if negate else magnitude)
     return image
 

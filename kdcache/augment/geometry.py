@@ -14,11 +14,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import functional as pil_functional
 from torchvision.transforms.v2 import functional as F
 
-from kdcache.augment.op import ERASE, Fields, Op, box_row, check_range, pixel_span, quantise_box
+from kdcache.augment.op import ERASE, Fields, Op, box_row, check_range, from_pil, pixel_span, quantise_box, to_pil
 from kdcache.augment.rng import Draws
 
 TRIES = 10  # attempts before falling back, as in torchvision
@@ -50,6 +49,7 @@ class RandomResizedCrop(Op):
     """
 
     name = "rrc"
+    sizes = True
     usage = "rrc[:min_scale[:max_scale]], e.g. rrc:0.35"
     version = 2  # 2: the box is uint16 fixed point, q / 65535 (version 1 stored four float32)
     args = ("min_scale", "max_scale")
@@ -115,9 +115,7 @@ class PilResizedCrop(RandomResizedCrop):
              interpolation: F.InterpolationMode) -> torch.Tensor:
         top, left, height, width = self.pixels(image, row)
         crop = image[:, top : top + height, left : left + width]  # as PIL's crop: a copy of those pixels
-        pixels = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())
-        pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-        return pil_functional.pil_to_tensor(pil_functional.resize(pil, [size, size], interpolation=interpolation))
+        return from_pil(pil_functional.resize(to_pil(crop), [size, size], interpolation=interpolation))
 
 
 @dataclasses.dataclass(frozen=True)

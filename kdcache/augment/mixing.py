@@ -43,15 +43,23 @@ class MixOp(Op):
     def fields(self) -> Fields:
         return {self.partner_field: ((), "int64"), self.lam_field: ((), "float32")}
 
-    def _draw(self, draws: Draws, indices: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mixed flag, partner or -1, lambda ~ Beta(alpha, alpha)) per element."""
+    def draw(self, draws: Draws, indices: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mixed flag, candidate partner, lambda ~ Beta(alpha, alpha)) per element."""
         mixed = draws.uniform(1)[:, 0] < self.p
         other = draws.below(num_samples - 1).astype(np.int64)
         other += other >= indices  # uniform over [0, num_samples) without the sample itself
-        return mixed, np.where(mixed, other, -1), draws.beta(self.alpha)
+        return mixed, other, draws.beta(self.alpha)
 
-    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
-        """Params of the mixing step for a batch: partner index, lambda and any op-specific field."""
+    def _draw(self, draws: Draws, indices: np.ndarray, num_samples: int,
+              partner: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mixed flag, partner or -1, lambda); ``partner`` replaces the drawn candidate (a chain's shared one)."""
+        mixed, other, lam = self.draw(draws, indices, num_samples)
+        return mixed, np.where(mixed, other if partner is None else partner, -1), lam
+
+    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int,
+                   partner: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Params of the mixing step for a batch: partner index, lambda and any op-specific field. ``partner``:
+        the candidate partners to mix with (those of the recipe's first mixing op, which every one shares)."""
         raise NotImplementedError
 
     def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
@@ -69,8 +77,9 @@ class MixUp(MixOp):
     alpha: float = 0.2
     p: float = 1.0
 
-    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
-        mixed, partner, lam = self._draw(draws, indices, num_samples)
+    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int,
+                   partner: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        mixed, partner, lam = self._draw(draws, indices, num_samples, partner)
         return {self.partner_field: partner, self.lam_field: np.where(mixed, lam, 1.0).astype(np.float32)}
 
     def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
@@ -124,8 +133,9 @@ class CutMix(MixOp):
     def fields(self) -> Fields:
         return {**super().fields(), "cutmix_box": ((4,), "float32")}
 
-    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
-        mixed, partner, lam = self._draw(draws, indices, num_samples)
+    def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int,
+                   partner: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        mixed, partner, lam = self._draw(draws, indices, num_samples, partner)
         centre = draws.uniform(2)
         half = 0.5 * np.sqrt(1.0 - lam)[:, None]
         lo = np.floor(np.clip(centre - half, 0.0, 1.0) * self.grid + 0.5) / self.grid

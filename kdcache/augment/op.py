@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import functional as pil_functional
 
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec
@@ -36,6 +38,11 @@ class Op:
     version: ClassVar[int] = 1
     stage: ClassVar[int] = PIXEL
     args: ClassVar[tuple[str, ...]] = ()
+    #: Whether the op sets the view's size (a crop or resize); a recipe without one resizes the image first.
+    sizes: ClassVar[bool] = False
+    #: Whether kdcache can draw the op's params; False for ops that only replay params read from another
+    #: project's files (their values depend on the image size at that step, which sampling does not see).
+    sampled: ClassVar[bool] = True
 
     @classmethod
     def parse(cls, args: list[str]) -> Op:
@@ -90,6 +97,17 @@ class Op:
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         """Replay this op's stored params (one view's row) on a uint8 [C,H,W] image."""
         raise NotImplementedError
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 [C,H,W] tensor (1 or 3 channels) as the PIL image holding the same pixels."""
+    pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a uint8 [C,H,W] tensor (exactly its pixels)."""
+    return pil_functional.pil_to_tensor(image)
 
 
 def _number(cls: type[Op], key: str, text: str) -> int | float:

@@ -1,12 +1,13 @@
 """A recipe: the ordered ops of a spec like ``rrc+flip+trivial+erase+cutmix:0.5``.
 
 Replay of one view at output size S (see docs/recipes.md):
-1. If the recipe has no ``rrc``, the uint8 image is first resized to S x S (antialiased).
-2. Geometric/colour ops (rrc, flip, trivial, randaugment), then erase, run in spec order on the
-   uint8 image; ``rrc`` crops and resizes to S x S wherever it stands.
+1. If the recipe has no op that sizes the view (a crop or resize), the uint8 image is first resized to
+   S x S (antialiased).
+2. Geometric/colour ops (rrc, flip, trivial, randaugment, ...), then erase, run in spec order on the
+   uint8 image; ``rrc`` crops and resizes to S x S wherever it stands. The view must then be S x S.
 3. The result becomes float32 in [0, 1] (x / 255).
-4. A mixing op (always last) renders the partner the same way from the ``partner_*`` params and
-   blends the two float views.
+4. The mixing ops (always last; ``mixup+cutmix`` applies both, with one partner) render the partner the
+   same way from the ``partner_*`` params and blend it into the float view, in spec order.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasi
 from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
 from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row
 from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
+from kdcache.augment.torchvision_ops import CenterCrop, PaddedCrop, PilRandAugment, Resize, TensorRandAugment
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
 OPS: dict[str, type[Op]] = {
     cls.name: cls
-    for cls in (RandomResizedCrop, PilResizedCrop, HorizontalFlip, TrivialAugment, RandAugment, RandomErasing, MixUp, CutMix)
+    for cls in (RandomResizedCrop, PilResizedCrop, HorizontalFlip, TrivialAugment, RandAugment, RandomErasing, MixUp,
+                CutMix, Resize, CenterCrop, PaddedCrop, TensorRandAugment, PilRandAugment)
 }
 NONE = "none"
 PARTNER = "partner_"
@@ -59,9 +62,10 @@ class Recipe:
         for i, op in enumerate(self.ops):
             if op.name in names[:i]:
                 raise InvalidSpec(f"op {op.name!r} appears twice in {self.spec!r} — use each op at most once")
-            if op.stage == MIX and i != len(self.ops) - 1:
+            if i and op.stage < self.ops[i - 1].stage and self.ops[i - 1].stage == MIX:
                 raise InvalidSpec(
-                    f"mixing op {op.name!r} must be the last op in {self.spec!r} — e.g. rrc+flip+{op.name}"
+                    f"mixing op {self.ops[i - 1].name!r} must come after every other op in {self.spec!r} — "
+                    f"e.g. rrc+flip+{self.ops[i - 1].name}"
                 )
             if i and op.stage < self.ops[i - 1].stage:
                 raise InvalidSpec(
@@ -100,12 +104,20 @@ class Recipe:
     @property
     def mixes(self) -> bool:
         """Whether views blend with a partner sample (labels become soft; see ``mixing``)."""
-        return self._mix is not None
+        return bool(self._mixes)
 
     @property
-    def _mix(self) -> MixOp | None:
-        last = self.ops[-1] if self.ops else None
-        return last if isinstance(last, MixOp) else None
+    def _mixes(self) -> tuple[MixOp, ...]:
+        return tuple(op for op in self.ops if isinstance(op, MixOp))
+
+    def check_sampled(self) -> None:
+        """InvalidSpec unless kdcache can draw every op's params (some only replay imported ones)."""
+        replay_only = [op.name for op in self.ops if not op.sampled]
+        if replay_only:
+            raise InvalidSpec(
+                f"{', '.join(replay_only)} in {self.spec!r} only replay params imported from another project's files "
+                "— to draw views, use rrc, randaugment or a timm: recipe (docs/recipes.md)"
+            )
 
     @property
     def _view_ops(self) -> tuple[Op, ...]:
@@ -116,20 +128,18 @@ class Recipe:
         the output: the ``rrc`` box, or the whole image in a recipe without one. None when another op
         works on the full image first (then nothing may be decoded at reduced size)."""
         ops = self._view_ops
-        crops = [k for k, op in enumerate(ops) if isinstance(op, RandomResizedCrop)]
-        if not crops:
-            return (0.0, 0.0, 1.0, 1.0)
-        if crops[0] != 0:
-            return None
-        return box_row(params, "rrc")
+        if ops and isinstance(ops[0], RandomResizedCrop):
+            return box_row(params, "rrc")
+        return None if any(op.sizes for op in ops) else (0.0, 0.0, 1.0, 1.0)
 
     def fields(self) -> Fields:
         """Every stored param array: field name -> (tail shape, numpy dtype name)."""
         out: Fields = {}
         for op in self._view_ops:
             out.update(op.fields())
-        if self._mix is not None:
-            out.update(self._mix.fields())
+        for mix in self._mixes:
+            out.update(mix.fields())
+        if self._mixes:
             out.update({PARTNER + k: v for op in self._view_ops for k, v in op.fields().items()})
         return out
 
@@ -138,7 +148,9 @@ class Recipe:
 
         Element-wise pure: op k of view (i, v) draws from the Philox stream keyed by ``seed`` at
         counter (i, v, k, ·); a mixing partner j's params come from stream (j, v, PARTNER_STREAM + k).
+        Mixing ops after the first mix with the first one's candidate partner.
         """
+        self.check_sampled()
         seed = check_seed(seed)
         idx, views = np.asarray(indices), np.asarray(views)
         if idx.ndim != 1 or idx.shape != views.shape or idx.dtype.kind not in "iu" or views.dtype.kind not in "iu":
@@ -151,11 +163,15 @@ class Recipe:
         out: dict[str, np.ndarray] = {}
         for stream, op in enumerate(self._view_ops):
             out.update(op.sample(Draws(seed, idx, views, stream)))
-        mix = self._mix
-        if mix is not None:
+        if self._mixes:
             check_mixable(num_samples)
-            out.update(mix.sample_mix(Draws(seed, idx, views, len(self.ops) - 1), idx, num_samples))
-            partner = out[mix.partner_field]
+            first = len(self.ops) - len(self._mixes)
+            candidate = None
+            for stream, mix in enumerate(self._mixes, start=first):
+                out.update(mix.sample_mix(Draws(seed, idx, views, stream), idx, num_samples, candidate))
+                if candidate is None:
+                    candidate = mix.draw(Draws(seed, idx, views, stream), idx, num_samples)[1]
+            partner = np.max([out[mix.partner_field] for mix in self._mixes], axis=0)
             mixed = partner >= 0
             for stream, op in enumerate(self._view_ops):
                 draws = Draws(seed, np.where(mixed, partner, 0), views, PARTNER_STREAM + stream)
@@ -178,39 +194,44 @@ class Recipe:
         (the model's own, see kdcache/models/preprocess.py) is used where the view is resized to ``size``.
         """
         view = self._render(image, params, size, "", interpolation)
-        mix = self._mix
-        if mix is None:
+        mixed = [mix for mix in self._mixes if int(np.asarray(params[mix.partner_field])) >= 0]
+        if not mixed:
             return view
-        j = int(np.asarray(params[mix.partner_field]))
-        if j < 0:
-            return view
+        j = int(np.asarray(params[mixed[0].partner_field]))
         if partner is None:
             raise ValueError(f"this view mixes with sample {j}: pass partner=<callable returning its uint8 image>")
-        return mix.mix(view, self._render(partner(j), params, size, PARTNER, interpolation), params)
+        other = self._render(partner(j), params, size, PARTNER, interpolation)
+        for mix in mixed:
+            view = mix.mix(view, other, params)
+        return view
 
     def _render(self, image: torch.Tensor, params: Mapping[str, np.ndarray], size: int, prefix: str,
                 interpolation: str) -> torch.Tensor:
         _check_image(image)
         mode = F.InterpolationMode(interpolation)
         row = {key[len(prefix) :]: value for key, value in params.items() if key.startswith(prefix)}
-        if not any(isinstance(op, RandomResizedCrop) for op in self.ops):
+        if not any(op.sizes for op in self.ops):
             image = F.resize(image, [size, size], interpolation=mode, antialias=True)
         for op in self._view_ops:
             if isinstance(op, RandomResizedCrop):
                 image = op.crop(image, row, size, mode)
             else:
                 image = op.apply(image, row, size)
+        if tuple(image.shape[-2:]) != (size, size):
+            raise InvalidSpec(f"recipe {self.spec!r} renders {image.shape[-2]}x{image.shape[-1]} views, the view size "
+                              f"is {size}x{size} — end its resizes and crops at {size}")
         return F.to_dtype(image, torch.float32, scale=True)
 
     def mixing(self, params: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(partner int64 [B], -1 where unmixed; lam float32 [B], weight of the sample's own label).
 
-        Soft labels are lam * onehot(y_i) + (1 - lam) * onehot(y_partner).
+        Soft labels are lam * onehot(y_i) + (1 - lam) * onehot(y_partner). Chained mixes keep the product of
+        their lambdas (the own pixels MixUp keeps, outside the box CutMix pastes).
         """
-        mix = self._mix
-        if mix is not None:
-            partner = np.asarray(params[mix.partner_field], dtype=np.int64)
-            return partner, np.asarray(params[mix.lam_field], dtype=np.float32)
+        if self._mixes:
+            partner = np.max([np.asarray(params[m.partner_field], dtype=np.int64) for m in self._mixes], axis=0)
+            lam = np.prod([np.asarray(params[m.lam_field], dtype=np.float32) for m in self._mixes], axis=0)
+            return partner, lam.astype(np.float32)
         if not params:
             raise ValueError(f"recipe {self.spec!r} stores no params, so mixing() cannot tell the batch size")
         batch = len(next(iter(params.values())))

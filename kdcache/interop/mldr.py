@@ -20,13 +20,22 @@ from typing import Any
 import numpy as np
 
 from kdcache.augment import Recipe
-from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing
-from kdcache.augment.mixing import CutMix, MixUp
-from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
+from kdcache.augment.geometry import PilResizedCrop
+from kdcache.augment.torchvision_ops import PaddedCrop, TensorRandAugment
 from kdcache.data.images import Source
+from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop import pickles
 from kdcache.interop.boxes import crop_boxes, view_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
+from kdcache.interop.mldr_recipe import (
+    NO_PARAM,
+    RENDERINGS,
+    crop_offsets,
+    randaugment_rows,
+    recipe_of,
+    shape_after,
+    transforms,
+)
 from kdcache.locations import guard
 from kdcache.models.preprocess import Preprocess
 
@@ -34,22 +43,7 @@ FORMAT = "ml-dr"
 #: The layout of apple/ml-dr's first release (c72c884): the only one there is.
 VERSION = 1
 CONFIG = "config.pth.tar"
-#: ml-dr's transforms in the order it composes them (``dr.transforms.TRANSFORMATION_TO_NAME``).
-ORDER = ("uint8", "resize", "center_crop", "random_crop", "random_resized_crop", "random_horizontal_flip",
-         "rand_augment", "to_tensor", "random_erase", "normalize", "mixup", "cutmix")
-NO_PARAM = ("uint8", "center_crop", "to_tensor", "normalize")
-#: Transforms without an exact kdcache op, and why.
-REFUSED = {
-    "resize": "a resize before the crop has no kdcache op (kdcache crops the decoded image)",
-    "center_crop": "a center crop before the random crop has no kdcache op",
-    "random_crop": "random_crop (padded crops, CIFAR-style) has no kdcache op",
-    "rand_augment": "its rand_augment is torchvision's RandAugment on PIL images, which kdcache's randaugment "
-                    "does not replay bit for bit",
-}
-#: PIL's interpolation codes (what a config may give ``random_resized_crop``) and their names.
-PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 MAX_VIEWS = 100_000  # views per sample, and top-k, a configuration may declare (ml-dr stores 50 to 800 views)
-MAX_SIDE = 8192  # a view's side in pixels
 
 
 def sample_file(src: Path, index: int) -> Path:
@@ -70,64 +64,6 @@ def read_config(src: Path) -> dict[str, Any]:
     if not isinstance(reinforce, Mapping) or not isinstance(reinforce.get("image_augmentation"), Mapping):
         raise DataCorrupt(f"{src / CONFIG} has no reinforce.image_augmentation — it is not an ml-dr configuration")
     return config
-
-
-def transforms(config: Mapping[str, Any], where: str, notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The transforms ml-dr composes from ``reinforce.image_augmentation`` (``compose_from_config``: ``enable:
-    false`` drops one, as ``clean_config`` does, and a name it does not know is ignored, as ml-dr ignores it,
-    with a line in ``notes``), in its order; InvalidSpec for one kdcache cannot replay exactly."""
-    given = {name: dict(cfg or {}) for name, cfg in config["reinforce"]["image_augmentation"].items()}
-    enabled = {name: cfg for name, cfg in given.items() if cfg.pop("enable", True)}
-    for name in sorted(set(enabled) - set(ORDER)):
-        if notes is not None:
-            notes.append(f"{where}: ml-dr ignores {name!r}, which is not one of its transforms — so does this import")
-        enabled.pop(name)
-    for name, why in REFUSED.items():
-        if name in enabled:
-            raise InvalidSpec(f"{where}: {why} — import a reinforcement made without {name}")
-    if "random_resized_crop" not in enabled:
-        raise InvalidSpec(f"{where}: no random_resized_crop, so ml-dr's views are whole images of different "
-                          "sizes (its own writer cannot batch them) — kdcache imports ml-dr views that crop")
-    if "mixup" in enabled and "cutmix" in enabled:
-        raise InvalidSpec(f"{where}: mixup and cutmix both apply to a view, and a kdcache view mixes once — "
-                          "import a reinforcement made with one of them")
-    return {name: enabled[name] for name in ORDER if name in enabled}
-
-
-def _pair(value: Any, default: tuple[float, float]) -> tuple[float, float]:
-    low, high = value if value is not None else default
-    return float(low), float(high)
-
-
-def _interpolation(value: Any, where: str) -> str:
-    name = PIL_CODES.get(value, value) if not isinstance(value, str) else value.lower()
-    if name not in ("nearest", "bilinear", "bicubic"):
-        raise InvalidSpec(f"{where}: random_resized_crop interpolation {value!r} is not nearest, bilinear or bicubic")
-    return name
-
-
-def recipe_of(steps: Mapping[str, Mapping[str, Any]], where: str) -> tuple[Recipe, int, str]:
-    """The kdcache recipe, view side and interpolation of ml-dr's transforms."""
-    crop = steps["random_resized_crop"]
-    size = crop.get("size")
-    side = size if isinstance(size, int) else (size[0] if len(size) == 2 and size[0] == size[1] else None)
-    if side is None:
-        raise InvalidSpec(f"{where}: random_resized_crop size {size!r} is not square — kdcache views are square")
-    if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_SIDE:
-        raise InvalidSpec(f"{where}: random_resized_crop size {size!r} is not a side from 1 to {MAX_SIDE} px")
-    scale, ratio = _pair(crop.get("scale"), (0.08, 1.0)), _pair(crop.get("ratio"), (3 / 4, 4 / 3))
-    ops: list[Any] = [PilResizedCrop(*scale, *ratio)]
-    if "random_horizontal_flip" in steps:
-        ops.append(HorizontalFlip(float(steps["random_horizontal_flip"].get("p", 0.5))))
-    if "random_erase" in steps:
-        erase = steps["random_erase"]
-        ops.append(RandomErasing(float(erase.get("p", 0.5)), *_pair(erase.get("scale"), (0.02, 0.33)),
-                                 *_pair(erase.get("ratio"), (0.3, 3.3))))
-    if "mixup" in steps:
-        ops.append(MixUp(float(steps["mixup"].get("alpha", 1.0)), float(steps["mixup"].get("p", 1.0))))
-    if "cutmix" in steps:
-        ops.append(CutMix(float(steps["cutmix"].get("alpha", 1.0)), float(steps["cutmix"].get("p", 1.0)), grid=side))
-    return Recipe(tuple(ops)), side, _interpolation(crop.get("interpolation", "bilinear"), where)
 
 
 def decompress(params: Any, names: Sequence[str]) -> dict[str, Any]:
@@ -158,16 +94,19 @@ def decompress(params: Any, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def plan(src: str | Path, source: Source, progress: bool = False) -> Import:
+def plan(src: str | Path, source: Source, progress: bool = False, randaugment_on: str = "pil") -> Import:
     """The import of the ml-dr folder ``src`` onto the train split of ``source`` (``progress``: a bar while
-    its files are hashed)."""
+    its files are hashed). ``randaugment_on``: ``pil`` replays RandAugment as ml-dr's reader renders it for
+    the student it trains, ``tensor`` as its writer rendered it for the teacher (docs/interop.md)."""
+    if randaugment_on not in RENDERINGS:
+        raise InvalidSpec(f"--randaugment-on {randaugment_on!r} is not one of {', '.join(RENDERINGS)}")
     root = Path(src).expanduser()
     config = read_config(root)
     where = str(root)
     notes: list[str] = []
     try:
         steps = transforms(config, where, notes)
-        recipe, side, interpolation = recipe_of(steps, where)
+        recipe, side, interpolation = recipe_of(steps, where, lambda: _all_sizes(source), randaugment_on)
         reinforce = config["reinforce"]
         views, k = (_count(reinforce[key], key, MAX_VIEWS) for key in ("num_samples", "topk"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -187,6 +126,13 @@ def plan(src: str | Path, source: Source, progress: bool = False) -> Import:
     about = {"version": VERSION, "source": str(root), "files": n,
              "reinforce": jsonable({key: reinforce[key] for key in reinforce}),
              "teacher": jsonable(config.get("teacher"))}
+    if "rand_augment" in steps:
+        about["randaugment_on"] = randaugment_on
+        notes.append(f"{where}: ml-dr's writer ran RandAugment on uint8 tensors for the teacher, its reader runs it "
+                     f"on PIL images for the student (tens of levels apart); this import replays the "
+                     f"{'reader' if randaugment_on == 'pil' else 'writer'}'s — --randaugment-on "
+                     f"{'tensor' if randaugment_on == 'pil' else 'pil'} for the "
+                     f"{'teacher' if randaugment_on == 'pil' else 'student'}'s")
     return Import(FORMAT, about, recipe, views, k, pre, _teacher_name(config), _digest(root, files, progress), str(root),
                   reader.read, notes=notes)
 
@@ -243,10 +189,18 @@ class _Reader:
         partner = int(self.order[self.partner(params["id2"], at)]) if mixes else -1
         sides = [(0, self.size(i))] + ([(1, self.size(partner))] if mixes else [])
         out: dict[str, np.ndarray] = {}
+        ops = self.recipe.ops
         for slot, (h, w) in sides:
             prefix = "partner_" if slot else ""
-            top, left, height, width = params["random_resized_crop"][slot]
-            out[prefix + "rrc"] = crop_boxes(top, left, height, width, h, w, at)
+            for k, op in enumerate(ops):
+                if isinstance(op, PilResizedCrop):
+                    top, left, height, width = params["random_resized_crop"][slot]
+                    out[prefix + "rrc"] = crop_boxes(top, left, height, width, *shape_after(ops[:k], h, w, 0), at)
+                elif isinstance(op, PaddedCrop):
+                    out[prefix + "padcrop"] = crop_offsets(params["random_crop"][slot], op,
+                                                           *shape_after(ops[:k], h, w, 0), at)
+                elif isinstance(op, TensorRandAugment):
+                    out[prefix + op.name] = randaugment_rows(_slot(params, "rand_augment", slot, None), op.num_ops, at)
             if "random_horizontal_flip" in self.names:
                 flip = _slot(params, "random_horizontal_flip", slot, False)
                 if not isinstance(flip, (bool, np.bool_)):
@@ -270,22 +224,31 @@ class _Reader:
         return int(id2)
 
     def mixing(self, params: dict[str, Any], mixes: list[str], partner: int, at: str) -> dict[str, np.ndarray]:
-        name = "mixup" if "mixup" in self.names else "cutmix" if "cutmix" in self.names else None
-        if name is None:
-            return {}
-        out = {f"{name}_partner": np.int64(partner), f"{name}_lam": np.float32(1.0)}
-        if name == "cutmix":
-            out["cutmix_box"] = np.zeros(4, np.float32)
-        if not mixes:
-            return out
-        if name == "mixup":
-            out["mixup_lam"] = np.float32(_fraction(params["mixup"], at, "the mixup λ"))
-            return out
-        lam, (x1, y1, x2, y2) = params["cutmix"]
-        _fraction(lam, at, "the cutmix λ")
-        out["cutmix_box"] = view_boxes(x1, y1, x2 - x1, y2 - y1, self.side, at)
-        out["cutmix_lam"] = np.float32(1.0 - (x2 - x1) * (y2 - y1) / (self.side * self.side))
+        """The arrays of each configured mix (MixUp, then CutMix, with the one partner): -1 and λ 1 where the
+        view did not mix that way."""
+        out: dict[str, np.ndarray] = {}
+        for name in ("mixup", "cutmix"):
+            if name not in self.names:
+                continue
+            out |= {f"{name}_partner": np.int64(partner if name in mixes else -1), f"{name}_lam": np.float32(1.0)}
+            if name == "cutmix":
+                out["cutmix_box"] = np.zeros(4, np.float32)
+            if name not in mixes:
+                continue
+            if name == "mixup":
+                out["mixup_lam"] = np.float32(_fraction(params["mixup"], at, "the mixup λ"))
+                continue
+            lam, (x1, y1, x2, y2) = params["cutmix"]
+            _fraction(lam, at, "the cutmix λ")
+            out["cutmix_box"] = view_boxes(x1, y1, x2 - x1, y2 - y1, self.side, at)
+            out["cutmix_lam"] = np.float32(1.0 - (x2 - x1) * (y2 - y1) / (self.side * self.side))
         return out
+
+
+def _all_sizes(source: Source) -> np.ndarray:
+    """(height, width) of every training image [N, 2]."""
+    h, w = image_sizes(source, np.arange(len(source.train)))
+    return np.stack([h, w], axis=1)
 
 
 def _count(value: Any, key: str, limit: int) -> int:

@@ -31,7 +31,8 @@ from kdcache.cache.store import Cache, open_cache
 from kdcache.errors import CacheMismatch, InvalidSpec
 from kdcache.interop.boxes import spans
 from kdcache.interop.imported import folder_order, image_sizes
-from kdcache.interop.mldr import CONFIG, PIL_CODES, VERSION
+from kdcache.interop.mldr import CONFIG, VERSION
+from kdcache.interop.mldr_recipe import PIL_CODES
 from kdcache.interop.pickles import dump_torch
 from kdcache.locations import guard
 

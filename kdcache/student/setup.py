@@ -234,6 +234,7 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
         seed, views, block = int(cache.manifest["recipe"]["seed"]), cache.views, cache.chunk_samples
     else:
         recipe, seed, views, block = Recipe.parse(cfg.augment), cfg.seed, None, 256
+        recipe.check_sampled()
     labels, kept = training_labels(cfg, source)
     replay = student_views(cfg, cache)
     images = source.train.bound(cache.input_checksums(), cache.path) if cache is not None else source.train

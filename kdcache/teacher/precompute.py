@@ -102,6 +102,7 @@ def prepare(
     device = device if device is not None else pick_device(cfg.device)
     source = data.open_source(settings.dataset)
     recipe = Recipe.parse(cfg.augment)
+    recipe.check_sampled()
     teacher, section, own = load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
                                           cfg.ensemble, cfg.keep_members, modules=teacher, class_map=cfg.class_map,
                                           dataset_classes=source.classes)
