@@ -91,6 +91,7 @@ def verify(
     recompute_seed: Annotated[int, typer.Option(help="--recompute: seed choosing the pairs.")] = 0,
     dataset: Annotated[str | None, typer.Option(help="--recompute: dataset spec if it moved (default: the manifest's; fingerprint must match).")] = None,
     device: Annotated[str, typer.Option(help="--recompute: auto (CUDA if available), cpu or cuda[:N].")] = "auto",
+    allow_version_drift: Annotated[bool, typer.Option("--allow-version-drift", help="--recompute: replay a timm: recipe under other package versions than the cache recorded, to check whether its views still give the stored outputs.")] = False,
     repair: Annotated[bool, typer.Option("--repair", help="Mark every shard holding a missing, unreadable or non-finite chunk as unwritten, so that rerunning the precompute command rewrites exactly those shards.")] = False,
 ) -> None:
     """Check a cache's integrity by reading every chunk; exit 1 naming each bad array and chunk.
@@ -109,7 +110,7 @@ def verify(
         from kdcache.audit import recompute as replay  # the teacher's side, torch: only to recompute
 
         replayed = replay(cache, recompute, [str(w) for w in weights or ()] or None, recompute_seed, dataset,
-                          device=device)
+                          device=device, allow_version_drift=allow_version_drift)
     problems = [*report.problems, *(replayed.problems if replayed else ())]
     if as_json:
         typer.echo(json.dumps(report.to_json() | ({"recompute": replayed.to_json()} if replayed else {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -20,8 +21,14 @@ for _command in app.registered_commands:
     _command.callback = with_config(_command.callback)
 
 
+def _warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - formatwarning's signature
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    """Console entry point: library errors and usage errors become one-line messages and exit code 2."""
+    """Console entry point: library errors and usage errors become one-line messages and exit code 2; the
+    library's warnings one ``warning:`` line each."""
+    warnings.formatwarning = _warning
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError:  # the help is printed already

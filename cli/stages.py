@@ -146,6 +146,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of initialisation, label noise, imbalance and, without a cache, of the views.")] = TrainConfig.seed,
     size: Annotated[Optional[int], typer.Option(help="Student input side (default: the cache's teacher size, at which the student renders the teacher's very pixels).")] = TrainConfig.size,
     interpolation: Annotated[Optional[str], typer.Option(help="Resize of the student's views: bilinear, bicubic or nearest (default: the interpolation the cache records for its teacher; bilinear without a cache).")] = TrainConfig.interpolation,
+    allow_version_drift: Annotated[bool, typer.Option("--allow-version-drift", help="Replay a timm: recipe although timm, torch, torchvision, Pillow or NumPy differ from the versions the cache recorded (a warning; its views may differ from the teacher's: check with kdcache verify CACHE --recompute N --allow-version-drift).")] = TrainConfig.allow_version_drift,
     norm: Annotated[Optional[str], typer.Option(help="Student normalisation: dataset, imagenet, clip, inception or M,M,M/S,S,S (default: the dataset's statistics).")] = TrainConfig.norm,
     augment: Annotated[str, typer.Option(help="Recipe without a cache (a cache replays its own).")] = TrainConfig.augment,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes reading and rendering views (0: in-process; default: up to 4 with CUDA, 0 on CPU).")] = TrainConfig.workers,
@@ -166,7 +167,7 @@ def train(
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
         warmup_epochs=warmup_epochs, grad_clip=grad_clip, ema=ema, label_smoothing=label_smoothing, amp=amp, precision=precision, compile=compile, label_noise=label_noise, imbalance=imbalance,
         seed=seed, size=size, interpolation=interpolation, augment=augment, workers=workers, device=device, resume=resume, progress=not quiet,
-        extra_views=extra_views or he_da)
+        extra_views=extra_views or he_da, allow_version_drift=allow_version_drift)
     settings = cfg.resolve()  # once, before torch is imported: a wrong value is reported at once
     checks.at_least("--nproc", nproc, 1)
     from kdcache import distributed

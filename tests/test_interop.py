@@ -415,8 +415,10 @@ def test_an_older_tinyvit_config_says_its_precision_with_amp_opt_level(tmp_path)
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("AUG.REPROB", 0.25, "random noise"), ("AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "RandAugment"),
-    ("AUG.MIXUP", 0.8, "pair2"), ("AUG.COLOR_JITTER", 0.4, "color jitter"),
+    ("AUG.AUTO_AUGMENT", "original", "kdcache replays TinyViT's RandAugment"),
+    ("AUG.AUTO_AUGMENT", "rand-m9-x3", "RandAugment section 'x3' is not one TinyViT knows"),
+    ("AUG.CUTMIX_MINMAX", [0.2, 0.8], "min-max boxes are not imported"),
+    ("AUG.COLOR_JITTER", 0.4, "COLOR_JITTER without RandAugment"),
     ("DATA.INTERPOLATION", "random", "cannot save logits with a random one"),
     ("DATA.INTERPOLATION", "lanczos", "kdcache replays bilinear, bicubic or nearest"),
     ("DATA.MEAN_AND_STD_TYPE", "imagenet21k", "TinyViT would not run with it"),

@@ -43,6 +43,8 @@ class Op:
     #: Whether kdcache can draw the op's params; False for ops that only replay params read from another
     #: project's files (their values depend on the image size at that step, which sampling does not see).
     sampled: ClassVar[bool] = True
+    #: Whether ``apply`` returns the float32 view in [0, 1] (not uint8): such an op is the view's last.
+    floats: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, args: list[str]) -> Op:

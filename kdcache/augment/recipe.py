@@ -25,13 +25,16 @@ from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasi
 from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
 from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row
 from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
+from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment
+from kdcache.augment.timm_recipe import TimmRecipe
 from kdcache.augment.torchvision_ops import CenterCrop, PaddedCrop, PilRandAugment, Resize, TensorRandAugment
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
 OPS: dict[str, type[Op]] = {
     cls.name: cls
     for cls in (RandomResizedCrop, PilResizedCrop, HorizontalFlip, TrivialAugment, RandAugment, RandomErasing, MixUp,
-                CutMix, Resize, CenterCrop, PaddedCrop, TensorRandAugment, PilRandAugment)
+                CutMix, Resize, CenterCrop, PaddedCrop, TensorRandAugment, PilRandAugment, TimmRecipe, TimmRandAugment,
+                NoiseErasing, PairMix)
 }
 NONE = "none"
 PARTNER = "partner_"
@@ -75,6 +78,14 @@ class Recipe:
         crops = [op.name for op in self.ops if isinstance(op, RandomResizedCrop)]
         if len(crops) > 1:
             raise InvalidSpec(f"{' and '.join(crops)} both crop in {self.spec!r} — use one of them")
+        floats = [k for k, op in enumerate(self._view_ops) if op.floats]
+        if floats and floats[0] != len(self._view_ops) - 1:
+            raise InvalidSpec(f"{self._view_ops[floats[0]].name} renders the finished view, so it comes last in "
+                              f"{self.spec!r} (before mixup or cutmix only)")
+        whole = [op.name for op in self._view_ops if getattr(op, "whole", False)]
+        if whole and len(self._view_ops) > 1:
+            raise InvalidSpec(f"{whole[0]} renders the whole view, so {self.spec!r} may add only mixup or cutmix to it "
+                              f"— e.g. {whole[0]}:rand-m9-mstd0.5-inc1+mixup:0.8")
 
     @classmethod
     def parse(cls, spec: str) -> Recipe:
@@ -245,9 +256,23 @@ class Recipe:
             "ops": [{"op": op.name, "version": op.version, **op.hyper()} for op in self.ops],
         }
 
+    def check_channels(self, channels: int) -> None:
+        """InvalidSpec where an op cannot render images of ``channels`` (timm's transforms take RGB)."""
+        if channels != 3 and any(isinstance(op, TimmRecipe) for op in self.ops):
+            raise InvalidSpec(f"a timm recipe renders RGB images, the dataset has {channels} channel(s) — use "
+                              "kdcache's own ops (rrc+flip+randaugment...)")
+
+    def check_versions(self) -> None:
+        """Refuse, in one line, ops whose pixels depend on package versions other than the recorded ones (a
+        ``timm:`` recipe), unless the recipe was read with ``allow_version_drift`` (then a warning)."""
+        for op in self.ops:
+            if isinstance(op, TimmRecipe):
+                op.check_versions()
+
     @classmethod
-    def from_manifest(cls, d: Mapping[str, Any]) -> Recipe:
-        """Inverse of ``to_manifest``; refuses op or generator versions this kdcache does not replay."""
+    def from_manifest(cls, d: Mapping[str, Any], allow_version_drift: bool = False) -> Recipe:
+        """Inverse of ``to_manifest``; refuses op or generator versions this kdcache does not replay.
+        ``allow_version_drift``: replay a ``timm:`` recipe under other package versions than it recorded."""
         if not isinstance(d, Mapping) or not isinstance(d.get("ops"), list) or not isinstance(d.get("rng"), Mapping):
             raise InvalidSpec("augmentation manifest lacks 'ops' or 'rng' — it was not written by Recipe.to_manifest")
         rng = (d["rng"].get("name"), d["rng"].get("version"))
@@ -273,7 +298,9 @@ class Recipe:
                     f"augmentation op {name!r} is version {version}, this kdcache replays version "
                     f"{current} — use the kdcache version that wrote the cache"
                 )
-            ops.append(OPS[name].from_hyper(hyper))
+            op = OPS[name].from_hyper(hyper)
+            ops.append(dataclasses.replace(op, drift_ok=True) if allow_version_drift and isinstance(op, TimmRecipe)
+                       else op)
         recipe = cls(tuple(ops))
         if d.get("spec") != recipe.spec:
             raise InvalidSpec(

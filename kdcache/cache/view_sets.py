@@ -34,24 +34,24 @@ class ViewSet:
     chunk_samples: int
 
 
-def regular_views(cache: Cache) -> ViewSet:
-    """The regular views of the cache's written shards."""
+def regular_views(cache: Cache, allow_version_drift: bool = False) -> ViewSet:
+    """The regular views of the cache's written shards (``allow_version_drift``: see Recipe.from_manifest)."""
     done = np.repeat(cache.shards_done(), cache.shard_samples)[: cache.num_samples]
-    return ViewSet("view", "", Recipe.from_manifest(cache.manifest["recipe"]["augment"]), np.flatnonzero(done),
-                   cache.views, 0, cache.chunk_samples)
+    recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"], allow_version_drift)
+    return ViewSet("view", "", recipe, np.flatnonzero(done), cache.views, 0, cache.chunk_samples)
 
 
-def extra_views(cache: Cache) -> ViewSet | None:
+def extra_views(cache: Cache, allow_version_drift: bool = False) -> ViewSet | None:
     """The cache's extra views, or None when it has none (or they are not laid out yet)."""
     entry, he = cache.manifest["recipe"].get("he_extra"), cache.manifest.get("he")
     if entry is None or he is None:
         return None
     samples = cache.read_array(f"{EXTRA_PREFIX}indices").astype(np.int64)
-    return ViewSet("extra view", EXTRA_PREFIX, Recipe.from_manifest(entry["augment"]), samples, int(he["views"]),
-                   EXTRA_VIEW_BASE, int(he["chunk_samples"]))
+    return ViewSet("extra view", EXTRA_PREFIX, Recipe.from_manifest(entry["augment"], allow_version_drift), samples,
+                   int(he["views"]), EXTRA_VIEW_BASE, int(he["chunk_samples"]))
 
 
-def view_sets(cache: Cache) -> list[ViewSet]:
+def view_sets(cache: Cache, allow_version_drift: bool = False) -> list[ViewSet]:
     """The regular views of the written shards and, when the cache has them, the extra views."""
-    extra = extra_views(cache)
-    return [regular_views(cache), *([extra] if extra is not None else [])]
+    extra = extra_views(cache, allow_version_drift)
+    return [regular_views(cache, allow_version_drift), *([extra] if extra is not None else [])]

@@ -9,7 +9,6 @@ checked.
 
 from __future__ import annotations
 
-
 #: ``kdcache import FORMAT``: what each format is.
 IMPORT_FORMATS = {
     "ml-dr": "apple/ml-dr reinforcements: <index>.pth.tar per sample (params + top-k probabilities) and config.pth.tar",

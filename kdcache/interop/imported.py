@@ -21,9 +21,9 @@ from kdcache.cache.arrays import ArraySpec
 from kdcache.cache.claim import ClaimOptions, claim
 from kdcache.cache.logits import parse_logits, target_specs
 from kdcache.cache.manifest import provenance
+from kdcache.data.images import Source
 from kdcache.errors import DataCorrupt, InvalidSpec
 from kdcache.interop.boxes import integers
-from kdcache.data.images import Source
 from kdcache.models.preprocess import Preprocess
 
 #: Each view's top-k values are stored as float32 log-probabilities (kdcache's top-k target; the

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     size: int | None = None  # student input side; default: the cache's teacher size or the data's
     interpolation: str | None = None  # resize of the student's views; default: the cache's recorded one (bilinear without)
+    allow_version_drift: bool = False  # replay a timm: recipe under other package versions than the cache recorded
     norm: str | None = None  # student normalisation: dataset (default) | imagenet | clip | inception | M,M,M/S,S,S
     augment: str = "rrc+flip"  # used only without a cache (a cache carries its own recipe)
     workers: int | None = None  # None: see kdcache.runtime.loader_workers

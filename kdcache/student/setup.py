@@ -230,7 +230,8 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
             targets: CacheTargets | None, rank: int, world: int) -> TrainViews:
     """This rank's training views: the cache's recorded views (and extra views), else ``cfg.augment``."""
     if cache is not None:
-        recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
+        recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"], cfg.allow_version_drift)
+        recipe.check_versions()
         seed, views, block = int(cache.manifest["recipe"]["seed"]), cache.views, cache.chunk_samples
     else:
         recipe, seed, views, block = Recipe.parse(cfg.augment), cfg.seed, None, 256

@@ -103,6 +103,7 @@ def prepare(
     source = data.open_source(settings.dataset)
     recipe = Recipe.parse(cfg.augment)
     recipe.check_sampled()
+    recipe.check_channels(source.channels)
     teacher, section, own = load_teachers(cfg.teacher, cfg.weights, source.num_classes, source.channels,
                                           cfg.ensemble, cfg.keep_members, modules=teacher, class_map=cfg.class_map,
                                           dataset_classes=source.classes)
