@@ -64,7 +64,7 @@ def write_fkd(folder: Path, save_path: Path, num_crops: int = 3, size: int = 24,
         labels = quantise(torch.softmax(logits, dim=1), label_type)
         state = [np.float16(coords.numpy()), flips.numpy(), np.float16(labels)] if fp16 else \
             [coords.numpy(), flips.numpy(), labels]
-        target = save_path.joinpath(folder.name, *path.split("/")[-3:-1], Path(path).name.split(".")[0] + ".tar")
+        target = save_path / "/".join(path.split("/")[-4:-1]) / (path.split("/")[-1].split(".")[0] + ".tar")
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():  # "resume": an existing file is skipped
             torch.save(state, target)

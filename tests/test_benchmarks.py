@@ -84,3 +84,14 @@ def test_the_binding_benchmark_reads_one_cache_bound_and_unbound(tmp_path, capsy
     assert record["loader"]["ratio"] > 0 and record["block_reads"]["ratio"] > 0
     assert record["bytes_bound"] > record["bytes_unbound"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "binding"
+
+
+@pytest.mark.slow
+def test_the_replay_benchmark_sets_each_replay_beside_its_library(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from benchmarks import replay
+
+    record = replay.main(["--quick", "--reps", "1", "--out", str(tmp_path)])
+    assert [(row["replay"], row["library"]) for row in record["rows"]] == list(replay.PAIRS)
+    assert all(row["views/s"] > 0 and row["library views/s"] > 0 and row["ratio"] > 0 for row in record["rows"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "replay"

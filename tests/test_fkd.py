@@ -59,7 +59,8 @@ def replay(cache, source, i: int, v: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("label_type, fp16", [("marginal_smoothing_k5", False), ("marginal_smoothing_k5", True),
-                                              ("marginal_smoothing_k10", False), ("smoothing", False), ("hard", False)])
+                                              ("marginal_smoothing_k10", False), ("smoothing", False), ("hard", False),
+                                              ("hard", True)])
 def test_views_are_the_teachers_crops_and_targets_its_probabilities(folder, tmp_path, label_type, fp16):
     written = write_fkd(folder, tmp_path / "labels", label_type=label_type, fp16=fp16, size=SIZE)
     result = import_cache("fkd", str(tmp_path / "labels"), spec(folder), str(tmp_path / "out"),
@@ -94,7 +95,7 @@ def test_the_trainers_folder_level_and_the_cli_read_the_same(folder, tmp_path, c
 
 
 def test_float16_crops_that_name_several_pixels_are_refused(tmp_path):
-    """Above about 1,367 px a float16 fraction names more than one pixel edge: the teacher's crop is lost."""
+    """Above about 2,048 px a float16 fraction names more than one pixel: the teacher's crop is lost."""
     root = make_folder(tmp_path / "imagenet")
     big = root / "train" / "n00000000" / "n00000000_9.png"
     Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(big)
@@ -152,3 +153,27 @@ def test_a_cache_imported_from_fkd_trains(folder, tmp_path):
                                epochs=1, batch_size=8, progress=False))
     assert result.final and all(np.isfinite(v) for v in result.final.values() if isinstance(v, float))
     shutil.rmtree(tmp_path / "run")
+
+
+def test_images_one_folder_deeper_follow_the_generators_file_rule(tmp_path):
+    """generate_soft_label.py names a file after the image path's last four parts: for
+    ``train/<class>/<sub>/x.png`` that is ``train/<class>/<sub>/x.tar`` under --save_path, without the data folder."""
+    root = make_folder(tmp_path / "imagenet")
+    (root / "train" / "n00000002" / "extra").mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "train" / "n00000002" / "extra" / "deep.png")
+    write_fkd(root, tmp_path / "labels", size=SIZE)
+    assert (tmp_path / "labels" / "train" / "n00000002" / "extra" / "deep.tar").is_file()
+    path = import_cache("fkd", str(tmp_path / "labels"), spec(root), str(tmp_path / "out"),
+                        config=config(tmp_path / "c.yaml"), progress=False).path
+    assert open_cache(path).num_samples == 2 * CLASSES + 1
+
+
+def test_a_source_keeping_more_classes_than_the_dataset_has_is_named(tmp_path):
+    from source_folder import make_folder as three_classes
+
+    root = three_classes(tmp_path / "pets")
+    write_fkd(root, tmp_path / "labels", size=SIZE)  # top-5 of a 10-class teacher
+    with pytest.raises(InvalidSpec, match="keeps the top 5 of its teacher's classes, the dataset has 3 — pass the "
+                                          "--dataset"):
+        import_cache("fkd", str(tmp_path / "labels"), spec(root), str(tmp_path / "out"),
+                     config=config(tmp_path / "c.yaml"), progress=False)

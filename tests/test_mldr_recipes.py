@@ -209,3 +209,28 @@ def test_replay_only_ops_are_refused_for_precompute_in_one_line(capsys, tmp_path
                             "--out", str(tmp_path / "c"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "pilra" in err and "only replay params imported" in err, err
     assert not (tmp_path / "c").exists()
+
+
+def test_mixup_then_cutmix_exports_to_ml_dr_and_imports_back(folder, sources, tmp_path):
+    from kdcache.interop.mldr_export import export
+
+    first = open_cache(import_cache("ml-dr", str(sources["mixing"]), spec(folder), str(tmp_path / "a"),
+                                    progress=False).path)
+    export(first.path, str(tmp_path / "exported"), progress=False)
+    again = open_cache(import_cache("ml-dr", str(tmp_path / "exported"), spec(folder), str(tmp_path / "b"),
+                                    progress=False).path)
+    for name in first.array_names:
+        if name.startswith("aug/"):
+            assert np.array_equal(first.read_array(name), again.read_array(name)), name
+    for t in range(6):  # and ml-dr's reader renders the export as kdcache replays it
+        check = mldr_pixels(folder, tmp_path / "exported", t, 0)[0]
+        i = int(folder_order(data.open_source(spec(folder)))[t])
+        assert (replay(first, data.open_source(spec(folder)), i, 0) - check).abs().max() <= 1e-6
+
+
+def test_a_cache_with_randaugment_is_not_exported_in_one_line(folder, sources, tmp_path):
+    from kdcache.interop.mldr_export import export
+
+    path = import_cache("ml-dr", str(sources["randaug"]), spec(folder), str(tmp_path / "a"), progress=False).path
+    with pytest.raises(InvalidSpec, match="recipe op 'pilra' has no ml-dr transform that replays it"):
+        export(path, str(tmp_path / "exported"), progress=False)

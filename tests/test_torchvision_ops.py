@@ -49,7 +49,7 @@ def test_every_recorded_randaugment_step_is_torchvisions_own(cls, channels):
 def test_a_skipped_randaugment_is_the_image_and_two_steps_run_in_order():
     image = _image()
     op = PilRandAugment(2)
-    assert op.apply(image, {"pilra": np.full((2, 2), [NO_OP, 0.0])}, 20) is image
+    assert torch.equal(op.apply(image, {"pilra": np.full((2, 2), [NO_OP, 0.0])}, 20), image)
     steps = np.array([[5, 9.0], [6, -0.27]])  # rotate, then brightness
     want = _apply_op(_apply_op(to_pil(image), "Rotate", 9.0, T.InterpolationMode.NEAREST, None), "Brightness", -0.27,
                      T.InterpolationMode.NEAREST, None)

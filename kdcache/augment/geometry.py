@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import functional as pil_functional
 from torchvision.transforms.v2 import functional as F
 
@@ -82,11 +83,12 @@ class RandomResizedCrop(Op):
         return self.crop(image, row, size, F.InterpolationMode.BILINEAR)
 
     @staticmethod
-    def pixels(image: torch.Tensor, row: Mapping[str, np.ndarray]) -> tuple[int, int, int, int]:
-        """(top, left, height, width) in pixels of the stored box on ``image``."""
+    def pixels(image: torch.Tensor | Image.Image, row: Mapping[str, np.ndarray]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) in pixels of the stored box on ``image`` (a tensor or a PIL image)."""
+        rows, cols = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[-2:]
         x0, y0, w, h = box_row(row, "rrc")
-        left, width = pixel_span(x0, w, image.shape[-1], 1)
-        top, height = pixel_span(y0, h, image.shape[-2], 1)
+        left, width = pixel_span(x0, w, cols, 1)
+        top, height = pixel_span(y0, h, rows, 1)
         return top, left, height, width
 
     def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
@@ -113,9 +115,17 @@ class PilResizedCrop(RandomResizedCrop):
 
     def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
              interpolation: F.InterpolationMode) -> torch.Tensor:
+        return from_pil(self.crop_pil(image, row, size, interpolation))
+
+    def crop_pil(self, image: torch.Tensor | Image.Image, row: Mapping[str, np.ndarray], size: int,
+                 interpolation: F.InterpolationMode) -> Image.Image:
+        """:meth:`crop` as a PIL image, from a tensor (only the crop is converted) or a PIL image."""
         top, left, height, width = self.pixels(image, row)
-        crop = image[:, top : top + height, left : left + width]  # as PIL's crop: a copy of those pixels
-        return from_pil(pil_functional.resize(to_pil(crop), [size, size], interpolation=interpolation))
+        if isinstance(image, Image.Image):
+            crop = image.crop((left, top, left + width, top + height))
+        else:
+            crop = to_pil(image[:, top : top + height, left : left + width])  # as PIL's crop: a copy of those pixels
+        return pil_functional.resize(crop, [size, size], interpolation=interpolation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +133,7 @@ class HorizontalFlip(Op):
     """Mirror left-right with probability p."""
 
     name = "flip"
+    pil = True
     usage = "flip[:p], e.g. flip or flip:0.5"
     args = ("p",)
     p: float = 0.5
@@ -138,6 +149,9 @@ class HorizontalFlip(Op):
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         return F.horizontal_flip(image) if int(np.asarray(row["flip"])) else image
+
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if int(np.asarray(row["flip"])) else image
 
 
 @dataclasses.dataclass(frozen=True)

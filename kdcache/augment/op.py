@@ -45,6 +45,10 @@ class Op:
     sampled: ClassVar[bool] = True
     #: Whether ``apply`` returns the float32 view in [0, 1] (not uint8): such an op is the view's last.
     floats: ClassVar[bool] = False
+    #: Whether the op has ``apply_pil`` (it then runs on a PIL image the step before left, saving conversions),
+    #: and whether it converts a tensor to run there (an op whose pixels are Pillow's).
+    pil: ClassVar[bool] = False
+    prefers_pil: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, args: list[str]) -> Op:
@@ -98,6 +102,14 @@ class Op:
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         """Replay this op's stored params (one view's row) on a uint8 [C,H,W] image."""
+        if self.pil:
+            out = self.apply_pil(to_pil(image), row, size)
+            return from_pil(out) if isinstance(out, Image.Image) else out
+        raise NotImplementedError
+
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image | torch.Tensor:
+        """:meth:`apply` on a PIL image (ops with ``pil``): the same pixels, as a PIL image (or the finished
+        float view)."""
         raise NotImplementedError
 
 

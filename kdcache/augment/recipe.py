@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.autoaugment import RandAugment, TrivialAugment
 from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasing, RandomResizedCrop
 from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
-from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row
+from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row, from_pil, to_pil
 from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
 from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment
 from kdcache.augment.timm_recipe import TimmRecipe
@@ -51,6 +52,20 @@ def _check_image(image: torch.Tensor) -> None:
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
         got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"augmentations take a uint8 [C,H,W] tensor, got {got}")
+
+
+def _step(op: Op, image: torch.Tensor | Image.Image, row: Mapping[str, np.ndarray], size: int,
+          mode: F.InterpolationMode) -> torch.Tensor | Image.Image:
+    """One op of a view. Consecutive ops that run on PIL images pass the PIL image on, converting once."""
+    if isinstance(op, PilResizedCrop):
+        return op.crop_pil(image, row, size, mode)
+    if isinstance(image, Image.Image):
+        if op.pil:
+            return op.apply_pil(image, row, size)
+        image = from_pil(image)
+    elif op.prefers_pil:
+        return op.apply_pil(to_pil(image), row, size)
+    return op.crop(image, row, size, mode) if isinstance(op, RandomResizedCrop) else op.apply(image, row, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,10 +239,9 @@ class Recipe:
         if not any(op.sizes for op in self.ops):
             image = F.resize(image, [size, size], interpolation=mode, antialias=True)
         for op in self._view_ops:
-            if isinstance(op, RandomResizedCrop):
-                image = op.crop(image, row, size, mode)
-            else:
-                image = op.apply(image, row, size)
+            image = _step(op, image, row, size, mode)
+        if isinstance(image, Image.Image):
+            image = from_pil(image)
         if tuple(image.shape[-2:]) != (size, size):
             raise InvalidSpec(f"recipe {self.spec!r} renders {image.shape[-2]}x{image.shape[-1]} views, the view size "
                               f"is {size}x{size} — end its resizes and crops at {size}")

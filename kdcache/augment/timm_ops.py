@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.mixing import MixOp
-from kdcache.augment.op import ERASE, Fields, Op, check_range, from_pil, to_pil
+from kdcache.augment.op import ERASE, Fields, Op, check_range
 
 OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
        "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -67,6 +67,7 @@ class TimmRandAugment(Op):
     """timm's RandAugment replayed on the PIL image from recorded (op index, argument) rows."""
 
     name = "timmra"
+    pil = prefers_pil = True
     usage = "timmra[:num_ops] (replays imported RandAugment choices only)"
     sampled = False
     args = ("num_ops",)
@@ -85,16 +86,12 @@ class TimmRandAugment(Op):
     def fields(self) -> Fields:
         return {"timmra": ((self.num_ops, 2), "float64")}
 
-    def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
-        steps = [(int(op), float(arg)) for op, arg in np.asarray(row["timmra"], dtype=np.float64).reshape(-1, 2)]
-        if all(op < 0 for op, _ in steps):
-            return image
-        pil = to_pil(image)
-        fill = (self.fill_r, self.fill_g, self.fill_b)[: len(pil.getbands())]
-        for op, arg in steps:
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
+        fill = (self.fill_r, self.fill_g, self.fill_b)[: len(image.getbands())]
+        for op, arg in np.asarray(row["timmra"], dtype=np.float64).reshape(-1, 2).tolist():
             if op >= 0:
-                pil = apply_timm_op(pil, OPS[op], arg, fill, self.resample)
-        return from_pil(pil)
+                image = apply_timm_op(image, OPS[int(op)], arg, fill, self.resample)
+        return image
 
 
 @dataclasses.dataclass(frozen=True)

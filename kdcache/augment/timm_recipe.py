@@ -23,8 +23,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
-from kdcache.augment.op import Fields, Op, to_pil
+from kdcache.augment.op import Fields, Op
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
@@ -65,6 +66,7 @@ class TimmRecipe(Op):
     name = "timm"
     usage = USAGE
     sizes = True
+    pil = prefers_pil = True
     whole: ClassVar[bool] = True  # renders the whole view: the only op of a recipe besides mixing
     floats = True
     options: str = ""  # canonical ``AUTO_AUGMENT,key=value,...`` text
@@ -115,14 +117,14 @@ class TimmRecipe(Op):
         warnings.warn(f"replaying a timm recipe drawn with {changed}: the views may differ from the teacher's",
                       stacklevel=2)
 
-    def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         if not self.drift_ok:
             _checked(self)
-        if image.shape[0] != 3:
-            raise InvalidSpec(f"a timm recipe renders RGB images, this one has {image.shape[0]} channel(s) — use "
-                              "kdcache's own ops (rrc+flip+randaugment...)")
+        if image.mode != "RGB":
+            raise InvalidSpec(f"a timm recipe renders RGB images, this one is {image.mode} — use kdcache's own ops "
+                              "(rrc+flip+randaugment...)")
         transform, mean, std = _transform(self.options, size)
-        pil = to_pil(image)
+        pil = image
         seed = int(np.asarray(row["timm"]))
         for attempt in range(RETRIES):
             try:

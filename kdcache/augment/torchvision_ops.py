@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from kdcache.augment.autoaugment import OPS as RA_OPS
 from kdcache.augment.autoaugment import apply_op
-from kdcache.augment.op import Fields, Op, check_range, from_pil, to_pil
+from kdcache.augment.op import Fields, Op, check_range
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec
 
@@ -38,6 +39,7 @@ class _Sized(Op):
     """An op without random params that gives the view ``height`` x ``width`` (0: see the subclass)."""
 
     sizes = True
+    pil = prefers_pil = True
     args = ("height", "width")
     height: int = 224
     width: int = 0
@@ -67,9 +69,9 @@ class Resize(_Sized):
         if self.interpolation not in PIL_MODES:
             raise_mode("resize", self.interpolation, self.usage)
 
-    def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
         shape = [self.height, self.width] if self.width else [self.height]
-        return from_pil(TF.resize(to_pil(image), shape, interpolation=PIL_MODES[self.interpolation]))
+        return TF.resize(image, shape, interpolation=PIL_MODES[self.interpolation])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +82,8 @@ class CenterCrop(_Sized):
     name = "centercrop"
     usage = "centercrop:height[:width], e.g. centercrop:224"
 
-    def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
-        return from_pil(TF.center_crop(to_pil(image), [self.height, self.width or self.height]))
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
+        return TF.center_crop(image, [self.height, self.width or self.height])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,18 +113,18 @@ class PaddedCrop(_Sized):
     def fields(self) -> Fields:
         return {"padcrop": ((2,), "int32")}
 
-    def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
         top, left = (int(v) for v in np.asarray(row["padcrop"]).reshape(2))
         height, width = self.height, self.width or self.height
         mode = PADDING_MODES[self.padding_mode]
-        pil = to_pil(image)
+        pil = image
         if self.padding:
             pil = TF.pad(pil, self.padding, self.fill, mode)
         if self.pad_if_needed and pil.size[0] < width:
             pil = TF.pad(pil, [width - pil.size[0], 0], self.fill, mode)
         if self.pad_if_needed and pil.size[1] < height:
             pil = TF.pad(pil, [0, height - pil.size[1]], self.fill, mode)
-        return from_pil(TF.crop(pil, top, left, height, width))
+        return TF.crop(pil, top, left, height, width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +151,18 @@ class TensorRandAugment(Op):
         return {self.name: ((self.num_ops, 2), "float64")}
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
-        steps = [(int(op), float(m)) for op, m in np.asarray(row[self.name], dtype=np.float64).reshape(-1, 2)]
-        if all(op == NO_OP for op, _ in steps):
-            return image
-        out = to_pil(image) if self.on_pil else image
-        for op, magnitude in steps:
-            out = apply_op(out, RA_OPS[op], magnitude, TF)
-        return from_pil(out) if self.on_pil else out
+        if self.on_pil:
+            return super().apply(image, row, size)
+        return self._steps(image, row)
+
+    def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
+        return self._steps(image, row)
+
+    def _steps(self, image: Any, row: Mapping[str, np.ndarray]) -> Any:
+        for op, magnitude in np.asarray(row[self.name], dtype=np.float64).reshape(-1, 2).tolist():
+            if int(op) != NO_OP:
+                image = apply_op(image, RA_OPS[int(op)], magnitude, TF)
+        return image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +173,7 @@ class PilRandAugment(TensorRandAugment):
     name = "pilra"
     usage = "pilra[:num_ops] (replays imported RandAugment choices only)"
     on_pil = True
+    pil = prefers_pil = True
 
 
 def check_randaugment_step(op: int, magnitude: float) -> str | None:

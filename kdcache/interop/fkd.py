@@ -79,40 +79,37 @@ NOT_FKD = (
 )
 
 
-def base_folder(src: Path, source: Source) -> Path:
-    """Where the label files of ``<split>/<class>/...`` lie: ``src/<data>`` (the generator's ``--save_path``) or
-    ``src`` itself (the trainer's ``--softlabel_path``)."""
+def label_files(src: Path, source: Source) -> list[Path]:
+    """Each training image's label file under ``src``: FKD's generator names it after the image path's last four
+    parts, ``<save_path>/<data>/<split>/<class>/<stem>.tar`` (``stem``: the name before its first dot), and its
+    trainer, given ``--softlabel_path`` (one level lower), after the last three, ``<split>/<class>/<name>`` cut
+    at the first dot; ``src`` may be either."""
     guard(src, "FKD soft-label folder")
     for marker, why in NOT_FKD:
-        if (src / marker).is_dir():
+        if (src / marker).is_dir() or src.name == marker:
             raise InvalidSpec(f"{src}: {why}")
     root = getattr(source.train, "root", None)
     files = getattr(source.train, "files", None)
     if root is None or files is None:
         raise InvalidSpec("FKD names its label files after image paths — import over the imagefolder: dataset the "
                           "labels were made from")
-    split = files[0].split("/")[0]
-    if (src / Path(root).name / split).is_dir():
-        return src / Path(root).name
-    if (src / split).is_dir():
-        return src
-    raise MissingData(f"{src} holds neither {Path(root).name}/{split}/ nor {split}/ — pass FKD's --save_path (or the "
-                      "--softlabel_path its trainer reads)")
-
-
-def label_file(base: Path, rel: str) -> Path:
-    """FKD's file for image ``rel`` (``train/<class>/<name>``): its last three path parts, the name cut at its
-    first dot, ``.tar``."""
-    *dirs, name = rel.split("/")[-3:]
-    return base.joinpath(*dirs, name.split(".")[0] + ".tar")
+    paths = [Path(root) / rel for rel in files]
+    generator = [src.joinpath(*p.parts[-4:-1], p.name.split(".")[0] + ".tar") for p in paths]
+    trainer = [src / ("/".join(p.parts[-3:]).split(".")[0] + ".tar") for p in paths]
+    for rule in (generator, trainer):
+        if rule[0].is_file():
+            return rule
+    raise MissingData(f"{src} holds neither {generator[0].relative_to(src)} nor {trainer[0].relative_to(src)} (the "
+                      "label file of the first image) — pass FKD's --save_path, or the --softlabel_path its trainer "
+                      "reads, of labels made over this --dataset")
 
 
 def plan(src: str | Path, source: Source, config_path: str | Path | None, progress: bool = False) -> Import:
     """The import of FKD's soft labels under ``src`` over the train split of the image folder ``source``."""
     notes: list[str] = []
     settings = read_settings(config_path, notes)
-    base = base_folder(Path(src).expanduser(), source)
-    files = [label_file(base, rel) for rel in source.train.files]
+    base = Path(src).expanduser()
+    files = label_files(base, source)
     taken: dict[Path, int] = {}
     for i, path in enumerate(files):
         if path in taken:
@@ -133,6 +130,10 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, progre
     recipe = Recipe((PilResizedCrop(*scale), HorizontalFlip(0.5)))
     mean, std = (tuple(float(v) for v in settings[key])[: source.channels] for key in ("mean", "std"))
     pre = Preprocess(mean, std, side, "bicubic", origin=FORMAT)
+    if settings["label_type"] == "marginal_renorm_k5":
+        notes.append("marginal_renorm_k5 files hold the same arrays as marginal_smoothing_k5: kdcache's target spreads "
+                     "the missing mass over the other classes (FKD's trainer renormalises the top 5 only under its "
+                     "own name, marginal_renorm)")
     if float(settings["temp"]) != 1.0:
         notes.append(f"the probabilities are softmax(logits / {settings['temp']}) as FKD stored them; kdcache's losses "
                      "apply their own temperature on top")
@@ -197,17 +198,22 @@ class _Reader:
         if self.label_type == "hard":
             if labels.shape != (n,):
                 raise DataCorrupt(f"{where}: hard labels of shape {labels.shape}, not ({n},)")
-            return np.ones((n, 1)), labels.reshape(n, 1)
+            return np.ones((n, 1)), self.whole(labels.reshape(n, 1), where)
         if labels.shape != ((n, 2) if k == 1 else (n, 2, k)):
             raise DataCorrupt(f"{where}: labels of shape {labels.shape} are not {self.label_type}'s for {n} crops — "
                               "pass the label_type the labels were made with")
         rows = labels.reshape(n, 2, 1) if k == 1 else labels
-        ids = rows[:, 0]
-        exact = EXACT_IDS.get(labels.dtype, 0)
+        return rows[:, 1].astype(np.float64), self.whole(rows[:, 0], where)
+
+    def whole(self, ids: np.ndarray, where: str) -> np.ndarray:
+        """Class ids stored as integers, or as floats (float16 with --use_fp16) that name them exactly."""
+        if ids.dtype.kind in "iu":
+            return ids.astype(np.int64)
+        exact = EXACT_IDS.get(ids.dtype, 0)
         if self.source.num_classes > exact or not np.array_equal(ids, np.round(ids)):
-            raise DataCorrupt(f"{where}: the class ids are not whole numbers a {labels.dtype} names exactly for "
+            raise DataCorrupt(f"{where}: the class ids are not whole numbers a {ids.dtype} names exactly for "
                               f"{self.source.num_classes} classes — the file is damaged")
-        return rows[:, 1].astype(np.float64), ids.astype(np.int64)
+        return ids.astype(np.int64)
 
 
 def _digest(files: list[Path], progress: bool) -> str:

@@ -86,11 +86,18 @@ def manifest_of(found: Import, source: Source) -> dict[str, Any]:
         "recipe": {"views": found.views, "seed": 0, "augment": found.recipe.to_manifest(),
                    **found.preprocess.to_manifest()},
         "outputs": {"precision": found.precision,
-                    "logits": parse_logits(f"topk:{found.k}", source.num_classes, VALUE_DTYPE),
+                    "logits": _top_k_entry(found, source),
                     "energy": {"temperatures": []}, "features": []},
         "imported": {"format": found.format, **found.about},
         "provenance": provenance(),
     }
+
+
+def _top_k_entry(found: Import, source: Source) -> dict[str, Any]:
+    if found.k > source.num_classes:
+        raise InvalidSpec(f"the source keeps the top {found.k} of its teacher's classes, the dataset has "
+                          f"{source.num_classes} — pass the --dataset the source was made for")
+    return parse_logits(f"topk:{found.k}", source.num_classes, VALUE_DTYPE)
 
 
 def array_specs(found: Import, manifest: dict[str, Any]) -> list[ArraySpec]:

@@ -146,7 +146,7 @@ def _views(cache: Cache, recipe: Recipe, source: Any, i: int, arrays: dict[str, 
     probs = np.exp(decode_logits(arrays["topk/values"], cache.logit_dtype).astype(np.float64))
     probs = np.stack([densify_as_stored(p, cache.num_classes) for p in probs])
     ids = arrays["topk/indices"].astype(np.int64)
-    partner, lam = recipe.mixing(params)
+    partner, _ = recipe.mixing(params)
     h, w = image_sizes(source, np.array([i]))
     out = []
     for v in range(cache.views):
@@ -156,13 +156,15 @@ def _views(cache: Cache, recipe: Recipe, source: Any, i: int, arrays: dict[str, 
         if mixed:
             ph, pw = image_sizes(source, np.array([int(partner[v])]))
             slots.append(_slot(recipe, row, "partner_", int(ph[0]), int(pw[0]), side))
-        mix = recipe.ops[-1] if isinstance(recipe.ops[-1], (MixUp, CutMix)) else None
-        if mix is not None and not mixed:
+        mixes = [op for op in recipe.ops if isinstance(op, (MixUp, CutMix))]  # MixUp, then CutMix, as ml-dr
+        if mixes and not mixed:
             slots.append(dict.fromkeys(slots[0]))  # ml-dr's reader loads a partner image even when it mixes none
         p: dict[str, Any] = {name: tuple(s[name] for s in slots) for name in slots[0]}
         p |= {"to_tensor": ((), ()), "normalize": ((), ())}  # reapply runs only the transforms its dict names
-        if mix is not None:  # like transform_batch, id2 is set whenever a mixing transform is configured
-            p[mix.name] = _mixing(mix, row, float(lam[v]), side, i, v) if mixed else None
+        for mix in mixes:  # like transform_batch, id2 is set whenever a mixing transform is configured
+            on = int(row[mix.partner_field]) >= 0
+            p[mix.name] = _mixing(mix, row, float(row[mix.lam_field]), side, i, v) if on else None
+        if mixes:
             p["id2"] = int(index[int(partner[v])] if mixed else index[i])
         out.append({"params": p, "prob": (probs[v].tolist(), ids[v].tolist())})
     return out
