@@ -7,7 +7,8 @@
 Three pairs, each on the same decoded images (200-500 px JPEGs) at 224 px, kdcache from its uint8 tensors and
 the library from its PIL images, as each reads them:
 - ml-dr's RandAugment views (``pilrrc+flip+pilra``, recorded steps) beside torchvision's
-  ``RandomResizedCrop + RandomHorizontalFlip + RandAugment`` on the PIL image (what ml-dr's reader runs);
+  ``RandomResizedCrop + RandomHorizontalFlip + RandAugment + ToTensor`` on the PIL image (what ml-dr's reader
+  runs up to its erasing; both end in a float tensor in [0, 1]);
 - a seeded timm recipe (``timm:rand-m9-mstd0.5-inc1,re=0.25,remode=pixel,interp=bicubic``) beside timm's own
   ``create_transform`` of the same arguments;
 - a TinyViT view (``pilrrc+flip+timmra+noiseerase``: its default config's draws, stored) beside timm's transform
@@ -82,24 +83,31 @@ def variants(images: list[torch.Tensor], pils: list[Any]) -> dict[str, Callable[
     from kdcache.augment import Recipe
 
     n = len(images)
-    mldr = Recipe.parse("pilrrc+flip+pilra")
+    mldr = Recipe.parse("pilrrc:0.08:1:2+flip+pilra")  # as imports replay: Pillow 9.5-12.2 resize order
     mldr_params = recorded_randaugment(images)
-    torchvision_ra = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.RandAugment()])
+    torchvision_ra = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.RandAugment(), T.ToTensor()])
     seeded = Recipe.parse(f"timm:{TIMM},re=0.25,remode=pixel,interp=bicubic")
     seeded_params = seeded.sample(0, np.arange(n), np.zeros(n, np.int64), n)
     timm_own = create_transform(SIZE, is_training=True, auto_augment=TIMM, re_prob=0.25, re_mode="pixel",
                                 interpolation="bicubic")
-    tinyvit = Recipe.parse("pilrrc+flip+timmra+noiseerase")
+    tinyvit = Recipe.parse("pilrrc:0.08:1:2+flip+timmra+noiseerase")
     tinyvit_rows = tinyvit_params(images)
 
     def row(params: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
         return {k: v[j] for k, v in params.items()}
 
+    def timm_view(j: int) -> Any:
+        while True:  # timm 1.0 asks Pillow >= 11 for 0-bit posterize, which it refuses: draw again, as replay does
+            try:
+                return timm_own(pils[j])
+            except ValueError:
+                continue
+
     return {
         "ml-dr pilra replay": lambda: timed(lambda j: mldr.apply(images[j], row(mldr_params, j), SIZE), n),
         "torchvision RandAugment": lambda: timed(lambda j: torchvision_ra(pils[j]), n),
         "timm recipe replay": lambda: timed(lambda j: seeded.apply(images[j], row(seeded_params, j), SIZE), n),
-        "timm create_transform": lambda: timed(lambda j: timm_own(pils[j]), n),
+        "timm create_transform": lambda: timed(timm_view, n),
         "TinyViT view replay": lambda: timed(lambda j: tinyvit.apply(images[j], row(tinyvit_rows, j), SIZE,
                                                                      interpolation="bicubic"), n),
     }

@@ -36,6 +36,11 @@ def import_cache(
         help="ml-dr only: where RandAugment is replayed. pil (default): on the PIL image, as ml-dr's reader renders "
              "it for the student it trains; tensor: on the uint8 tensor, as its writer rendered it for the teacher "
              "whose probabilities are stored (docs/interop.md).")] = None,
+    pillow_order: Annotated[str, typer.Option(
+        help="How the source's Pillow resized crops: legacy (default), horizontal then vertical as Pillow 9.5 to "
+             "12.2 do, the order of every source published so far, replayed the same under any Pillow; installed, "
+             "this machine's Pillow's own order (Pillow 13 takes some crops vertical first), for a source written "
+             "with this Pillow.")] = "legacy",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help=REBUILD_HELP)] = False,
@@ -45,7 +50,8 @@ def import_cache(
     from kdcache.interop.imports import import_cache as run
 
     r = run(fmt, src, dataset, out, config=source_config, progress=not quiet,
-            options=ClaimOptions(wait=wait, break_lock=break_lock, rebuild=rebuild), randaugment_on=randaugment_on)
+            options=ClaimOptions(wait=wait, break_lock=break_lock, rebuild=rebuild), randaugment_on=randaugment_on,
+            pillow_order=pillow_order)
     for note in r.notes:
         typer.echo(f"note: {note}", err=True)
     if r.reused:

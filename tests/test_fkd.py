@@ -12,7 +12,7 @@ import pytest
 import torch
 from fkd_sources import write_fkd
 from PIL import Image
-from tests_support import run_cli
+from tests_support import pillow_before_13, run_cli
 
 from kdcache import data
 from kdcache.augment import Recipe
@@ -20,6 +20,13 @@ from kdcache.cache.store import open_cache
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop.imported import folder_order
 from kdcache.interop.imports import import_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sources_pillow():
+    """The sources were rendered under Pillow 9.5-12.2's resize order, which imports replay by default."""
+    with pillow_before_13():
+        yield
 
 SIZE = 24
 CLASSES = 10

@@ -13,7 +13,7 @@ import torch
 from mldr_sources import MLDR_MEAN, MLDR_STD, mldr_pixels, mldr_writer_pixels, write_mldr
 from PIL import Image
 from source_folder import CLASSES, SIZE, make_folder
-from tests_support import run_cli
+from tests_support import pillow_before_13, run_cli
 
 from kdcache import data
 from kdcache.augment import Recipe
@@ -21,6 +21,13 @@ from kdcache.cache.store import open_cache
 from kdcache.errors import DataCorrupt, InvalidSpec
 from kdcache.interop.imported import folder_order
 from kdcache.interop.imports import import_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sources_pillow():
+    """The sources were rendered under Pillow 9.5-12.2's resize order, which imports replay by default."""
+    with pillow_before_13():
+        yield
 
 BASE = {"uint8": {"enable": True}, "to_tensor": {"enable": True},
         "normalize": {"enable": True, "mean": list(MLDR_MEAN), "std": list(MLDR_STD)}}

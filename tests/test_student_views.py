@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from interop_sources import make_folder, mldr_pixels, write_mldr
-from tests_support import run_cli
+from tests_support import pillow_before_13, run_cli
 from zoo_support import jpeg_folder, timm_hub
 
 from kdcache import data, loader, models
@@ -28,6 +28,13 @@ from kdcache.student.setup import set_up
 from kdcache.teacher.config import PrecomputeConfig
 from kdcache.teacher.precompute import precompute
 from kdcache.views import Renderer, ViewReplay, row
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sources_pillow():
+    """The sources were rendered under Pillow 9.5-12.2's resize order, which imports replay by default."""
+    with pillow_before_13():
+        yield
 
 BICUBIC_TIMM = "test_efficientnet.r160_in1k"  # its pretrained_cfg resizes bicubic
 

@@ -13,6 +13,7 @@ from interop_sources import (TINYVIT_MEAN, TINYVIT_STD, _AugRandom, make_folder,
                              tinyvit_randaugment, write_tinyvit, write_tinyvit_mixed)
 from PIL import Image
 
+from tests_support import pillow_before_13, run_cli
 from kdcache import data
 from kdcache.augment import Recipe
 from kdcache.augment.op import from_pil
@@ -22,6 +23,13 @@ from kdcache.errors import InvalidSpec
 from kdcache.interop.imported import folder_order
 from kdcache.interop.imports import import_cache
 from kdcache.interop.tinyvit_draws import RandAugmentConfig, Stream, randaugment
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sources_pillow():
+    """The sources were rendered under Pillow 9.5-12.2's resize order, which imports replay by default."""
+    with pillow_before_13():
+        yield
 
 DEFAULT = {"AUG.AUTO_AUGMENT": "rand-m9-mstd0.5-inc1", "AUG.REPROB": 0.25, "AUG.REMODE": "pixel",
            "AUG.COLOR_JITTER": 0.4}
@@ -57,7 +65,7 @@ def test_every_view_is_the_item_tinyvits_transform_renders(folder, imported):
     noise included) to float32 rounding."""
     _, saved, path = imported
     cache, source = open_cache(path), data.open_source(spec(folder))
-    assert cache.manifest["recipe"]["augment"]["spec"] == "pilrrc+flip+timmra+noiseerase"
+    assert cache.manifest["recipe"]["augment"]["spec"] == "pilrrc:0.08:1:2+flip+timmra+noiseerase"
     order = folder_order(source)
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (TINYVIT_MEAN, TINYVIT_STD))
     erased = applied = 0
@@ -91,7 +99,8 @@ def test_the_draws_follow_tinyvits_stream():
 
 
 def test_posterize_to_no_bits_is_black_as_timm_meant():
-    """TinyViT asks for 0 bits at magnitude 10; Pillow >= 11 refuses that, kdcache's table gives it (all zero)."""
+    """TinyViT asks for 0 bits at magnitude 10; Pillow 13 refuses that, kdcache's table gives what Pillow up to 12.2
+    gave (all zero)."""
     img = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
     assert np.asarray(apply_timm_op(img, "posterize", 0, (0, 0, 0), 3)).max() == 0
     assert np.array_equal(np.asarray(apply_timm_op(img, "posterize", 2, (0, 0, 0), 3)), np.full((4, 4, 3), 192))
@@ -144,7 +153,7 @@ def test_pair2_mixed_views_are_the_rows_tinyvit_mixed(folder, tmp_path):
     path = import_cache("tinyvit", str(tmp_path / "logits"), spec(folder), str(tmp_path / "out"), config=str(config),
                         progress=False).path
     cache, source = open_cache(path), data.open_source(spec(folder))
-    assert cache.manifest["recipe"]["augment"]["spec"] == "pilrrc+flip+timmra+noiseerase+pairmix"
+    assert cache.manifest["recipe"]["augment"]["spec"] == "pilrrc:0.08:1:2+flip+timmra+noiseerase+pairmix"
     order = folder_order(source)
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (TINYVIT_MEAN, TINYVIT_STD))
@@ -162,14 +171,30 @@ def test_pair2_mixed_views_are_the_rows_tinyvit_mixed(folder, tmp_path):
     assert {"cutmix", "mixup"} <= kinds
 
 
-def test_a_row_whose_mate_seed_was_not_saved_is_refused(tmp_path):
+def test_a_view_whose_mate_seed_was_not_saved_takes_another_epochs(tmp_path, capsys):
     """One rank, an odd number of samples: the last sample's row holds a padded copy of the first, whose saved seed
-    is its first row's — TinyViT's own trainer reads logits that belong to another mix there."""
+    is its first row's, so TinyViT's own trainer reads logits of a mix nobody can render there. The import gives
+    that sample its view of the nearest epoch that replays, says so, and lists it; with one epoch it refuses."""
     folder = make_folder(tmp_path / "pets", per_class=5)
-    write_tinyvit_mixed(folder, tmp_path / "logits", epochs=1, ranks=1)
+    write_tinyvit_mixed(folder, tmp_path / "logits", epochs=2, ranks=1)
     config = tinyvit_config(tmp_path / "config.json", **MIXING)
-    with pytest.raises(InvalidSpec, match=r"was mixed with a padded copy of sample \d+ whose saved seed belongs"):
-        import_cache("tinyvit", str(tmp_path / "logits"), spec(folder), str(tmp_path / "out"), config=str(config),
+    code, out, err = run_cli(["import", "tinyvit", str(tmp_path / "logits"), "--dataset", spec(folder), "--out",
+                              str(tmp_path / "out"), "--source-config", str(config), "--quiet"], capsys)
+    assert code == 0 and "2 view(s) cannot be replayed" in err, err
+    cache = open_cache(out.split(" written to ")[1].split(":")[0])
+    moved = cache.manifest["imported"]["substituted"]
+    order = folder_order(data.open_source(spec(folder)))
+    assert sorted(e for e, _, _ in moved) == [0, 1] and all(e2 != e for e, _, e2 in moved)
+    for e, t, e2 in moved:
+        i = np.array([int(order[t])])
+        for name in ("aug/rrc", "aug/pairmix_partner", "topk/indices"):
+            assert np.array_equal(cache.read_views(name, i, np.array([e])), cache.read_views(name, i, np.array([e2])))
+    import shutil
+
+    shutil.rmtree(tmp_path / "logits" / "logits_top2_epoch1")
+    with pytest.raises(InvalidSpec, match=r"sample \d+ was mixed with a padded copy whose saved seed belongs to an "
+                                          "earlier row of the same rank in every epoch"):
+        import_cache("tinyvit", str(tmp_path / "logits"), spec(folder), str(tmp_path / "out2"), config=str(config),
                      progress=False)
 
 

@@ -60,7 +60,7 @@ def test_resize_centre_and_padded_crops_are_torchvisions_on_the_pil_image():
     image = _image(3, 20, 26)
     pil = to_pil(image)
     assert torch.equal(Resize(12).apply(image, {}, 12), from_pil(T.Resize(12)(pil)))  # shorter side
-    assert torch.equal(Resize(12, 15, 3).apply(image, {}, 12),
+    assert torch.equal(Resize(12, 15, interpolation=3).apply(image, {}, 12),
                        from_pil(T.Resize((12, 15), interpolation=T.InterpolationMode.BICUBIC)(pil)))
     assert torch.equal(CenterCrop(16).apply(image, {}, 16), from_pil(T.CenterCrop(16)(pil)))
     crop = PaddedCrop(height=16, padding=4, padding_mode=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from pathlib import Path
@@ -67,3 +68,25 @@ def forge_stale_lock(path: str) -> None:
     target = lock_path(path) + ("" if is_remote(path) else INFO_SUFFIX)
     fs, fpath = fsspec.core.url_to_fs(target)
     fs.pipe_file(fpath, stale.to_json())
+
+
+@contextlib.contextmanager
+def pillow_before_13():
+    """Pillow's ``Image.resize`` as Pillow 9.5 to 12.2 ran it, under any Pillow: horizontal pass, then vertical
+    (Pillow 13 takes the vertical pass first for some shapes). The other projects' code that the tests retell ran
+    under those Pillows, so their renders are made inside this."""
+    from PIL import Image
+
+    original = Image.Image.resize
+
+    def resize(self, size, resample=None, box=None, reducing_gap=None):
+        if box is None and reducing_gap is None and resample not in (None, Image.Resampling.NEAREST) \
+                and self.width != size[0] and self.height != size[1]:
+            return original(original(self, (size[0], self.height), resample), size, resample)
+        return original(self, size, resample, box, reducing_gap)
+
+    Image.Image.resize = resize
+    try:
+        yield
+    finally:
+        Image.Image.resize = original

@@ -18,8 +18,21 @@ from PIL import Image
 from torchvision.transforms import functional as pil_functional
 from torchvision.transforms.v2 import functional as F
 
-from kdcache.augment.op import ERASE, Fields, Op, box_row, check_range, from_pil, pixel_span, quantise_box, to_pil
+from kdcache.augment.op import (
+    ERASE,
+    PASSES,
+    Fields,
+    Op,
+    box_row,
+    check_range,
+    from_pil,
+    pil_resize,
+    pixel_span,
+    quantise_box,
+    to_pil,
+)
 from kdcache.augment.rng import Draws
+from kdcache.errors import InvalidSpec
 
 TRIES = 10  # attempts before falling back, as in torchvision
 
@@ -110,8 +123,16 @@ class PilResizedCrop(RandomResizedCrop):
     """
 
     name = "pilrrc"
-    usage = "pilrrc[:min_scale[:max_scale]], e.g. pilrrc:0.35"
+    usage = "pilrrc[:min_scale[:max_scale[:passes]]], e.g. pilrrc:0.35 (passes 2: Pillow 9.5-12.2's resize order)"
     version = 1
+    args = ("min_scale", "max_scale", "passes")
+    compat = {"passes": 1}  # before passes: one Image.resize
+    passes: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.passes not in PASSES:
+            raise InvalidSpec(f"pilrrc passes must be 1 or 2, got {self.passes} — use {self.usage}")
 
     def crop(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int,
              interpolation: F.InterpolationMode) -> torch.Tensor:
@@ -125,7 +146,7 @@ class PilResizedCrop(RandomResizedCrop):
             crop = image.crop((left, top, left + width, top + height))
         else:
             crop = to_pil(image[:, top : top + height, left : left + width])  # as PIL's crop: a copy of those pixels
-        return pil_functional.resize(crop, [size, size], interpolation=interpolation)
+        return pil_resize(crop, (size, size), pil_functional.pil_modes_mapping[interpolation], self.passes)
 
 
 @dataclasses.dataclass(frozen=True)

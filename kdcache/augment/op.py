@@ -49,6 +49,8 @@ class Op:
     #: and whether it converts a tensor to run there (an op whose pixels are Pillow's).
     pil: ClassVar[bool] = False
     prefers_pil: ClassVar[bool] = False
+    #: Hyper-parameters added after the op's first release, and the value that replays manifests without them.
+    compat: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def parse(cls, args: list[str]) -> Op:
@@ -61,6 +63,7 @@ class Op:
     @classmethod
     def from_hyper(cls, hyper: Mapping[str, Any]) -> Op:
         """Build the op from the hyper-parameter dict that ``hyper()`` wrote into a manifest."""
+        hyper = {**cls.compat, **hyper}
         names = {f.name for f in dataclasses.fields(cls)}
         if set(hyper) != names:
             raise InvalidSpec(
@@ -117,6 +120,20 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     """A uint8 [C,H,W] tensor (1 or 3 channels) as the PIL image holding the same pixels."""
     pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
     return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+#: How many passes a Pillow resize takes: 2, horizontal then vertical, as Pillow 9.5 to 12.2 do in one call (Pillow
+#: 13 takes the vertical pass first for some shapes, which changes pixels by a few levels), so the same pixels come
+#: under any Pillow; 1, one ``Image.resize``: the installed Pillow's own order.
+PASSES = (1, 2)
+
+
+def pil_resize(image: Image.Image, size: tuple[int, int], resample: int, passes: int) -> Image.Image:
+    """``image`` resized to ``size`` (width, height) with Pillow's ``resample``, in ``passes`` (see PASSES)."""
+    width, height = size
+    if passes == 2 and resample != Image.Resampling.NEAREST and image.width != width and image.height != height:
+        image = image.resize((width, image.height), resample)
+    return image.resize((width, height), resample)
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:

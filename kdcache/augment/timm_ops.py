@@ -37,7 +37,7 @@ def _lut(image: Image.Image, table: list[int]) -> Image.Image:
 
 def apply_timm_op(image: Image.Image, op: str, arg: float, fill: tuple[int, ...], resample: int) -> Image.Image:
     """One op as timm's ``auto_augment.py`` calls Pillow. Posterize is its mask table (what
-    ``ImageOps.posterize`` applies; for 0 bits too, which Pillow >= 11 refuses)."""
+    ``ImageOps.posterize`` applies; for 0 bits too, which Pillow 13 refuses and Pillow up to 12.2 turns black)."""
     affine = {"resample": resample, "fillcolor": fill}
     if op == "autocontrast":
         return ImageOps.autocontrast(image)

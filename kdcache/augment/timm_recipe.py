@@ -47,7 +47,7 @@ OPTIONS: dict[str, tuple[str, Any, Any]] = {
 USAGE = ("timm[:AUTO_AUGMENT][,key=value...], e.g. timm:rand-m9-mstd0.5-inc1,re=0.25,jitter=0.4 (keys: "
          + ", ".join(OPTIONS) + ")")
 _LOCK = threading.Lock()
-#: A view timm cannot render under its seed (timm 1.0 asks Pillow >= 11 to posterize to 0 bits, which it refuses,
+#: A view timm cannot render under its seed (timm 1.0 asks Pillow 13 to posterize to 0 bits, which it refuses,
 #: when RandAugment's increasing magnitude reaches 10) is rendered under the next seed of a fixed sequence, the
 #: same on every replay; after RETRIES seeds the recipe is refused.
 RETRIES = 8
@@ -128,7 +128,7 @@ class TimmRecipe(Op):
         seed = int(np.asarray(row["timm"]))
         for attempt in range(RETRIES):
             try:
-                return _seeded(transform, pil, (seed + attempt * _STEP) % 2**32) * std + mean  # to [0, 1]
+                return _seeded(transform, pil, (seed + attempt * _STEP) % 2**32).mul_(std).add_(mean)  # to [0, 1]
             except ValueError as exc:  # timm asked Pillow for what it refuses (posterize to 0 bits)
                 failure = exc
         raise InvalidSpec(f"timm's transform fails under seed {seed} and the {RETRIES - 1} seeds after it "

@@ -22,7 +22,7 @@ from torchvision.transforms import functional as TF
 
 from kdcache.augment.autoaugment import OPS as RA_OPS
 from kdcache.augment.autoaugment import apply_op
-from kdcache.augment.op import Fields, Op, check_range
+from kdcache.augment.op import PASSES, Fields, Op, check_range, pil_resize
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec
 
@@ -61,17 +61,29 @@ class Resize(_Sized):
     shorter side to ``height``, with PIL's resampling ``interpolation`` (code 2 bilinear, 3 bicubic)."""
 
     name = "resize"
-    usage = "resize:height[:width], e.g. resize:224 (shorter side) or resize:224:224"
+    usage = ("resize:height[:width[:passes]], e.g. resize:224 (shorter side) or resize:224:224 (passes 2: Pillow "
+             "9.5-12.2's order)")
+    args = ("height", "width", "passes")
+    passes: int = 1
     interpolation: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.interpolation not in PIL_MODES:
             raise_mode("resize", self.interpolation, self.usage)
+        if self.passes not in PASSES:
+            raise InvalidSpec(f"resize passes must be 1 or 2, got {self.passes} — use {self.usage}")
 
     def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
-        shape = [self.height, self.width] if self.width else [self.height]
-        return TF.resize(image, shape, interpolation=PIL_MODES[self.interpolation])
+        return pil_resize(image, self.output_size(image.width, image.height), self.interpolation, self.passes)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize: torchvision's rule, a shorter side keeps the aspect (truncated)."""
+        if self.width:
+            return self.width, self.height
+        short, long = sorted((width, height))
+        new_long = int(self.height * long / short)
+        return (self.height, new_long) if width <= height else (new_long, self.height)
 
 
 @dataclasses.dataclass(frozen=True)

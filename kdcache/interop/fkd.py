@@ -104,8 +104,10 @@ def label_files(src: Path, source: Source) -> list[Path]:
                       "reads, of labels made over this --dataset")
 
 
-def plan(src: str | Path, source: Source, config_path: str | Path | None, progress: bool = False) -> Import:
-    """The import of FKD's soft labels under ``src`` over the train split of the image folder ``source``."""
+def plan(src: str | Path, source: Source, config_path: str | Path | None, progress: bool = False,
+         passes: int = 2) -> Import:
+    """The import of FKD's soft labels under ``src`` over the train split of the image folder ``source``
+    (``passes``: how its Pillow resizes run, kdcache.augment.op.PASSES)."""
     notes: list[str] = []
     settings = read_settings(config_path, notes)
     base = Path(src).expanduser()
@@ -127,7 +129,7 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, progre
         raise DataCorrupt(f"{files[0]} holds {views} crops, not 1 to {MAX_VIEWS}")
     side = settings["input_size"]
     scale = (float(settings["min_scale_crops"]), float(settings["max_scale_crops"]))
-    recipe = Recipe((PilResizedCrop(*scale), HorizontalFlip(0.5)))
+    recipe = Recipe((PilResizedCrop(*scale, passes=passes), HorizontalFlip(0.5)))
     mean, std = (tuple(float(v) for v in settings[key])[: source.channels] for key in ("mean", "std"))
     pre = Preprocess(mean, std, side, "bicubic", origin=FORMAT)
     if settings["label_type"] == "marginal_renorm_k5":

@@ -94,10 +94,12 @@ def decompress(params: Any, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def plan(src: str | Path, source: Source, progress: bool = False, randaugment_on: str = "pil") -> Import:
+def plan(src: str | Path, source: Source, progress: bool = False, randaugment_on: str = "pil",
+         passes: int = 2) -> Import:
     """The import of the ml-dr folder ``src`` onto the train split of ``source`` (``progress``: a bar while
     its files are hashed). ``randaugment_on``: ``pil`` replays RandAugment as ml-dr's reader renders it for
-    the student it trains, ``tensor`` as its writer rendered it for the teacher (docs/interop.md)."""
+    the student it trains, ``tensor`` as its writer rendered it for the teacher (docs/interop.md); ``passes``:
+    how its Pillow resizes run (kdcache.augment.op.PASSES)."""
     if randaugment_on not in RENDERINGS:
         raise InvalidSpec(f"--randaugment-on {randaugment_on!r} is not one of {', '.join(RENDERINGS)}")
     root = Path(src).expanduser()
@@ -106,7 +108,7 @@ def plan(src: str | Path, source: Source, progress: bool = False, randaugment_on
     notes: list[str] = []
     try:
         steps = transforms(config, where, notes)
-        recipe, side, interpolation = recipe_of(steps, where, lambda: _all_sizes(source), randaugment_on)
+        recipe, side, interpolation = recipe_of(steps, where, lambda: _all_sizes(source), randaugment_on, passes)
         reinforce = config["reinforce"]
         views, k = (_count(reinforce[key], key, MAX_VIEWS) for key in ("num_samples", "topk"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

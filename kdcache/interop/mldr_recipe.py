@@ -85,11 +85,12 @@ def _side(value: Any, what: str, where: str, shorter: bool = False) -> tuple[int
     return (sides[0], sides[1] if len(sides) == 2 else 0)
 
 
-def _step(name: str, cfg: Mapping[str, Any], where: str, randaugment_on: str) -> Op:
-    """The op that replays ml-dr's transform ``name`` configured by ``cfg``."""
+def _step(name: str, cfg: Mapping[str, Any], where: str, randaugment_on: str, passes: int) -> Op:
+    """The op that replays ml-dr's transform ``name`` configured by ``cfg`` (``passes``: its Pillow resizes')."""
     if name == "resize":
         height, width = _side(cfg.get("size"), "resize", where, shorter=True)
-        return Resize(height, width, _CODES[_interpolation(cfg.get("interpolation", "bilinear"), "resize", where)])
+        code = _CODES[_interpolation(cfg.get("interpolation", "bilinear"), "resize", where)]
+        return Resize(height, width, passes, interpolation=code)
     if name == "random_crop":
         return _random_crop(cfg, where)
     if name == "random_resized_crop":
@@ -97,7 +98,8 @@ def _step(name: str, cfg: Mapping[str, Any], where: str, randaugment_on: str) ->
         if height != width:
             raise InvalidSpec(f"{where}: random_resized_crop size {cfg.get('size')!r} is not square — kdcache views "
                               "are square")
-        return PilResizedCrop(*_pair(cfg.get("scale"), (0.08, 1.0)), *_pair(cfg.get("ratio"), (3 / 4, 4 / 3)))
+        return PilResizedCrop(*_pair(cfg.get("scale"), (0.08, 1.0)), *_pair(cfg.get("ratio"), (3 / 4, 4 / 3)),
+                              passes=passes)
     if name == "random_horizontal_flip":
         return HorizontalFlip(float(cfg.get("p", 0.5)))
     if name == "rand_augment":
@@ -126,13 +128,14 @@ def _random_crop(cfg: Mapping[str, Any], where: str) -> PaddedCrop:
 
 
 def recipe_of(steps: Mapping[str, Mapping[str, Any]], where: str, sizes: Callable[[], np.ndarray],
-              randaugment_on: str = "pil") -> tuple[Recipe, int, str]:
+              randaugment_on: str = "pil", passes: int = 2) -> tuple[Recipe, int, str]:
     """The kdcache recipe, view side and interpolation of ml-dr's transforms. ``sizes()`` gives every image's
-    (height, width) [N, 2], consulted only where no transform gives the views one size."""
+    (height, width) [N, 2], consulted only where no transform gives the views one size; ``passes``: how its
+    Pillow resizes run (kdcache.augment.op.PASSES)."""
     if "center_crop" in steps:  # CenterCrop.forward calls .contiguous() on what it returns: a PIL image has none
         raise InvalidSpec(f"{where}: center_crop — ml-dr's CenterCrop fails on the PIL images its writer and reader "
                           "give it ('Image' object has no attribute 'contiguous'), so no ml-dr source holds it")
-    ops = [_step(name, cfg, where, randaugment_on) for name, cfg in steps.items() if name not in NO_PARAM]
+    ops = [_step(name, cfg, where, randaugment_on, passes) for name, cfg in steps.items() if name not in NO_PARAM]
     crop_side = _side(steps["random_resized_crop"].get("size"), "random_resized_crop", where)[0] \
         if "random_resized_crop" in steps else 0
     side = _view_side(ops, crop_side, sizes, where)
@@ -148,11 +151,9 @@ def shape_after(ops: Sequence[Op], height: int, width: int, crop_side: int) -> t
     arithmetic: a shorter-side resize keeps the aspect, truncating the longer side; a random resized crop
     gives ``crop_side``)."""
     for op in ops:
-        if isinstance(op, Resize) and op.width == 0:
-            short, long = sorted((height, width))
-            new = (op.height, int(op.height * long / short))
-            height, width = new if height <= width else new[::-1]
-        elif isinstance(op, (Resize, CenterCrop, PaddedCrop)):
+        if isinstance(op, Resize):
+            width, height = op.output_size(width, height)
+        elif isinstance(op, (CenterCrop, PaddedCrop)):
             height, width = op.height, op.width or op.height
         elif isinstance(op, PilResizedCrop):
             height, width = crop_side, crop_side

@@ -154,10 +154,10 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def recipe_for(aug: Augmentation, mean: tuple[float, ...], std: tuple[float, ...]) -> Recipe:
+def recipe_for(aug: Augmentation, mean: tuple[float, ...], std: tuple[float, ...], passes: int = 2) -> Recipe:
     """kdcache's ops for TinyViT's transform: the crop (resized by Pillow), the flip, RandAugment (its fill is the
     mean in levels, its resample the interpolation) and noise erasing (in the normalised space of mean, std)."""
-    ops: list[Any] = [PilResizedCrop(*SCALE, *RATIO), HorizontalFlip(HFLIP)]
+    ops: list[Any] = [PilResizedCrop(*SCALE, *RATIO, passes=passes), HorizontalFlip(HFLIP)]
     if aug.randaugment is not None:
         fill = tuple(min(255, round(255 * m)) for m in mean)
         ops.append(TimmRandAugment(aug.randaugment.num_layers, *fill, resample=PIL_CODES[aug.interpolation]))
@@ -180,8 +180,9 @@ def draw_view(seed: int, width: int, height: int, aug: Augmentation) -> dict[str
     return out
 
 
-def plan(src: str | Path, source: Source, config_path: str | Path | None) -> Import:
-    """The import of TinyViT's logits folder ``src`` (saved with the config at ``config_path``)."""
+def plan(src: str | Path, source: Source, config_path: str | Path | None, passes: int = 2) -> Import:
+    """The import of TinyViT's logits folder ``src`` (saved with the config at ``config_path``; ``passes``: how
+    its Pillow resizes run, kdcache.augment.op.PASSES)."""
     root = Path(src).expanduser()
     if config_path is None:
         raise InvalidSpec("tinyvit import needs --source-config, the config.json TinyViT's save_logits.py wrote — it says "
@@ -202,29 +203,73 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None) -> Imp
     pre = Preprocess(mean[: source.channels] if source.channels == 3 else (sum(mean) / 3,),
                      std[: source.channels] if source.channels == 3 else (sum(std) / 3,), side, interpolation,
                      origin=FORMAT)
-    recipe = recipe_for(aug, tuple(pre.mean), tuple(pre.std))
-    reader = _Reader(loaded, source, np.argsort(order), k, aug)
+    recipe = recipe_for(aug, tuple(pre.mean), tuple(pre.std), passes)
+    notes: list[str] = []
+    use = substitutions(loaded, notes)
+    reader = _Reader(loaded, source, np.argsort(order), k, aug, use)
+    if aug.erase_p > 0:
+        notes.append(f"{config_file}: erasing drew its noise in the space of mean {list(pre.mean)}, std "
+                     f"{list(pre.std)}; train with --norm {','.join(map(str, pre.mean))}/{','.join(map(str, pre.std))} "
+                     "to give the student TinyViT's normalised input")
     about = {"version": VERSION, "source": str(root), "epochs": len(folders), "config": str(config_file),
              "model": str(setting(config, "MODEL.NAME")), "interpolation": interpolation, "img_size": side,
              "auto_augment": str(setting(config, "AUG.AUTO_AUGMENT")), "reprob": aug.erase_p}
     precision = teacher_precision(config)
+    about["substituted"] = [[e, int(t), e2] for e, moved in use.items() for t, e2 in moved.items()]
     return Import(FORMAT, about, recipe, len(folders), k, pre, str(setting(config, "MODEL.NAME")),
-                  _digest(config_file, folders), str(root), reader.read, precision)
+                  _digest(config_file, folders), str(root), reader.read, precision, notes=notes)
+
+
+def substitutions(loaded: list[Epoch], notes: list[str]) -> dict[int, dict[int, int]]:
+    """{epoch: {TinyViT index: the epoch whose view it takes}} for each view that cannot be replayed (a row of
+    pair2 mixing whose mate was a padded copy with an unsaved seed: one per epoch for an odd N on one rank): the
+    sample's view of the nearest epoch that can be. InvalidSpec where none can."""
+    use: dict[int, dict[int, int]] = {}
+    for e, epoch in enumerate(loaded):
+        for t in epoch.lost.tolist():
+            others = sorted((abs(e2 - e), e2) for e2, other in enumerate(loaded) if t not in set(other.lost.tolist()))
+            if not others:
+                raise InvalidSpec(f"{epoch.folder}: sample {t} was mixed with a padded copy whose saved seed belongs to "
+                                  "an earlier row of the same rank in every epoch, so its logits cannot be replayed "
+                                  "(TinyViT trains on them silently) — import logits saved without mixing")
+            use.setdefault(e, {})[t] = others[0][1]
+    if use:
+        count = sum(len(moved) for moved in use.values())
+        notes.append(f"{count} view(s) cannot be replayed: TinyViT mixed the sample with a padded copy whose seed it "
+                     "did not save (it trains on their logits regardless); each takes the sample's view of the "
+                     "nearest epoch that can be — imported.substituted lists them")
+    return use
 
 
 class _Reader:
-    def __init__(self, loaded: list[Epoch], source: Source, index: np.ndarray, k: int, aug: Augmentation) -> None:
-        self.loaded, self.source, self.index, self.k, self.aug = loaded, source, index, k, aug
+    def __init__(self, loaded: list[Epoch], source: Source, index: np.ndarray, k: int, aug: Augmentation,
+                 use: dict[int, dict[int, int]]) -> None:
+        self.loaded, self.source, self.index, self.k, self.aug, self.use = loaded, source, index, k, aug, use
         self.order = np.argsort(index)  # TinyViT index -> kdcache index
+
+    def epoch_of(self, e: int, t: np.ndarray) -> np.ndarray:
+        """The epoch whose entry each of TinyViT samples ``t`` reads for view ``e`` (substitutions())."""
+        moved = self.use.get(e, {})
+        return np.array([moved.get(int(i), e) for i in t], dtype=np.int64)
+
+    def items(self, e: int, t: np.ndarray, mates: bool = False) -> np.ndarray:
+        source = self.epoch_of(e, t)
+        out = np.empty(len(t), self.loaded[0].item)
+        for e2 in np.unique(source).tolist():
+            here = source == e2
+            out[here] = self.loaded[e2].items(t[here], mates)
+        return out
 
     def read(self, block: np.ndarray) -> dict[str, np.ndarray]:
         t = self.index[block]
-        items = np.stack([epoch.items(t) for epoch in self.loaded], axis=1)  # [n, views]
+        views = range(len(self.loaded))
+        items = np.stack([self.items(e, t) for e in views], axis=1)  # [n, views]
         where = f"TinyViT samples {int(t.min())}..{int(t.max())}"
         out = self.views(block, items["seed"], "", where)
         if self.aug.mix is not None:
-            mates = np.stack([self.order[epoch.mate[t]] for epoch in self.loaded], axis=1)
-            seeds = np.stack([epoch.items(t, mates=True)["seed"] for epoch in self.loaded], axis=1)
+            mates = np.stack([self.order[[self.loaded[e2].mate[i] for i, e2 in zip(t, self.epoch_of(e, t))]]
+                              for e in views], axis=1)
+            seeds = np.stack([self.items(e, t, mates=True)["seed"] for e in views], axis=1)
             out |= self.views(mates, seeds, "partner_", where)
             out |= self.mixing(items["seed"], seeds, mates)
         out["topk/values"], out["topk/indices"] = top_k(items["probs"], items["ids"], self.source.num_classes, where)

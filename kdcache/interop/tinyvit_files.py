@@ -20,10 +20,9 @@ _EPOCH = re.compile(r"logits_top(\d+)_epoch(\d+)$")
 class Epoch:
     """One ``logits_top<K>_epoch<E>`` folder: where each sample's item is, and the items (memory-mapped).
 
-    A key the sampler padded into several rank files (one entry per file) is read from the highest rank, as
-    TinyViT's reader reads it once it has loaded every rank file: ``_Reader.find_item_in_packages``
-    (manager.py) maps each key to the file it loaded last that lists it, loading files lazily in rank order
-    from its own rank on, so every read after the first few of an epoch gets the highest rank's entry.
+    A key the sampler padded into several rank files has one whole (seed, logits) entry in each; TinyViT with as
+    many ranks trains on each of them (a rank reads only its own file). kdcache keeps one view per (sample, epoch):
+    the highest rank's entry, or with pair2 mixing the row ``tinyvit_pairs.pairing`` picks (docs/interop.md).
     """
 
     def __init__(self, folder: Path, k: int, num_samples: int, resolve: Callable[[str, str], int],
@@ -48,6 +47,7 @@ class Epoch:
             raise MissingData(f"{folder} has no logits of sample {int(np.argmax(self.rank < 0))} — the dataset has "
                               f"{num_samples} samples; pass the --dataset the logits were saved for")
         self.mate = self.mate_row = None
+        self.lost = np.zeros(0, np.int64)
         if paired:
             self._pair(indices, num_samples)
 
@@ -56,12 +56,7 @@ class Epoch:
         and so is its mate's; a sample whose mate's seed in that row was not saved is refused."""
         match = re.search(r"epoch(\d+)$", self.folder.name)
         found: Pairing = pairing(n, int(match.group(1)) if match else 0, len(indices), indices, str(self.folder))
-        lost = np.flatnonzero(~found.whole)
-        if lost.size:
-            t = int(lost[0])
-            raise InvalidSpec(f"{self.folder}: sample {t} was mixed with a padded copy of sample {int(found.mate[t])} "
-                              "whose saved seed belongs to an earlier row of the same rank, so its logits cannot be "
-                              "replayed (TinyViT trains on them silently) — import logits saved without mixing")
+        self.lost = np.flatnonzero(~found.whole)  # mixed with a padded copy whose seed in that row was not saved
         self.rank, self.mate = found.rank, found.mate
         self.row, self.mate_row = np.empty(n, np.int64), np.empty(n, np.int64)
         for r, ids in enumerate(indices):
@@ -129,8 +124,8 @@ def key_resolver(source: Source, order: np.ndarray, names: bool = True) -> Calla
             return int(key)
         if not names:
             raise InvalidSpec(f"{where}: key {key!r} names an image, and the logits were saved with pair2 mixing, whose "
-                              "rows are positions in TinyViT's own list (in22k_image_names.txt), an order the image "
-                              "folder does not keep — import logits saved without mixing")
+                              "rows are positions in TinyViT's own list (in22k_image_names.txt); kdcache does not "
+                              "rebuild that list's order — import logits saved without mixing")
         if files is None:
             raise InvalidSpec(f"{where}: key {key!r} names an image file, and the dataset has no files — import "
                               "over the imagefolder: dataset the logits were saved for")
