@@ -103,6 +103,7 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
     sets = view_sets(cache, allow_version_drift)
     for vset in sets:
         vset.recipe.check_versions()
+        vset.recipe.check_pillow(cache.manifest.get("provenance", {}).get("pillow"))
     for vset, rows, views in pick_pairs(sets, n, seed):
         batches = []
         for lo in range(0, len(rows), batch_size):

@@ -85,3 +85,31 @@ def test_passes_other_than_one_or_two_are_refused(spec):
 
     with pytest.raises(InvalidSpec, match="passes must be 1 or 2"):
         Recipe.parse(spec)
+
+
+def test_a_one_pass_cache_replayed_under_another_pillow_is_warned_about(tmp_path, monkeypatch, capsys):
+    """A cache whose crops resize in one pass (the recording Pillow's order) says so when the Pillow that replays
+    it is another (its provenance records the one that recorded it); two passes replay the same anywhere."""
+    import PIL
+    import warnings
+
+    from tests_support import save_cnn_teacher
+
+    from kdcache.teacher.config import PrecomputeConfig
+    from kdcache.teacher.precompute import precompute
+
+    weights = save_cnn_teacher(tmp_path, "t.pt", seed=1, scale=5)
+    paths = {spec: precompute(PrecomputeConfig(dataset="fake:16", teacher="cnn", weights=weights, views=1,
+                                               augment=spec, out=str(tmp_path / "c"), progress=False)).path
+             for spec in ("pilrrc+flip", "pilrrc:0.08:1:2+flip")}
+    assert open_cache(paths["pilrrc+flip"]).manifest["provenance"]["pillow"] == PIL.__version__
+    monkeypatch.setattr(PIL, "__version__", "99.0.0")
+    for spec, path in paths.items():
+        argv = ["train", "--dataset", "fake:16", "--model", "cnn", "--cache", path, "--epochs", "1", "--out",
+                str(tmp_path / spec.replace(":", "_")), "--quiet"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _, err = run_cli(argv, capsys)
+        said = [str(w.message) for w in caught if "recorded under Pillow" in str(w.message)]
+        assert code == 0, err
+        assert bool(said) == (spec == "pilrrc+flip"), (spec, said)

@@ -13,6 +13,7 @@ Replay of one view at output size S (see docs/recipes.md):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -269,6 +270,20 @@ class Recipe:
             "rng": {"name": RNG_NAME, "version": RNG_VERSION},
             "ops": [{"op": op.name, "version": op.version, **op.hyper()} for op in self.ops],
         }
+
+    def check_pillow(self, recorded: str | None) -> None:
+        """Warn where a one-pass Pillow resize (``pilrrc`` or ``resize`` with passes 1, the installed Pillow's own
+        order) replays under another Pillow than the one that recorded the views (``recorded``; None: unknown):
+        Pillow 13 resizes some crops in another pass order than Pillow 9.5-12.2."""
+        import PIL
+
+        one_pass = [op.name for op in self.ops if isinstance(op, (PilResizedCrop, Resize)) and op.passes == 1]
+        if one_pass and recorded is not None and recorded != PIL.__version__:
+            warnings.warn(f"this cache's views were recorded under Pillow {recorded}, this machine has "
+                          f"{PIL.__version__}: {' and '.join(one_pass)} resize in Pillow's own pass order, which "
+                          "changed in Pillow 13, so some views may differ from the teacher's (passes 2 gives the "
+                          "same pixels under any Pillow; imports use it unless --pillow-order installed)",
+                          stacklevel=2)
 
     def check_channels(self, channels: int) -> None:
         """InvalidSpec where an op cannot render images of ``channels`` (timm's transforms take RGB)."""

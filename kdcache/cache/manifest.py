@@ -55,9 +55,12 @@ def provenance() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
+    import PIL
+
     return {
         "kdcache": __version__,
         "torch": torch.__version__,
+        "pillow": PIL.__version__,
         "zarr": zarr.__version__,
         "numcodecs": numcodecs.__version__,
         "python": platform.python_version(),

@@ -232,6 +232,7 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
     if cache is not None:
         recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"], cfg.allow_version_drift)
         recipe.check_versions()
+        recipe.check_pillow(cache.manifest.get("provenance", {}).get("pillow"))
         seed, views, block = int(cache.manifest["recipe"]["seed"]), cache.views, cache.chunk_samples
     else:
         recipe, seed, views, block = Recipe.parse(cfg.augment), cfg.seed, None, 256
