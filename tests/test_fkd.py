@@ -184,3 +184,13 @@ def test_a_source_keeping_more_classes_than_the_dataset_has_is_named(tmp_path):
                                           "--dataset"):
         import_cache("fkd", str(tmp_path / "labels"), spec(root), str(tmp_path / "out"),
                      config=config(tmp_path / "c.yaml"), progress=False)
+
+
+@pytest.mark.parametrize("settings, says", [({"min_scale_crops": "a"}, "min_scale_crops 'a' is not a positive number"),
+                                            ({"temp": "null"}, "temp None is not a positive number"),
+                                            ({"mean": 0.5}, "mean 0.5 is not a list of 3 numbers")])
+def test_source_config_values_that_are_not_numbers_are_refused(folder, tmp_path, settings, says):
+    write_fkd(folder, tmp_path / "labels", size=SIZE)
+    with pytest.raises(InvalidSpec, match=says):
+        import_cache("fkd", str(tmp_path / "labels"), spec(folder), str(tmp_path / "out"),
+                     config=config(tmp_path / "c.yaml", **settings), progress=False)

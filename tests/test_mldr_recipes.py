@@ -200,6 +200,7 @@ def test_a_random_crop_outside_its_padded_image_is_damage(folder, sources, tmp_p
     ({"center_crop": {"size": SIZE}}, "ml-dr's CenterCrop fails on the PIL images"),
     ({"rand_augment": {"p": 1.0, "fill": [128, 128, 128]}}, "rand_augment with an interpolation or fill of its own"),
     ({"random_crop": {"size": SIZE, "padding": [1, 2]}}, "random_crop padding \\[1, 2\\]"),
+    ({"resize": {"size": SIZE, "max_size": 40}}, "resize with max_size 40"),
 ])
 def test_settings_ml_dr_cannot_run_or_kdcache_cannot_replay_are_refused(folder, sources, tmp_path, extra, message):
     shutil.copytree(sources["randaug"], tmp_path / "src")

@@ -1,10 +1,11 @@
 """A timm: recipe (kdcache/augment/timm_recipe.py) replays timm's own training transform under a recorded seed:
-the same pixels as timm gives under that seed, from any thread or loader worker, without moving anyone else's
-random stream; other package versions are refused in one line, or warned about where allowed."""
+the same pixels as timm gives under that seed, from any kdcache render thread or loader worker, leaving the global
+random streams as they were; other package versions are refused in one line, or warned about where allowed."""
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 
 import numpy as np
@@ -132,3 +133,59 @@ def test_a_timm_recipe_on_grey_images_is_refused_before_anything_is_written(tmp_
     code, _, err = run_cli(["precompute", "--dataset", "digits", "--teacher", "cnn", "--augment", "timm", "--out",
                             str(tmp_path / "c"), "--quiet"], capsys)
     assert code == 2 and "renders RGB images" in err and not (tmp_path / "c").exists(), err
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("timm:rand-q9", "timm does not build a transform from 'rand-q9' \\(AssertionError"),
+    ("timm:rand-m9,interp=foo", "timm does not build a transform"),
+    ("timm:rand-m9,scale=0.5", "scale='0.5' needs 2 '/'-separated numbers"),
+    ("timm:rand-m9,mean=0.5/0.5", "mean='0.5/0.5' needs 3"),
+    ("timm:rand-m9,std=0/0/0", "all positive"),
+])
+def test_what_timm_would_refuse_is_refused_when_the_recipe_is_parsed(spec, says, tmp_path, capsys):
+    code, _, err = run_cli(["precompute", "--dataset", "fake:8", "--teacher", "cnn", "--augment", spec, "--out",
+                            str(tmp_path / "c"), "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and re.search(says, err), err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_missing_package_is_a_version_not_a_traceback(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "timm":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert timm_recipe.installed_versions()["timm"] == "absent"
+
+
+def test_the_loader_and_extra_views_take_the_drift_flag(timm_cache, monkeypatch):
+    from kdcache import loader
+
+    path, _ = timm_cache
+    real = timm_recipe.installed_versions()
+    monkeypatch.setattr(timm_recipe, "installed_versions", lambda: {**real, "torch": "0.0.1"})
+    with pytest.raises(UnsupportedFormat, match="pass --allow-version-drift"):
+        loader(path, "fake:24:10:24", batch_size=8)  # refused before any worker starts
+    with pytest.warns(UserWarning, match="drawn with torch"):
+        batch = next(iter(loader(path, "fake:24:10:24", batch_size=8, allow_version_drift=True)))
+    assert batch["input"].shape[-1] == 24
+
+
+def test_extra_views_of_a_timm_cache_train_under_drift_when_allowed(tmp_path, monkeypatch, capsys):
+    weights = save_cnn_teacher(tmp_path, "t.pt", seed=2, scale=10)
+    path = precompute(PrecomputeConfig(dataset="fake:24:10:24", teacher="cnn", weights=weights, out=str(tmp_path / "c"),
+                                       views=2, augment=SPEC, extra_views="0.5:1", progress=False)).path
+    real = timm_recipe.installed_versions()
+    monkeypatch.setattr(timm_recipe, "installed_versions", lambda: {**real, "timm": "0.0.1"})
+    argv = ["train", "--dataset", "fake:24:10:24", "--model", "cnn", "--cache", path, "--epochs", "1", "--extra-views",
+            "--out", str(tmp_path / "s"), "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "--allow-version-drift" in err
+    with pytest.warns(UserWarning):
+        code, _, err = run_cli([*argv, "--allow-version-drift"], capsys)
+    assert code == 0, err

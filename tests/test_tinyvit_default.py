@@ -207,3 +207,23 @@ def test_keys_that_are_not_this_samplers_order_are_refused(folder, tmp_path):
     with pytest.raises(InvalidSpec, match="rank 0's keys are not the order TinyViT's sampler gives"):
         import_cache("tinyvit", str(tmp_path / "logits"), spec(folder), str(tmp_path / "out"), config=str(config),
                      progress=False)
+
+
+def test_its_pixel_boxes_refuse_another_view_size_in_one_line(folder, imported, tmp_path, capsys):
+    """Erasing noise and pair boxes are pixels of the teacher's 40 px views: a student at another size is refused
+    before training, not fed boxes at the wrong scale."""
+    _, _, path = imported
+    code, _, err = run_cli(["train", "--dataset", spec(folder), "--model", "cnn", "--cache", path, "--size", "80",
+                            "--epochs", "1", "--out", str(tmp_path / "s"), "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "recorded in pixels of 40 px views, not 80 px" in err, err
+
+
+@pytest.mark.parametrize("text, says", [("", "is empty"), ("- 1\n- 2\n", "not a mapping"),
+                                        ("AUG:\n  MIXUP: 0.8\n  MIXUP_PROB: x\nDATA:\n  BATCH_SIZE: 4\n",
+                                         "AUG.MIXUP_PROB 'x' is not a probability")])
+def test_a_config_that_is_empty_or_not_numbers_is_refused(folder, imported, tmp_path, text, says):
+    root, _, _ = imported
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(InvalidSpec, match=says):
+        import_cache("tinyvit", str(root / "logits"), spec(folder), str(tmp_path / "out"),
+                     config=str(tmp_path / "config.json"), progress=False)

@@ -27,7 +27,7 @@ from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop, RandomErasi
 from kdcache.augment.mixing import CutMix, MixOp, MixUp, check_mixable
 from kdcache.augment.op import ERASE, MIX, PIXEL, Fields, Op, box_row, from_pil, to_pil
 from kdcache.augment.rng import PARTNER_STREAM, RNG_NAME, RNG_VERSION, Draws, check_seed
-from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment
+from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment, check_side
 from kdcache.augment.timm_recipe import TimmRecipe
 from kdcache.augment.torchvision_ops import CenterCrop, PaddedCrop, PilRandAugment, Resize, TensorRandAugment
 from kdcache.errors import InvalidSpec, UnsupportedFormat
@@ -284,6 +284,12 @@ class Recipe:
                           "changed in Pillow 13, so some views may differ from the teacher's (passes 2 gives the "
                           "same pixels under any Pillow; imports use it unless --pillow-order installed)",
                           stacklevel=2)
+
+    def check_size(self, size: int) -> None:
+        """InvalidSpec, in one line, where an op replays pixel boxes recorded at another view size than ``size``
+        (TinyViT's erasing noise and pair boxes)."""
+        for op in self.ops:
+            check_side(op, size)
 
     def check_channels(self, channels: int) -> None:
         """InvalidSpec where an op cannot render images of ``channels`` (timm's transforms take RGB)."""

@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.mixing import MixOp
 from kdcache.augment.op import ERASE, Fields, Op, check_range
+from kdcache.errors import InvalidSpec
 
 OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
        "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -60,6 +61,14 @@ def apply_timm_op(image: Image.Image, op: str, arg: float, fill: tuple[int, ...]
     matrix = {"shear_x": (1, arg, 0, 0, 1, 0), "shear_y": (1, 0, 0, arg, 1, 0),
               "translate_x": (1, 0, arg * image.size[0], 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, arg * image.size[1])}
     return image.transform(image.size, Image.AFFINE, matrix[op], **affine)
+
+
+def check_side(op: Op, size: int) -> None:
+    """InvalidSpec unless ``size`` is the view side ``op``'s pixel boxes were recorded at."""
+    side = getattr(op, "side", 0)
+    if side and size != side:
+        raise InvalidSpec(f"{op.name} replays boxes and noise recorded in pixels of {side} px views, not {size} px — "
+                          f"render this cache's views at {side} px (train --size {side})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +117,7 @@ class NoiseErasing(Op):
     args = ("boxes",)
     boxes: int = 1
     mode: int = 2  # MODES: 0 const, 1 rand, 2 pixel
+    side: int = 0  # the view side its boxes are pixels of (0: any)
     mean_r: float = 0.485
     mean_g: float = 0.456
     mean_b: float = 0.406
@@ -123,6 +133,7 @@ class NoiseErasing(Op):
         return {"noiseerase": ((self.boxes, 5), "int64")}
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
+        check_side(self, size)
         view = F.to_dtype(image, torch.float32, scale=True)
         channels = view.shape[0]
         mean = torch.tensor((self.mean_r, self.mean_g, self.mean_b)[:channels], dtype=torch.float32).view(-1, 1, 1)
@@ -149,11 +160,13 @@ class PairMix(MixOp):
     sampled = False
     alpha: float = 1.0
     p: float = 1.0
+    side: int = 0  # the view side its CutMix boxes are pixels of (0: any)
 
     def fields(self) -> Fields:
         return {**super().fields(), "pairmix_weight": ((), "float64"), "pairmix_box": ((4,), "int64")}
 
     def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
+        check_side(self, own.shape[-1])
         top, bottom, left, right = (int(v) for v in np.asarray(row["pairmix_box"]).reshape(4))
         if bottom > top and right > left:
             out = own.clone()

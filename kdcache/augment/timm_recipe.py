@@ -4,8 +4,9 @@
 is_training=True, auto_augment=..., re_prob=..., color_jitter=...)``: a random resized crop, flips,
 RandAugment (or AutoAugment, AugMix, colour jitter), ToTensor, Normalize and random erasing. timm draws from
 Python's ``random``, NumPy's global ``RandomState`` and torch's default generator, so the op stores one 32-bit
-seed per (sample, view), seeds all three with it around one call of the transform (under a lock; nothing
-else's stream moves), and replays the view by doing the same again. The
+seed per (sample, view), seeds all three with it around one call of the transform (under a lock, the global
+streams as they were after; another thread drawing from them during a render would move its draws), and
+replays the view by doing the same again. The
 pixels are timm's, so they depend on the versions of timm, torch, torchvision, Pillow and NumPy: the manifest
 records them, and another version is refused unless the user allows the drift (docs/recipes.md).
 """
@@ -55,8 +56,14 @@ _STEP = 0x9E3779B9
 
 
 def installed_versions() -> dict[str, str]:
-    """The versions of the packages a timm recipe's pixels depend on."""
-    return {name: importlib.metadata.version(name) for name in PACKAGES}
+    """The versions of the packages a timm recipe's pixels depend on ("absent" for one not installed)."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +82,13 @@ class TimmRecipe(Op):
 
     @classmethod
     def parse(cls, args: list[str]) -> Op:
-        text = ":".join(args)
-        return cls(canonical(text), tuple(sorted(installed_versions().items())))
+        options = canonical(":".join(args))
+        try:  # timm checks its arguments when it builds the transform: here, not at the first view
+            _transform(options, 224)
+        except (AssertionError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise InvalidSpec(f"timm does not build a transform from {options or 'timm'!r} ({type(exc).__name__}: "
+                              f"{exc}) — use {USAGE}") from None
+        return cls(options, tuple(sorted(installed_versions().items())))
 
     @classmethod
     def from_hyper(cls, hyper: Mapping[str, Any]) -> Op:
@@ -129,7 +141,9 @@ class TimmRecipe(Op):
         for attempt in range(RETRIES):
             try:
                 return _seeded(transform, pil, (seed + attempt * _STEP) % 2**32).mul_(std).add_(mean)  # to [0, 1]
-            except ValueError as exc:  # timm asked Pillow for what it refuses (posterize to 0 bits)
+            except ValueError as exc:
+                if "bits" not in str(exc):  # only what Pillow 13 refuses of timm (posterize to 0 bits) draws again
+                    raise InvalidSpec(f"timm's transform fails on a view ({exc}) — use another recipe") from None
                 failure = exc
         raise InvalidSpec(f"timm's transform fails under seed {seed} and the {RETRIES - 1} seeds after it "
                           f"({failure}) — use another recipe or other timm/Pillow versions")
@@ -212,6 +226,10 @@ def canonical(text: str) -> str:
             given[key] = OPTIONS[key][1](value)
         except ValueError:
             raise InvalidSpec(f"timm option {key}={value!r} does not parse — use {USAGE}") from None
+        lengths = {"scale": 2, "ratio": 2, "mean": 3, "std": 3}
+        if key in lengths and len(given[key]) != lengths[key] or key == "std" and min(given[key]) <= 0:
+            raise InvalidSpec(f"timm option {key}={value!r} needs {lengths[key]} '/'-separated numbers"
+                              f"{', all positive' if key == 'std' else ''} — use {USAGE}")
     pairs = [f"{key}={_text(given[key])}" for key in OPTIONS if key in given and given[key] != OPTIONS[key][2]]
     return ",".join([aa or "none", *pairs]) if pairs else aa
 

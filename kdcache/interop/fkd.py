@@ -63,6 +63,14 @@ def read_settings(config_path: str | Path | None, notes: list[str]) -> dict[str,
     side = settings["input_size"]
     if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_SIDE:
         raise InvalidSpec(f"{path}: input_size {side!r} is not a side from 1 to {MAX_SIDE} px")
+    for key in ("min_scale_crops", "max_scale_crops", "temp"):
+        if not _number(settings[key]) or settings[key] <= 0:
+            raise InvalidSpec(f"{path}: {key} {settings[key]!r} is not a positive number")
+    for key in ("mean", "std"):
+        values = settings[key]
+        if not isinstance(values, list) or len(values) != 3 or not all(_number(v) for v in values) \
+                or key == "std" and min(values) <= 0:
+            raise InvalidSpec(f"{path}: {key} {values!r} is not a list of 3 numbers{' above 0' if key == 'std' else ''}")
     if settings["label_type"] not in LABEL_TYPES:
         raise InvalidSpec(f"{path}: label_type {settings['label_type']!r} is not one of {', '.join(LABEL_TYPES)}")
     return settings
@@ -77,6 +85,10 @@ NOT_FKD = (
     ("syn_data", "RDED writes no soft labels: its teacher runs online on each mixed batch (validation/main.py) — "
                  "relabel its images with SRe2L's relabel, or precompute a cache over them with kdcache"),
 )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def label_files(src: Path, source: Source) -> list[Path]:

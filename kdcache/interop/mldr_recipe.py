@@ -88,6 +88,9 @@ def _side(value: Any, what: str, where: str, shorter: bool = False) -> tuple[int
 def _step(name: str, cfg: Mapping[str, Any], where: str, randaugment_on: str, passes: int) -> Op:
     """The op that replays ml-dr's transform ``name`` configured by ``cfg`` (``passes``: its Pillow resizes')."""
     if name == "resize":
+        if cfg.get("max_size") is not None:
+            raise InvalidSpec(f"{where}: resize with max_size {cfg['max_size']!r} — kdcache replays torchvision's "
+                              "Resize without it (no published config sets it)")
         height, width = _side(cfg.get("size"), "resize", where, shorter=True)
         code = _CODES[_interpolation(cfg.get("interpolation", "bilinear"), "resize", where)]
         return Resize(height, width, passes, interpolation=code)

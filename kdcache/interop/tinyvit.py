@@ -81,7 +81,10 @@ def read_config(path: Path) -> dict[str, Any]:
         raise MissingData(f"TinyViT config {path} not found — pass --source-config, the config.json save_logits.py wrote "
                           "into its output folder (or the --cfg yaml with the same options)")
     config = parse_yaml(read_text(path, "TinyViT config"), f"TinyViT config {path}")
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict) or not config:
+        raise InvalidSpec(f"TinyViT config {path} is {'empty' if not config else 'not a mapping of sections'} — pass "
+                          "the config.json save_logits.py wrote (an empty file would silently mean TinyViT's defaults)")
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,10 @@ def check_mixing(config: Mapping[str, Any], where: str) -> MixConfig | None:
         raise InvalidSpec(f"{where}: DATA.BATCH_SIZE {batch!r} is not even — TinyViT's pair2 mixing needs even batches "
                           "(its mixup asserts it)")
     prob, switch = setting(config, "AUG.MIXUP_PROB"), setting(config, "AUG.MIXUP_SWITCH_PROB")
+    for key, value in (("AUG.MIXUP_PROB", prob), ("AUG.MIXUP_SWITCH_PROB", switch)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise InvalidSpec(f"{where}: {key} {value!r} is not a probability — pass the config the logits were "
+                              "saved with")
     return MixConfig(float(mixup) if _positive(mixup) else 0.0, float(cutmix) if _positive(cutmix) else 0.0,
                      float(prob), float(switch))
 
@@ -162,9 +169,9 @@ def recipe_for(aug: Augmentation, mean: tuple[float, ...], std: tuple[float, ...
         fill = tuple(min(255, round(255 * m)) for m in mean)
         ops.append(TimmRandAugment(aug.randaugment.num_layers, *fill, resample=PIL_CODES[aug.interpolation]))
     if aug.erase_p > 0:
-        ops.append(NoiseErasing(aug.erase_count, MODES.index(aug.erase_mode), *mean, *std))
+        ops.append(NoiseErasing(aug.erase_count, MODES.index(aug.erase_mode), aug.side, *mean, *std))
     if aug.mix is not None:
-        ops.append(PairMix())
+        ops.append(PairMix(side=aug.side))
     return Recipe(tuple(ops))
 
 

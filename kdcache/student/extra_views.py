@@ -81,12 +81,13 @@ class Interleaved(IterableDataset):
                 streams[k] = None
 
 
-def with_extra_views(stream: TrainViews, cache: Cache | None, images: ImageSet, pre: Preprocess) -> Interleaved:
+def with_extra_views(stream: TrainViews, cache: Cache | None, images: ImageSet, pre: Preprocess,
+                     allow_version_drift: bool = False) -> Interleaved:
     """``stream`` plus the cache's extra views (``train --extra-views``), rendered with the student's
-    preprocessing ``pre``; a one-line error when there are none."""
+    preprocessing ``pre``; a one-line error when there are none (``allow_version_drift``: Recipe.from_manifest)."""
     if cache is None:
         raise InvalidSpec("--extra-views trains on the extra views a cache stores — pass --cache PATH")
-    found = extra_views(cache)
+    found = extra_views(cache, allow_version_drift)
     if found is None:
         raise CacheMismatch(f"cache {cache.path} has no energy-guided extra views — precompute it with "
                             "--extra-views 0.5:4, or train without --extra-views")

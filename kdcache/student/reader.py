@@ -329,6 +329,7 @@ def loader(
     cache: str | Cache, dataset: str, *, size: int | None = None, batch_size: int = 128, rank: int | None = None,
     world: int | None = None, workers: int = 0, energy: bool = False, features: Sequence[str] = (),
     pin_memory: bool = False, norm: str | None = None, interpolation: str | None = None,
+    allow_version_drift: bool = False,
 ) -> DataLoader:
     """A DataLoader over one epoch of a cache's views, for any training loop.
 
@@ -338,7 +339,8 @@ def loader(
     cached layer named in ``features``. Inputs are the cache's recorded views replayed at ``size`` (default:
     the teacher's input size: the teacher's very pixels) with ``interpolation`` (default: the teacher's,
     kdcache.views.ViewReplay), normalised with ``norm`` (kdcache.preprocess presets or M,M,M/S,S,S; default:
-    the dataset's statistics). Each rank of ``world`` (default:
+    the dataset's statistics); ``allow_version_drift`` replays a ``timm:`` recipe under other package versions
+    than it recorded (a warning; refused in one line otherwise, before any worker starts). Each rank of ``world`` (default:
     this process's, see kdcache.distributed) reads its own blocks. Call ``loader.dataset.set_epoch(e)``
     before epoch ``e``, as with a ``DistributedSampler``: each epoch replays another stored view per sample.
     """
@@ -347,8 +349,11 @@ def loader(
     cache.check_dataset(source.spec, source.fingerprint, source.num_classes, len(source.train), source.parts)
     cache.check_readable()
     own_rank, own_world = distributed.rank_world()
-    recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
+    recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"], allow_version_drift)
+    recipe.check_versions()
+    recipe.check_pillow(cache.manifest.get("provenance", {}).get("pillow"))
     views = ViewReplay.of(cache.manifest["recipe"], size, interpolation)
+    recipe.check_size(views.size)
     pre = preprocess.resolve(None, source.mean, source.std, source.channels, views.size, norm)
     renderer = views.renderer(source.train.bound(cache.input_checksums(), cache.path), recipe, pre.mean, pre.std)
     stream = TeacherViews(renderer, source.train.labels, cache.chunk_samples, int(cache.manifest["recipe"]["seed"]),

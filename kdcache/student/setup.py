@@ -239,6 +239,8 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
         recipe.check_sampled()
     labels, kept = training_labels(cfg, source)
     replay = student_views(cfg, cache)
+    if replay is not None:
+        recipe.check_size(replay.size)
     images = source.train.bound(cache.input_checksums(), cache.path) if cache is not None else source.train
     renderer = (replay.renderer(images, recipe, pre.mean, pre.std, pre.crop_pct) if replay is not None
                 else Renderer.for_model(images, recipe, pre))
@@ -248,5 +250,5 @@ def _stream(cfg: TrainConfig, source: data.Source, cache: Cache | None, pre: Pre
     if len(stream) == 0:
         raise InvalidSpec(f"rank {rank} of {world} has no training samples — use fewer processes")
     if cfg.extra_views:
-        stream = with_extra_views(stream, cache, images, pre)
+        stream = with_extra_views(stream, cache, images, pre, cfg.allow_version_drift)
     return stream
