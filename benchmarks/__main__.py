@@ -15,7 +15,7 @@ from pathlib import Path
 
 BENCHMARKS = ("precompute_overhead", "train_throughput", "cache_read", "storage")  # the default set
 EXTRA = ("teacher_pass", "sharing", "chunk_checks", "gpu", "fake_data", "scaling", "data_sources", "interop",
-         "binding", "replay")  # run with --only
+         "binding", "replay", "tinyvit_index")  # run with --only
 
 
 def main() -> int:

@@ -76,6 +76,16 @@ def test_the_interop_benchmark_measures_replay_export_and_import(tmp_path, capsy
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "interop"
 
 
+def test_the_tinyvit_index_benchmark_measures_memory_over_epochs(tmp_path, capsys):
+    from benchmarks import tinyvit_index
+
+    record = tinyvit_index.main(["--samples", "20000", "--epochs", "2,6", "--out", str(tmp_path)])
+    assert [row["epochs"] for row in record["rows"]] == [2, 6]
+    assert all(row["peak_mib"] > 0 and row["seconds"] > 0 for row in record["rows"])
+    assert record["bytes_per_sample_epoch"] < 2  # spilled: flat in the epochs (in memory it grew by 8 B)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "tinyvit_index"
+
+
 @pytest.mark.slow
 def test_the_binding_benchmark_reads_one_cache_bound_and_unbound(tmp_path, capsys):
     from benchmarks import binding

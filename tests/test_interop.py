@@ -402,6 +402,41 @@ def test_a_truncated_tinyvit_values_file_is_refused_by_name(folder, tinyvit, tmp
                      config=str(root / "config.json"), progress=False)
 
 
+def test_the_tinyvit_index_spills_to_a_file_that_has_no_name(tmp_path, monkeypatch):
+    """Every epoch's index is on disk (kdcache/interop/tinyvit_files.Spill), in a file that is unlinked from the
+    start: nothing is left in TMPDIR however the import ends."""
+    import os
+    import tempfile
+
+    from kdcache.interop.tinyvit_files import Spill
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spill = Spill(4, 1000, paired=True)
+    assert isinstance(spill.entries, np.memmap) and spill.entries.shape == (4, 1000)
+    spill.entries[2, 5] = (7, 8, 9)
+    assert spill.entries[2, 5].tolist() == (7, 8, 9) and spill.entries[1, 5].tolist() == (0, 0, 0)
+    assert os.fstat(spill._file.fileno()).st_size == 4 * 1000 * 12  # 12 B per sample and epoch with mixing
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tmpdir_without_room_for_the_tinyvit_index_is_one_line(tmp_path, monkeypatch):
+    """The index's room is taken before it is written: a full disk under a memory map would kill the process."""
+    import errno
+    import os
+    import tempfile
+
+    from kdcache.interop.tinyvit_files import Spill
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(InvalidSpec, match=r"needs 458 MiB in .*No space left on device.* set TMPDIR to a folder"):
+        Spill(300, 400_000, paired=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("changes", "precision"), [({"AMP_ENABLE": False}, "fp32"), ({"AMP_ENABLE": True}, "fp16")])
 def test_tinyvit_precision_is_its_amp_enable(folder, tinyvit, tmp_path, changes, precision):
     root, _, _ = tinyvit

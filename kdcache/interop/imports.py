@@ -38,7 +38,7 @@ def import_cache(fmt: str, src: str, dataset: str, out: str, config: str | None 
     checks.outside("--out", out, src, "the source")
     source = data.open_source(parsed)
     if fmt == "tinyvit":
-        found = tinyvit.plan(src, source, config, passes)
+        found = tinyvit.plan(src, source, config, passes, progress)
     elif fmt == "fkd":
         found = fkd.plan(src, source, config, progress, passes)
     else:

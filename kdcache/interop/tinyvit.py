@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from kdcache.augment import Recipe
 from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop
@@ -31,7 +31,7 @@ from kdcache.errors import InvalidSpec, MissingData
 from kdcache.interop.boxes import crop_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
 from kdcache.interop.tinyvit_draws import HFLIP, RATIO, SCALE, RandAugmentConfig, Stream, crop, erase, randaugment
-from kdcache.interop.tinyvit_files import Epoch, epochs, key_resolver
+from kdcache.interop.tinyvit_files import Epoch, Spill, epochs, key_resolver
 from kdcache.interop.tinyvit_pairs import MixConfig, pair_params
 from kdcache.locations import guard
 from kdcache.models.preprocess import Preprocess
@@ -40,7 +40,6 @@ from kdcache.textfiles import parse_yaml, read_text
 FORMAT = "tinyvit"
 #: The layout of TinyViT's save_logits.py (Cream d23b323 to 4a13c40): the only one there is.
 VERSION = 1
-_EPOCH = re.compile(r"logits_top(\d+)_epoch(\d+)$")
 #: TinyViT's defaults (its config.py) for the keys a config file may leave out.
 DEFAULTS = {"DATA.IMG_SIZE": 224, "DATA.INTERPOLATION": "bicubic", "DATA.MEAN_AND_STD_TYPE": "default",
             "AUG.COLOR_JITTER": 0.4, "AUG.AUTO_AUGMENT": "rand-m9-mstd0.5-inc1", "AUG.REPROB": 0.25,
@@ -187,9 +186,10 @@ def draw_view(seed: int, width: int, height: int, aug: Augmentation) -> dict[str
     return out
 
 
-def plan(src: str | Path, source: Source, config_path: str | Path | None, passes: int = 2) -> Import:
+def plan(src: str | Path, source: Source, config_path: str | Path | None, passes: int = 2,
+         progress: bool = True) -> Import:
     """The import of TinyViT's logits folder ``src`` (saved with the config at ``config_path``; ``passes``: how
-    its Pillow resizes run, kdcache.augment.op.PASSES)."""
+    its Pillow resizes run, kdcache.augment.op.PASSES; ``progress``: a bar over the epochs as they are indexed)."""
     root = Path(src).expanduser()
     if config_path is None:
         raise InvalidSpec("tinyvit import needs --source-config, the config.json TinyViT's save_logits.py wrote — it says "
@@ -201,7 +201,7 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
     k, folders = epochs(root)
     order = folder_order(source)
     resolve = key_resolver(source, order, names=aug.mix is None)
-    loaded = [Epoch(folder, k, len(source.train), resolve, paired=aug.mix is not None) for folder in folders]
+    loaded, spill = _index(folders, k, source, resolve, order, aug.mix is not None, progress)
     norm = str(setting(config, "DATA.MEAN_AND_STD_TYPE"))
     if norm not in NORMS:  # TinyViT itself raises KeyError (build.py)
         raise InvalidSpec(f"{config_file}: DATA.MEAN_AND_STD_TYPE {norm!r} is not one of {', '.join(NORMS)} — "
@@ -213,7 +213,7 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
     recipe = recipe_for(aug, tuple(pre.mean), tuple(pre.std), passes)
     notes: list[str] = []
     use = substitutions(loaded, notes)
-    reader = _Reader(loaded, source, np.argsort(order), k, aug, use)
+    reader = _Reader(loaded, spill, source, np.argsort(order), aug, use)
     if aug.erase_p > 0:
         notes.append(f"{config_file}: erasing drew its noise in the space of mean {list(pre.mean)}, std "
                      f"{list(pre.std)}; train with --norm {','.join(map(str, pre.mean))}/{','.join(map(str, pre.std))} "
@@ -225,6 +225,18 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
     about["substituted"] = [[e, int(t), e2] for e, moved in use.items() for t, e2 in moved.items()]
     return Import(FORMAT, about, recipe, len(folders), k, pre, str(setting(config, "MODEL.NAME")),
                   _digest(config_file, folders), str(root), reader.read, precision, notes=notes)
+
+
+def _index(folders: list[Path], k: int, source: Source, resolve: Callable[[str, str], int], order: np.ndarray,
+           paired: bool, progress: bool) -> tuple[list[Epoch], Spill]:
+    """Each epoch folder read once, its entries spilled (tinyvit_files.Spill), with a bar over the epochs."""
+    n = len(source.train)
+    loaded, spill = [], Spill(len(folders), n, paired)
+    for e, folder in enumerate(tqdm(folders, unit="epoch", desc="index tinyvit", leave=False,
+                                    disable=not progress)):
+        loaded.append(Epoch(folder, k))
+        spill.entries[e] = loaded[-1].entries(n, resolve, order, paired)
+    return loaded, spill
 
 
 def substitutions(loaded: list[Epoch], notes: list[str]) -> dict[int, dict[int, int]]:
@@ -249,34 +261,39 @@ def substitutions(loaded: list[Epoch], notes: list[str]) -> dict[int, dict[int, 
 
 
 class _Reader:
-    def __init__(self, loaded: list[Epoch], source: Source, index: np.ndarray, k: int, aug: Augmentation,
+    def __init__(self, loaded: list[Epoch], spill: Spill, source: Source, index: np.ndarray, aug: Augmentation,
                  use: dict[int, dict[int, int]]) -> None:
-        self.loaded, self.source, self.index, self.k, self.aug, self.use = loaded, source, index, k, aug, use
-        self.order = np.argsort(index)  # TinyViT index -> kdcache index
+        self.loaded, self.spill, self.source, self.index, self.aug, self.use = loaded, spill, source, index, aug, use
 
     def epoch_of(self, e: int, t: np.ndarray) -> np.ndarray:
         """The epoch whose entry each of TinyViT samples ``t`` reads for view ``e`` (substitutions())."""
         moved = self.use.get(e, {})
         return np.array([moved.get(int(i), e) for i in t], dtype=np.int64)
 
-    def items(self, e: int, t: np.ndarray, mates: bool = False) -> np.ndarray:
-        source = self.epoch_of(e, t)
-        out = np.empty(len(t), self.loaded[0].item)
+    def gather(self, e: int, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """View ``e`` of kdcache samples ``block``: (their items, their mates' kdcache indices, the mates' items;
+        the last two empty without mixing)."""
+        source = self.epoch_of(e, self.index[block])
+        paired = self.aug.mix is not None
+        items, mate_items = np.empty(len(block), self.loaded[0].item), np.empty(len(block), self.loaded[0].item)
+        mates = np.full(len(block), -1, np.int64)
         for e2 in np.unique(source).tolist():
             here = source == e2
-            out[here] = self.loaded[e2].items(t[here], mates)
-        return out
+            entries = self.spill.entries[e2, block[here]]
+            items[here] = self.loaded[e2].items(entries["at"])
+            if paired:
+                mates[here], mate_items[here] = entries["mate"], self.loaded[e2].items(entries["mate_at"])
+        return items, mates, mate_items
 
     def read(self, block: np.ndarray) -> dict[str, np.ndarray]:
         t = self.index[block]
-        views = range(len(self.loaded))
-        items = np.stack([self.items(e, t) for e in views], axis=1)  # [n, views]
+        drawn = [self.gather(e, block) for e in range(len(self.loaded))]
+        items = np.stack([d[0] for d in drawn], axis=1)  # [n, views]
         where = f"TinyViT samples {int(t.min())}..{int(t.max())}"
         out = self.views(block, items["seed"], "", where)
         if self.aug.mix is not None:
-            mates = np.stack([self.order[[self.loaded[e2].mate[i] for i, e2 in zip(t, self.epoch_of(e, t))]]
-                              for e in views], axis=1)
-            seeds = np.stack([self.items(e, t, mates=True)["seed"] for e in views], axis=1)
+            mates = np.stack([d[1] for d in drawn], axis=1)
+            seeds = np.stack([d[2]["seed"] for d in drawn], axis=1)
             out |= self.views(mates, seeds, "partner_", where)
             out |= self.mixing(items["seed"], seeds, mates)
         out["topk/values"], out["topk/indices"] = top_k(items["probs"], items["ids"], self.source.num_classes, where)

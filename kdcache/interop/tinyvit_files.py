@@ -3,7 +3,9 @@ key kdcache reads (microsoft/Cream 4a13c40, TinyViT/data/augmentation/manager.py
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,53 +19,79 @@ from kdcache.locations import guard
 _EPOCH = re.compile(r"logits_top(\d+)_epoch(\d+)$")
 
 
+#: Where an epoch keeps each sample's item, as a position in its rank files laid end to end (uint32: an epoch
+#: holds far fewer than 2**32 items), and with pair2 mixing the sample's mate (a kdcache index) and the mate's item.
+PLAIN = np.dtype([("at", "<u4")])
+PAIRED = np.dtype([("at", "<u4"), ("mate", "<i4"), ("mate_at", "<u4")])
+
+
+def item_dtype(k: int) -> np.dtype:
+    """One saved item: the int32 augmentation seed, K int16 class ids and K float16 probabilities."""
+    return np.dtype([("seed", "<i4"), ("ids", "<i2", (k,)), ("probs", "<f2", (k,))])
+
+
 class Epoch:
-    """One ``logits_top<K>_epoch<E>`` folder: where each sample's item is, and the items (memory-mapped).
+    """One ``logits_top<K>_epoch<E>`` folder: its rank files' items (memory-mapped) and the TinyViT samples whose
+    view cannot be replayed (``lost``: mixed with a padded copy whose seed in that row was not saved).
+
+    Where each sample's item is (:meth:`entries`) is computed once and handed to :class:`Spill`, so that an import
+    of hundreds of epochs keeps no per-sample array of any epoch in memory.
 
     A key the sampler padded into several rank files has one whole (seed, logits) entry in each; TinyViT with as
     many ranks trains on each of them (a rank reads only its own file). kdcache keeps one view per (sample, epoch):
     the highest rank's entry, or with pair2 mixing the row ``tinyvit_pairs.pairing`` picks (docs/interop.md).
     """
 
-    def __init__(self, folder: Path, k: int, num_samples: int, resolve: Callable[[str, str], int],
-                 paired: bool = False) -> None:
-        self.item = np.dtype([("seed", "<i4"), ("ids", "<i2", (k,)), ("probs", "<f2", (k,))])
-        self.folder = folder
+    def __init__(self, folder: Path, k: int) -> None:
+        self.item, self.folder = item_dtype(k), folder
         ranks = sorted((int(m.group(1)), p) for p in folder.glob("rank*-keys.txt")
                        if (m := re.fullmatch(r"rank(\d+)-keys\.txt", p.name)))
         if not ranks:
             raise MissingData(f"{folder} has no rank<R>-keys.txt — it is not a TinyViT logits folder")
-        self.rank = np.full(num_samples, -1, np.int32)  # int32: an epoch of ImageNet-1k holds 1.3 M of each
-        self.row = np.zeros(num_samples, np.int32)
-        self.values, indices = [], []
-        for slot, (_, keys_file) in enumerate(ranks):
+        self.keys_files = [keys_file for _, keys_file in ranks]
+        self.values: list[np.ndarray] = []
+        self.offsets = np.zeros(len(ranks) + 1, np.int64)  # where each rank's items begin, end to end
+        self.lost = np.zeros(0, np.int64)
+
+    def entries(self, num_samples: int, resolve: Callable[[str, str], int], order: np.ndarray,
+                paired: bool = False) -> np.ndarray:
+        """Where each kdcache sample's item is (PLAIN or PAIRED, in kdcache order; ``order``: the kdcache index
+        of each TinyViT sample); MissingData where a sample has none."""
+        n = num_samples
+        rank, row = np.full(n, -1, np.int32), np.zeros(n, np.int64)
+        indices = []
+        for slot, keys_file in enumerate(self.keys_files):
             keys = _keys(keys_file)
             self.values.append(self._values(keys_file, len(keys)))
+            self.offsets[slot + 1] = self.offsets[slot] + len(keys)
             indices.append(np.array([resolve(key, str(keys_file)) for key in keys], dtype=np.int64))
-            for row, t in enumerate(indices[-1].tolist()):
-                if self.rank[t] < 0 or slot > self.rank[t]:  # padded into several ranks: the highest (docstring)
-                    self.rank[t], self.row[t] = slot, row
-        if (self.rank < 0).any():
-            raise MissingData(f"{folder} has no logits of sample {int(np.argmax(self.rank < 0))} — the dataset has "
-                              f"{num_samples} samples; pass the --dataset the logits were saved for")
-        self.mate = self.mate_row = None
-        self.lost = np.zeros(0, np.int64)
+            ids, first = np.unique(indices[-1], return_index=True)
+            rank[ids], row[ids] = slot, first  # a padded key: the highest rank's entry, its first row there
+        if (rank < 0).any():
+            raise MissingData(f"{self.folder} has no logits of sample {int(np.argmax(rank < 0))} — the dataset has "
+                              f"{n} samples; pass the --dataset the logits were saved for")
+        out = np.empty(n, PAIRED if paired else PLAIN)
         if paired:
-            self._pair(indices, num_samples)
+            mate, mate_row = self._pair(indices, n, rank, row)
+            out["mate"][order] = order[mate]
+            out["mate_at"][order] = self.offsets[rank] + mate_row
+        out["at"][order] = self.offsets[rank] + row
+        return out
 
-    def _pair(self, indices: list[np.ndarray], n: int) -> None:
+    def _pair(self, indices: list[np.ndarray], n: int, rank: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, ...]:
         """With pair2 mixing: each sample's entry is the one of the rank whose row paired it (tinyvit_pairs.py),
-        and so is its mate's; a sample whose mate's seed in that row was not saved is refused."""
+        and so is its mate's; sets ``rank``/``row`` to it and returns (mate, mate's row), TinyViT indices."""
         match = re.search(r"epoch(\d+)$", self.folder.name)
         found: Pairing = pairing(n, int(match.group(1)) if match else 0, len(indices), indices, str(self.folder))
-        self.lost = np.flatnonzero(~found.whole)  # mixed with a padded copy whose seed in that row was not saved
-        self.rank, self.mate = found.rank.astype(np.int32), found.mate.astype(np.int32)
-        self.row, self.mate_row = np.empty(n, np.int32), np.empty(n, np.int32)
+        self.lost = np.flatnonzero(~found.whole)
+        rank[:] = found.rank
+        mate_row = np.empty(n, np.int64)
         for r, ids in enumerate(indices):
             where = np.full(n, -1, np.int64)
             where[ids[::-1]] = np.arange(len(ids))[::-1]  # a key's first row in the file
             mine = found.rank == r
-            self.row[mine], self.mate_row[mine] = where[mine], where[found.mate[mine]]
+            row[mine], mate_row[mine] = where[mine], where[found.mate[mine]]
+        return found.mate, mate_row
 
     def _values(self, keys_file: Path, rows: int) -> np.ndarray:
         path = keys_file.with_name(keys_file.name.replace("-keys.txt", "-values.bin"))
@@ -73,14 +101,39 @@ class Epoch:
                               f"{self.item.itemsize} bytes each — the file is truncated; copy it again")
         return np.memmap(path, dtype=self.item, mode="r", shape=(rows,)) if rows else np.zeros(0, self.item)
 
-    def items(self, t: np.ndarray, mates: bool = False) -> np.ndarray:
-        """The items of TinyViT samples ``t`` (``mates``: of each one's pair mate, in the same rank's file)."""
-        rows = self.mate_row if mates else self.row
-        out = np.empty(len(t), self.item)
-        for slot, values in enumerate(self.values):
-            here = self.rank[t] == slot
-            out[here] = values[rows[t][here]]
+    def items(self, at: np.ndarray) -> np.ndarray:
+        """The items at positions ``at`` (Epoch.entries' ``at`` or ``mate_at``)."""
+        slot = np.searchsorted(self.offsets, at, side="right") - 1
+        out = np.empty(len(at), self.item)
+        for s in np.unique(slot).tolist():
+            here = slot == s
+            out[here] = self.values[s][at[here] - self.offsets[s]]
         return out
+
+
+class Spill:
+    """Every epoch's :meth:`Epoch.entries`, in an unlinked temporary file (under ``TMPDIR``) mapped into memory:
+    4 B per sample and epoch (12 with pair2 mixing) that the page cache holds or drops, so memory stays flat
+    however many epochs a source has, and nothing is left behind however the import ends."""
+
+    def __init__(self, epochs: int, num_samples: int, paired: bool) -> None:
+        dtype = PAIRED if paired else PLAIN
+        if epochs * num_samples == 0:
+            self.entries = np.zeros((epochs, num_samples), dtype)
+            return
+        size = epochs * num_samples * dtype.itemsize
+        file = None
+        try:
+            file = tempfile.TemporaryFile(prefix="kdcache-tinyvit-")
+            os.posix_fallocate(file.fileno(), 0, size)  # no room found later would kill the process (SIGBUS)
+        except OSError as exc:
+            if file is not None:
+                file.close()
+            raise InvalidSpec(f"the index of {epochs} epochs x {num_samples} samples needs {size / 2**20:,.0f} MiB in "
+                              f"{tempfile.gettempdir()}, which refused it ({exc.strerror}) — set TMPDIR to a folder "
+                              "with room") from None
+        self._file = file
+        self.entries = np.memmap(file, dtype=dtype, mode="r+", shape=(epochs, num_samples))
 
 
 def _keys(path: Path) -> list[str]:
