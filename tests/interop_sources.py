@@ -287,11 +287,14 @@ def tinyvit_pair2(a: torch.Tensor, b: torch.Tensor, seed_a: int, seed_b: int, mi
 
 
 def write_tinyvit_mixed(folder: Path, src: Path, epochs: int = 2, k: int = 2, ranks: int = 2, seed: int = 0,
-                        size: int = 40, batch: int = 4) -> dict:
+                        size: int = 40, batch: int = 4, keys: list[str] | None = None,
+                        images: list[int] | None = None) -> dict:
     """Saved logits as ``save_logits.py`` writes them with the default config's mixing: each rank walks its rows
     in batches of ``batch``, draws every item's seed (:func:`tinyvit_item`), mixes each row (:func:`tinyvit_pair2`),
-    runs the teacher on the mixed items and keeps a key's first entry. Returns {(index, epoch): [(mixed item,
-    seed, mate seed, ids, probs) of each row whose two saved entries are that row's]}."""
+    runs the teacher on the mixed items and keeps a key's first entry. ``keys`` and ``images`` give TinyViT's own
+    list (ImageNet-22k's ``in22k_image_names.txt``): position t is keyed ``keys[t]`` and is ImageFolder image
+    ``images[t]``. Returns {(position, epoch): [(mixed item, seed, mate seed, ids, probs) of each row whose two saved
+    entries are that row's]}."""
     n = len(torchvision.datasets.ImageFolder(str(folder / "train")))
     streams = [np.random.RandomState(seed + rank) for rank in range(ranks)]
     found: dict[tuple[int, int], list] = {}
@@ -300,22 +303,23 @@ def write_tinyvit_mixed(folder: Path, src: Path, epochs: int = 2, k: int = 2, ra
         path.mkdir(parents=True)
         for rank, rows in enumerate(tinyvit_rows(n, epoch, ranks)):
             saved: dict[int, tuple] = {}
-            keys, values, written = [], b"", []
+            names, values, written = [], b"", []
             for a, b in rows:
                 sa, sb = (np.int32(streams[rank].randint(0, 1 << 31)) for _ in (a, b))
-                xa, xb = tinyvit_pair2(tinyvit_item(folder, int(sa), a, size)[1],
-                                       tinyvit_item(folder, int(sb), b, size)[1], int(sa), int(sb))
+                ia, ib = (images[a], images[b]) if images is not None else (a, b)
+                xa, xb = tinyvit_pair2(tinyvit_item(folder, int(sa), ia, size)[1],
+                                       tinyvit_item(folder, int(sb), ib, size)[1], int(sa), int(sb))
                 written.append(((a, sa, xa), (b, sb, xb)))
                 for t, s, x in ((a, sa, xa), (b, sb, xb)):
                     top, ids = toy_teacher(x).topk(k, sorted=True)
                     if t not in saved:
                         saved[t] = (int(s), ids.to(torch.int16).numpy(), top.to(torch.float16).numpy())
-                        keys.append(str(t))
+                        names.append(str(t) if keys is None else keys[t])
                         values += s.tobytes() + saved[t][1].tobytes() + saved[t][2].tobytes()
             for pair in written:
                 for (t, s, x), (m, sm, _) in (pair, pair[::-1]):
                     if saved[t][0] == int(s) and saved[m][0] == int(sm):
                         found.setdefault((t, epoch), []).append((x, int(s), int(sm), *saved[t][1:]))
-            (path / f"rank{rank}-keys.txt").write_text("".join(key + "\n" for key in keys))
+            (path / f"rank{rank}-keys.txt").write_text("".join(key + "\n" for key in names))
             (path / f"rank{rank}-values.bin").write_bytes(values)
     return found

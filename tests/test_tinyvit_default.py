@@ -154,13 +154,18 @@ def test_pair2_mixed_views_are_the_rows_tinyvit_mixed(folder, tmp_path):
                         progress=False).path
     cache, source = open_cache(path), data.open_source(spec(folder))
     assert cache.manifest["recipe"]["augment"]["spec"] == "pilrrc:0.08:1:2+flip+timmra+noiseerase+pairmix"
-    order = folder_order(source)
+    assert {"cutmix", "mixup"} <= _rows_as_tinyvit_mixed(cache, source, found, folder_order(source), epochs=2)
+
+
+def _rows_as_tinyvit_mixed(cache, source, found: dict, index: np.ndarray, epochs: int) -> set[str]:
+    """Asserts that each view of TinyViT position t (kdcache sample ``index[t]``) is one of the rows ``found`` holds
+    for it, mixed as TinyViT mixed it, with that row's logits; returns the kinds of mixing met."""
     recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (TINYVIT_MEAN, TINYVIT_STD))
     kinds = set()
     for t in range(len(source.train)):
-        i = int(order[t])
-        for epoch in range(2):
+        i = int(index[t])
+        for epoch in range(epochs):
             row = {k: x[0] for k, x in cache.aug_params(np.array([i]), np.array([epoch])).items()}
             ours = recipe.apply(source.train[i][0], row, 40, partner=lambda j: source.train[j][0],
                                 interpolation="bicubic")
@@ -168,7 +173,32 @@ def test_pair2_mixed_views_are_the_rows_tinyvit_mixed(folder, tmp_path):
             match = [f for f in found[(t, epoch)] if torch.allclose((ours - mean) / std, f[0], atol=3e-5)]
             assert match and np.array_equal(ids, match[0][3]), (t, epoch)
             kinds.add("cutmix" if row["pairmix_box"].any() else "mixup" if row["pairmix_partner"] >= 0 else "none")
-    assert {"cutmix", "mixup"} <= kinds
+    return kinds
+
+
+def test_imagenet_22k_names_with_pair2_mixing_follow_tinyvits_own_list(folder, tmp_path):
+    """With mixing, the sampler's rows are positions in TinyViT's own list (in22k_image_names.txt), an order the
+    image folder does not keep: the import rebuilds it from the first epoch's keys files (each rank's keys name the
+    first appearances in its rows), checks every later epoch against the sampler, and each view is its row mixed
+    as TinyViT mixed it."""
+    source = data.open_source(spec(folder))
+    order = folder_order(source)
+    name = [f"{Path(source.train.files[int(order[u])]).parent.name}_{Path(source.train.files[int(order[u])]).stem}"
+            for u in range(len(order))]  # ImageFolder image u as _renamed_folder names it
+    listed = [int(u) for u in np.random.default_rng(3).permutation(len(order))]  # position -> ImageFolder image
+    found = write_tinyvit_mixed(folder, tmp_path / "logits", epochs=3, keys=[name[u] for u in listed], images=listed)
+    config = tinyvit_config(tmp_path / "config.json", **MIXING)
+    renamed = data.open_source(spec(_renamed_folder(folder, tmp_path / "named")))
+    path = import_cache("tinyvit", str(tmp_path / "logits"), renamed.spec, str(tmp_path / "out"), config=str(config),
+                        progress=False).path
+    index = folder_order(renamed)[listed]
+    assert {"cutmix", "mixup"} <= _rows_as_tinyvit_mixed(open_cache(path), renamed, found, index, epochs=3)
+    keys = tmp_path / "logits" / "logits_top2_epoch0" / "rank0-keys.txt"
+    first, second, *rest = keys.read_text().split()
+    keys.write_text("\n".join([second, first, *rest]) + "\n")  # another list order than the sampler's
+    with pytest.raises(InvalidSpec, match="is named both .* and another image|keys are not the order TinyViT's sampler"):
+        import_cache("tinyvit", str(tmp_path / "logits"), renamed.spec, str(tmp_path / "out2"), config=str(config),
+                     progress=False)
 
 
 def test_a_view_whose_mate_seed_was_not_saved_takes_another_epochs(tmp_path, capsys):
@@ -204,7 +234,7 @@ def test_keys_that_are_not_this_samplers_order_are_refused(folder, tmp_path):
     lines = keys.read_text().splitlines()
     keys.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
     config = tinyvit_config(tmp_path / "config.json", **MIXING)
-    with pytest.raises(InvalidSpec, match="rank 0's keys are not the order TinyViT's sampler gives"):
+    with pytest.raises(InvalidSpec, match="is named both .* and another image|keys are not the order TinyViT's sampler"):
         import_cache("tinyvit", str(tmp_path / "logits"), spec(folder), str(tmp_path / "out"), config=str(config),
                      progress=False)
 

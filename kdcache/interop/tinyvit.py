@@ -9,7 +9,8 @@ softmax probabilities (sorted). The augmentation is not stored: TinyViT re-draws
 ``numpy.random.Generator(PCG64(seed))`` (``aug_random.py``), so the import re-draws it the same way
 (tinyvit_draws.py: crop and flip on each image's own size, RandAugment, random erasing) and stores what each
 step did. An epoch is a view. Keys that are file names (ImageNet-22k's ``n00007846_10000``) name the image
-of the dataset with that file stem.
+of the dataset with that file stem; with pair2 mixing, where they stand in the sampler's rows gives TinyViT's own
+list order (tinyvit_files.list_order).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kdcache.errors import InvalidSpec, MissingData
 from kdcache.interop.boxes import crop_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
 from kdcache.interop.tinyvit_draws import HFLIP, RATIO, SCALE, RandAugmentConfig, Stream, crop, erase, randaugment
-from kdcache.interop.tinyvit_files import Epoch, Spill, epochs, key_resolver
+from kdcache.interop.tinyvit_files import Epoch, Spill, epochs, key_resolver, list_order, names_keyed
 from kdcache.interop.tinyvit_pairs import MixConfig, pair_params
 from kdcache.locations import guard
 from kdcache.models.preprocess import Preprocess
@@ -199,8 +200,8 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
     aug = check_augmentation(config, str(config_file))
     side, interpolation = aug.side, aug.interpolation
     k, folders = epochs(root)
-    order = folder_order(source)
-    resolve = key_resolver(source, order, names=aug.mix is None)
+    order = list_order(folders[0], source) if aug.mix is not None and names_keyed(folders[0]) else folder_order(source)
+    resolve = key_resolver(source, order)
     loaded, spill = _index(folders, k, source, resolve, order, aug.mix is not None, progress)
     norm = str(setting(config, "DATA.MEAN_AND_STD_TYPE"))
     if norm not in NORMS:  # TinyViT itself raises KeyError (build.py)

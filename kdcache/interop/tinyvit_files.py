@@ -13,7 +13,7 @@ import numpy as np
 
 from kdcache.data.images import Source
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
-from kdcache.interop.tinyvit_pairs import Pairing, pairing
+from kdcache.interop.tinyvit_pairs import Pairing, pairing, sampler_rows
 from kdcache.locations import guard
 
 _EPOCH = re.compile(r"logits_top(\d+)_epoch(\d+)$")
@@ -44,13 +44,9 @@ class Epoch:
 
     def __init__(self, folder: Path, k: int) -> None:
         self.item, self.folder = item_dtype(k), folder
-        ranks = sorted((int(m.group(1)), p) for p in folder.glob("rank*-keys.txt")
-                       if (m := re.fullmatch(r"rank(\d+)-keys\.txt", p.name)))
-        if not ranks:
-            raise MissingData(f"{folder} has no rank<R>-keys.txt — it is not a TinyViT logits folder")
-        self.keys_files = [keys_file for _, keys_file in ranks]
+        self.keys_files = rank_files(folder)
         self.values: list[np.ndarray] = []
-        self.offsets = np.zeros(len(ranks) + 1, np.int64)  # where each rank's items begin, end to end
+        self.offsets = np.zeros(len(self.keys_files) + 1, np.int64)  # where each rank's items begin, end to end
         self.lost = np.zeros(0, np.int64)
 
     def entries(self, num_samples: int, resolve: Callable[[str, str], int], order: np.ndarray,
@@ -136,6 +132,15 @@ class Spill:
         self.entries = np.memmap(file, dtype=dtype, mode="r+", shape=(epochs, num_samples))
 
 
+def rank_files(folder: Path) -> list[Path]:
+    """An epoch folder's ``rank<R>-keys.txt`` in rank order; MissingData where there are none."""
+    ranks = sorted((int(m.group(1)), p) for p in folder.glob("rank*-keys.txt")
+                   if (m := re.fullmatch(r"rank(\d+)-keys\.txt", p.name)))
+    if not ranks:
+        raise MissingData(f"{folder} has no rank<R>-keys.txt — it is not a TinyViT logits folder")
+    return [keys_file for _, keys_file in ranks]
+
+
 def _keys(path: Path) -> list[str]:
     """The keys of a ``rank<R>-keys.txt``, one per line; DataCorrupt for a file that is not ASCII text."""
     try:
@@ -160,12 +165,11 @@ def epochs(src: Path) -> tuple[int, list[Path]]:
     return ks.pop(), [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def key_resolver(source: Source, order: np.ndarray, names: bool = True) -> Callable[[str, str], int]:
-    """How a key names a sample (its index in ImageFolder order): ``str(index)`` for ImageNet-1k's dataset, or the
-    image's file name without extension for ImageNet-22k's (``data/imagenet22k_dataset.py``: its keys are the
-    names of ``in22k_image_names.txt``); ``names``: whether names are taken (not with pair2 mixing)."""
+def key_resolver(source: Source, order: np.ndarray) -> Callable[[str, str], int]:
+    """How a key names a sample, as its TinyViT index (``order``: the kdcache index of each): ``str(index)`` for
+    ImageNet-1k's dataset, or the image's file name without extension for ImageNet-22k's
+    (``data/imagenet22k_dataset.py``: its keys are the names of ``in22k_image_names.txt``)."""
     n = len(order)
-    files = getattr(source.train, "files", None)
     stems: dict[str, int] | None = None
 
     def resolve(key: str, where: str) -> int:
@@ -175,19 +179,10 @@ def key_resolver(source: Source, order: np.ndarray, names: bool = True) -> Calla
                 raise InvalidSpec(f"{where}: key {key!r} is not a sample index below {n} — pass the --dataset the "
                                   "logits were saved for")
             return int(key)
-        if not names:
-            raise InvalidSpec(f"{where}: key {key!r} names an image, and the logits were saved with pair2 mixing, whose "
-                              "rows are positions in TinyViT's own list (in22k_image_names.txt); kdcache does not "
-                              "rebuild that list's order — import logits saved without mixing")
-        if files is None:
-            raise InvalidSpec(f"{where}: key {key!r} names an image file, and the dataset has no files — import "
-                              "over the imagefolder: dataset the logits were saved for")
         if stems is None:
-            stems = {}
-            for t in range(n):
-                stem = Path(files[int(order[t])]).name.rsplit(".", 1)[0]
-                if stems.setdefault(stem, t) != t:
-                    raise InvalidSpec(f"two images of the dataset are named {stem!r} — TinyViT's names key one image")
+            by_stem = image_stems(source, where, key)
+            position = np.argsort(order)  # kdcache index -> TinyViT index
+            stems = {stem: int(position[i]) for stem, i in by_stem.items()}
         if key not in stems:
             raise InvalidSpec(f"{where}: key {key!r} names no image of the dataset — pass the --dataset the logits "
                               "were saved for")
@@ -196,3 +191,55 @@ def key_resolver(source: Source, order: np.ndarray, names: bool = True) -> Calla
     return resolve
 
 
+def image_stems(source: Source, where: str, key: str) -> dict[str, int]:
+    """{file name without extension: kdcache index} of the dataset's train images; InvalidSpec where the dataset
+    has no files or two images share a name."""
+    files = getattr(source.train, "files", None)
+    if files is None:
+        raise InvalidSpec(f"{where}: key {key!r} names an image file, and the dataset has no files — import over the "
+                          "imagefolder: dataset the logits were saved for")
+    stems: dict[str, int] = {}
+    for i in sorted(range(len(files)), key=files.__getitem__):  # the first name met twice, in path order
+        stem = Path(files[i]).name.rsplit(".", 1)[0]
+        if stems.setdefault(stem, i) != i:
+            raise InvalidSpec(f"two images of the dataset are named {stem!r} — TinyViT's names key one image")
+    return stems
+
+
+def names_keyed(folder: Path) -> bool:
+    """Whether an epoch folder's keys name images (ImageNet-22k) rather than give indices."""
+    keys = _keys(rank_files(folder)[0])[:1]
+    return bool(keys) and not keys[0].isdigit()
+
+
+def list_order(folder: Path, source: Source) -> np.ndarray:
+    """With pair2 mixing and keys that name images: the kdcache index of each position of TinyViT's own list
+    (``in22k_image_names.txt``), which its sampler's rows index. Rebuilt from the first epoch folder: rank r's keys
+    are the names at the first appearances in its rows (tinyvit_pairs.py), so each key names the image at a
+    position the sampler gives; every other epoch is then checked against the sampler (Epoch.entries)."""
+    n = len(source.train)
+    keys_files = rank_files(folder)
+    match = re.search(r"epoch(\d+)$", folder.name)
+    rows = sampler_rows(n, int(match.group(1)) if match else 0, len(keys_files))
+    named = np.full(n, -1, np.int64)
+    stems: dict[str, int] | None = None
+    for r, keys_file in enumerate(keys_files):
+        keys = _keys(keys_file)
+        stems = stems if stems is not None else image_stems(source, str(keys_file), keys[0] if keys else "")
+        seq = rows[r::len(keys_files)].reshape(-1)
+        positions = seq[np.sort(np.unique(seq, return_index=True)[1])]
+        if len(keys) != len(positions):
+            raise InvalidSpec(f"{keys_file}: {len(keys)} keys, where TinyViT's sampler gives rank {r} {len(positions)} "
+                              f"of {n} samples — pass the --dataset the logits were saved for")
+        for key, t in zip(keys, positions.tolist()):
+            if key not in stems:
+                raise InvalidSpec(f"{keys_file}: key {key!r} names no image of the dataset — pass the --dataset the "
+                                  "logits were saved for")
+            if named[t] not in (-1, stems[key]):
+                raise InvalidSpec(f"{keys_file}: the sampler's position {t} is named both {key!r} and another image — "
+                                  "the logits were saved with another torch or another dataset")
+            named[t] = stems[key]
+    if len(np.unique(named)) != n:
+        raise InvalidSpec(f"{folder}: one image is named at two of the sampler's positions — the logits were saved with "
+                          "another torch or another dataset")
+    return named
