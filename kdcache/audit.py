@@ -167,9 +167,14 @@ def _field_ops(recipe: Recipe) -> dict[str, str]:
 
 
 def _excess(stored: np.ndarray, recomputed: np.ndarray, dtype: str) -> np.ndarray:
-    """Per row: max ``|Δ|`` when any element exceeds its tolerance, else 0."""
-    delta = np.abs(stored.astype(np.float64) - recomputed.astype(np.float64))
-    over = (delta > tolerance(recomputed, dtype)).reshape(len(delta), -1).any(axis=1)
+    """Per row: max ``|Δ|`` when any element exceeds its tolerance, else 0; a NaN on one side only exceeds any
+    (``inf``), equal infinities do not."""
+    a, b = stored.astype(np.float64), recomputed.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        delta = np.abs(a - b)
+        delta = np.where(a == b, 0.0, np.where(np.isnan(delta), np.inf, delta))
+    over = ~(delta <= tolerance(recomputed, dtype))
+    over = over.reshape(len(delta), -1).any(axis=1)
     return np.where(over, delta.reshape(len(delta), -1).max(axis=1), 0.0)
 
 

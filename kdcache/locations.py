@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from kdcache.errors import InvalidSpec, MissingDependency
+from kdcache.errors import InvalidSpec, MissingData, MissingDependency
 from kdcache.extras import require
 
 #: Local file systems whose files are the kernel's, not data: reading one can block forever (/proc/kmsg).
@@ -50,6 +50,19 @@ def guard(path: str | os.PathLike, what: str = "path") -> None:
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InvalidSpec(f"{what} {text} is not a regular file or folder (a pipe, socket or device) — pass a file "
                           "or folder")
+
+
+def file_size(path: str | os.PathLike, what: str, limit: int, name: str) -> int:
+    """The size of the local file ``path`` (a ``what``), refused in one line before anything reads it unless it is
+    a regular file (:func:`guard`; not a folder, not missing) of at most ``limit`` bytes (the constant ``name``)."""
+    guard(path, what)
+    if not os.path.isfile(path):
+        raise MissingData(f"{what} {path} {'is a folder' if os.path.isdir(path) else 'does not exist'} — pass the file")
+    size = os.stat(path).st_size
+    if size > limit:
+        raise InvalidSpec(f"{what} {path} holds {size:,} bytes, more than {limit:,} ({name}) — it is not the file "
+                          "this expects")
+    return size
 
 
 def unreachable(path: str, exc: BaseException) -> InvalidSpec:

@@ -12,6 +12,7 @@ from typing import Any
 
 from kdcache.errors import InvalidSpec
 from kdcache.extras import require
+from kdcache.locations import file_size
 
 MAX_TEXT_BYTES = 1 << 20
 MAX_DEPTH = 64
@@ -19,10 +20,7 @@ MAX_DEPTH = 64
 
 def read_text(path: Path, what: str) -> str:
     """The UTF-8 text of ``path`` (a ``what``), refused beyond :data:`MAX_TEXT_BYTES` or when not UTF-8."""
-    size = path.stat().st_size
-    if size > MAX_TEXT_BYTES:
-        raise InvalidSpec(f"{what} {path} holds {size:,} bytes, more than {MAX_TEXT_BYTES:,} (MAX_TEXT_BYTES) — pass "
-                          "the configuration file itself")
+    file_size(path, what, MAX_TEXT_BYTES, "MAX_TEXT_BYTES")
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:

@@ -132,3 +132,14 @@ def test_sparse_caches_with_features_replay_clean_and_catch_tampering(tmp_path, 
     group[name][9, 1] = row[::-1]  # the same numbers, assigned to the wrong classes
     report = recompute(result.path, 1000, [teacher_weights])
     assert [(p.array, p.what.split(" ")[:3]) for p in report.problems] == [(name, ["(9,", "1)", "replays"])]
+
+
+def test_a_nan_on_one_side_is_a_difference_and_equal_infinities_are_not():
+    """A replay that gives NaN matched every stored value before (NaN > tolerance is False): a manifest edited to a
+    NaN normalisation passed `verify --recompute` as intact (red-team 2026-12-07)."""
+    from kdcache.audit import _excess
+
+    inf, nan = np.inf, np.nan
+    stored = np.array([[1.0, -inf], [1.0, -inf], [2.0, 3.0], [nan, 0.0]])
+    replayed = np.array([[1.0, -inf], [nan, -inf], [2.0, 3.0], [nan, 0.0]])
+    assert _excess(stored, replayed, "float32").tolist() == [0.0, inf, 0.0, inf]

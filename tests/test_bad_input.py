@@ -441,6 +441,10 @@ def test_imported_values_are_checked_like_precomputes_own(mldr_source, tmp_path,
 @pytest.mark.parametrize(("key", "value", "says"), [
     ("DATA.IMG_SIZE", 10**9, "not a side from 1 to 8192"), ("DATA.IMG_SIZE", 40.9, "not a side"),
     ("DATA.IMG_SIZE", "big", "not a side"),
+    ("DATA.INTERPOLATION", ["bicubic"], r"DATA.INTERPOLATION \['bicubic'\]"),  # a traceback before
+    ("AUG.REPROB", "0.25", "AUG.REPROB '0.25' is not a number"),  # silently no erasing before
+    ("AUG.COLOR_JITTER", "0.4", "AUG.COLOR_JITTER '0.4' is not a number"),
+    ("DATA", "x", "DATA is 'x', not a section of settings"),  # silently TinyViT's defaults before
 ])
 def test_a_tinyvit_config_is_checked(tmp_path, key, value, says):
     from interop_sources import make_folder, tinyvit_config, write_tinyvit
@@ -470,6 +474,99 @@ def test_damaged_tinyvit_key_files_are_named(tmp_path):
     with pytest.raises(DataCorrupt, match="not ASCII text"):
         import_cache("tinyvit", str(tmp_path / "logits"), f"imagefolder:{folder}", str(tmp_path / "o"),
                      config=str(tinyvit_config(tmp_path / "config.json")), progress=False)
+
+
+def _tinyvit_source(tmp_path: Path, epochs: int = 2) -> tuple[Path, Path, Path]:
+    from interop_sources import make_folder, tinyvit_config, write_tinyvit
+
+    folder = make_folder(tmp_path / "pets", per_class=2)
+    write_tinyvit(folder, tmp_path / "logits", epochs=epochs)
+    return folder, tmp_path / "logits", tinyvit_config(tmp_path / "config.json")
+
+
+def _negative_seed(logits: Path) -> None:
+    values = logits / "logits_top2_epoch1" / "rank0-values.bin"
+    raw = bytearray(values.read_bytes())
+    raw[0:4] = (-5).to_bytes(4, "little", signed=True)
+    values.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (_negative_seed, "a saved augmentation seed is negative"),
+    (lambda d: (d / "logits_top2_epoch1" / "rank1-keys.txt").unlink() or (d / "logits_top2_epoch1" / "rank1-keys.txt"
+                                                                            ).mkdir(), "rank1-keys.txt is a folder"),
+    (lambda d: (d / "logits_top2_epoch1" / "rank1-keys.txt").unlink() or os.mkfifo(
+        d / "logits_top2_epoch1" / "rank1-keys.txt"), "not a regular file or folder"),  # blocked forever before
+    (lambda d: (d / "logits_top2_epoch1" / "rank1-keys.txt").unlink() or (d / "logits_top2_epoch1" / "rank1-keys.txt"
+                                                                            ).symlink_to("/proc/self/environ"),
+     "lies on /proc"),  # read and parsed as keys before
+    (lambda d: os.mkfifo(d / "logits_top2_epoch1" / "rank9-notes"), None),  # not a rank file: not read (blocked)
+    (lambda d: (d / "logits_top2_epoch1" / "rank-junk").mkdir(), None),  # not a rank file (a traceback before)
+    (lambda d: (d / "logits_top2_epoch99999999999").mkdir(), "lacks epoch 2 of 0..99999999999"),  # 1e11 ints before
+    (lambda d: (d / "logits_top2_epoch2").write_text(""), "named like an epoch folder but is not a folder"),
+])
+def test_hostile_tinyvit_files_are_one_line_or_ignored(tmp_path, damage, says):
+    """Each of these crashed, blocked or read outside the source before (red-team 2026-12-07)."""
+    from kdcache.errors import KdcacheError
+    from kdcache.interop.imports import import_cache
+
+    folder, logits, config = _tinyvit_source(tmp_path)
+    damage(logits)
+    run = lambda: import_cache("tinyvit", str(logits), f"imagefolder:{folder}", str(tmp_path / "o"),  # noqa: E731
+                               config=str(config), progress=False)
+    if says is None:
+        from kdcache import open_cache
+
+        assert open_cache(run().path).views == 2
+    else:
+        with pytest.raises(KdcacheError, match=says):
+            run()
+
+
+def test_a_tinyvit_keys_file_past_its_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from kdcache.errors import InvalidSpec
+    from kdcache.interop import tinyvit_files
+    from kdcache.interop.imports import import_cache
+
+    folder, logits, config = _tinyvit_source(tmp_path, epochs=1)
+    monkeypatch.setattr(tinyvit_files, "MAX_KEYS_BYTES", 4)
+    with pytest.raises(InvalidSpec, match=r"rank0-keys.txt holds \d+ bytes, more than 4 \(MAX_KEYS_BYTES\)"):
+        import_cache("tinyvit", str(logits), f"imagefolder:{folder}", str(tmp_path / "o"), config=str(config),
+                     progress=False)
+
+
+@pytest.mark.parametrize("num_ops, says", [(float("inf"), "num_ops inf is not a whole number"),
+                                           (2.7, "num_ops 2.7 is not a whole number")])
+def test_an_ml_dr_rand_augment_of_no_whole_number_of_ops_is_one_line(mldr_source, tmp_path, num_ops, says):
+    import shutil
+
+    from kdcache.errors import InvalidSpec
+    from kdcache.interop.imports import import_cache
+
+    folder, src = mldr_source
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    config = torch.load(copy / "config.pth.tar", weights_only=False)
+    config["reinforce"]["image_augmentation"]["rand_augment"] = {"num_ops": num_ops}
+    torch.save(config, copy / "config.pth.tar")
+    with pytest.raises(InvalidSpec, match=says):  # an OverflowError traceback before, 2.7 taken as 2
+        import_cache("ml-dr", str(copy), f"imagefolder:{folder}", str(tmp_path / "out"), progress=False)
+
+
+def test_import_into_a_file_and_an_image_name_that_is_not_utf8_are_one_line(tmp_path, capsys):
+    from interop_sources import make_folder
+
+    folder, logits, config = _tinyvit_source(tmp_path, epochs=1)
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(["import", "tinyvit", str(logits), "--dataset", f"imagefolder:{folder}", "--out",
+                            str(tmp_path / "file"), "--source-config", str(config)], capsys)
+    assert code == 2 and "--out" in err and "is a file, not a folder" in err and err.count("\n") == 1, err
+    odd = make_folder(tmp_path / "odd", per_class=2)
+    first = sorted((odd / "train").rglob("*.png"))[0]
+    os.rename(first, os.path.join(os.fsencode(first.parent), b"bad\xff\xfe.png"))
+    code, _, err = run_cli(["import", "tinyvit", str(logits), "--dataset", f"imagefolder:{odd}", "--out",
+                            str(tmp_path / "o"), "--source-config", str(config)], capsys)
+    assert code == 2 and "is not printable UTF-8 text" in err and err.count("\n") == 1, err
 
 
 def test_export_into_a_file_under_a_file_or_proc_is_one_line_and_a_killed_export_finishes(tmp_path, capsys):

@@ -194,3 +194,45 @@ def test_source_config_values_that_are_not_numbers_are_refused(folder, tmp_path,
     with pytest.raises(InvalidSpec, match=says):
         import_cache("fkd", str(tmp_path / "labels"), spec(folder), str(tmp_path / "out"),
                      config=config(tmp_path / "c.yaml", **settings), progress=False)
+
+
+def _edit_first_file(root: Path, edit) -> None:
+    victim = sorted(root.rglob("*.tar"))[0]
+    coords, flip, labels = torch.load(victim, weights_only=False)
+    torch.save(list(edit(coords.copy(), flip.copy(), labels.copy())), victim)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda c, f, lab: (np.where(np.arange(c.size).reshape(c.shape) == 0, np.nan, c).astype(c.dtype), f, lab),
+     r"the crop fraction nan is not in \[0, 1\]"),
+    (lambda c, f, lab: (np.where(np.arange(c.size).reshape(c.shape) == 1, np.inf, c).astype(c.dtype), f, lab),
+     r"the crop fraction inf is not in \[0, 1\]"),
+    (lambda c, f, lab: (np.where(np.arange(c.size).reshape(c.shape) == 2, 0, c).astype(c.dtype), f, lab),
+     r"a crop \d+x0 at \(\d+, \d+\) lies outside its image of \d+x\d+ px"),
+    (lambda c, f, lab: (c.astype(np.int64), f, lab), "the crops are int64, not the float fractions FKD stores"),
+    (lambda c, f, lab: (c, f, lab.astype(str).astype(object)), "the labels are object, not numbers"),
+    (lambda c, f, lab: (c, f, np.where(np.arange(lab.size).reshape(lab.shape) == 0, np.inf, lab)),
+     "the class ids are not whole numbers"),
+])
+def test_damaged_crops_and_labels_are_one_line_naming_the_file(folder, tmp_path, edit, says):
+    """NaN, infinite and empty crops, crops and labels of other types: each crashed the import before
+    (red-team 2026-12-07), the empty crop inside the very message meant to name it."""
+    write_fkd(folder, tmp_path / "labels", size=SIZE)
+    _edit_first_file(tmp_path / "labels", edit)
+    with pytest.raises(DataCorrupt, match=says):
+        import_cache("fkd", str(tmp_path / "labels"), spec(folder), str(tmp_path / "out"),
+                     config=config(tmp_path / "c.yaml"), progress=False)
+
+
+def test_source_configs_that_are_not_generate_soft_labels_arguments_are_refused(folder, tmp_path, capsys):
+    write_fkd(folder, tmp_path / "labels", size=SIZE)
+    (tmp_path / "foreign.yaml").write_text("root: x\nshell: /bin/sh\n")
+    cases = [(str(tmp_path / "foreign.yaml"), "names none of arch, input_size"),
+             (config(tmp_path / "c1.yaml", label_type=["a", "b"]), r"label_type \['a', 'b'\] is not one of"),
+             (config(tmp_path / "c2.yaml", min_scale_crops=0.5, max_scale_crops=0.2), "are not an area range"),
+             (str(tmp_path / "absent.yaml"), "absent.yaml does not exist"),
+             (str(tmp_path), "is a folder")]
+    for path, says in cases:
+        code, _, err = run_cli(["import", "fkd", str(tmp_path / "labels"), "--dataset", spec(folder), "--out",
+                                str(tmp_path / "out"), "--source-config", path], capsys)
+        assert code == 2 and err.count("\n") == 1 and __import__("re").search(says, err), err

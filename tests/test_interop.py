@@ -405,7 +405,6 @@ def test_a_truncated_tinyvit_values_file_is_refused_by_name(folder, tinyvit, tmp
 def test_the_tinyvit_index_spills_to_a_file_that_has_no_name(tmp_path, monkeypatch):
     """Every epoch's index is on disk (kdcache/interop/tinyvit_files.Spill), in a file that is unlinked from the
     start: nothing is left in TMPDIR however the import ends."""
-    import os
     import tempfile
 
     from kdcache.interop.tinyvit_files import Spill
@@ -415,8 +414,32 @@ def test_the_tinyvit_index_spills_to_a_file_that_has_no_name(tmp_path, monkeypat
     assert isinstance(spill.entries, np.memmap) and spill.entries.shape == (4, 1000)
     spill.entries[2, 5] = (7, 8, 9)
     assert spill.entries[2, 5].tolist() == (7, 8, 9) and spill.entries[1, 5].tolist() == (0, 0, 0)
-    assert os.fstat(spill._file.fileno()).st_size == 4 * 1000 * 12  # 12 B per sample and epoch with mixing
+    assert spill.entries.nbytes == 4 * 1000 * 12  # 12 B per sample and epoch with mixing
     assert list(tmp_path.iterdir()) == []
+    spill.close()
+    assert spill.entries.size == 0
+
+
+def test_an_import_gives_the_index_room_back_whether_it_ends_well_or_not(folder, tinyvit, tmp_path, monkeypatch):
+    """Not when the garbage collector meets the last reference: two imports of ImageNet-22k in one process would
+    need twice the room."""
+    import shutil
+
+    from kdcache.interop.tinyvit_files import Spill
+
+    root, _, _ = tinyvit
+    closed = []
+    close = Spill.close
+    monkeypatch.setattr(Spill, "close", lambda self: (closed.append(1), close(self)))
+    import_cache("tinyvit", str(root / "logits"), spec(folder), str(tmp_path / "o"), config=str(root / "config.json"),
+                 progress=False)
+    assert closed == [1]
+    shutil.copytree(root / "logits", tmp_path / "logits")
+    (tmp_path / "logits" / "logits_top2_epoch2" / "rank0-values.bin").write_bytes(b"")
+    with pytest.raises(DataCorrupt):
+        import_cache("tinyvit", str(tmp_path / "logits"), spec(folder), str(tmp_path / "o2"),
+                     config=str(root / "config.json"), progress=False)
+    assert closed == [1, 1]
 
 
 def test_a_tmpdir_without_room_for_the_tinyvit_index_is_one_line(tmp_path, monkeypatch):
@@ -432,7 +455,7 @@ def test_a_tmpdir_without_room_for_the_tinyvit_index_is_one_line(tmp_path, monke
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(InvalidSpec, match=r"needs 458 MiB in .*No space left on device.* set TMPDIR to a folder"):
+    with pytest.raises(InvalidSpec, match=r"needs 457.8 MiB in .*No space left on device.* set TMPDIR to a folder"):
         Spill(300, 400_000, paired=False)
     assert list(tmp_path.iterdir()) == []
 

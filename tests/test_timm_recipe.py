@@ -140,7 +140,13 @@ def test_a_timm_recipe_on_grey_images_is_refused_before_anything_is_written(tmp_
     ("timm:rand-m9,interp=foo", "timm does not build a transform"),
     ("timm:rand-m9,scale=0.5", "scale='0.5' needs 2 '/'-separated numbers"),
     ("timm:rand-m9,mean=0.5/0.5", "mean='0.5/0.5' needs 3"),
-    ("timm:rand-m9,std=0/0/0", "all positive"),
+    ("timm:rand-m9,std=0/0/0", "std='0/0/0' needs 3 '/'-separated numbers from 0.001 to 10"),
+    ("timm:none,jitter=inf", "jitter='inf' needs a number from 0 to 10"),  # crashed at the first view
+    ("timm:none,ratio=1e308/1e308", "ratio='1e308/1e308' needs 2"),
+    ("timm:none,mean=nan/nan/nan", "mean='nan/nan/nan' needs 3"),  # wrote a cache of NaN logits
+    ("timm:rand-m9-n1000000000", "n1000000000 is not a count from 0 to 16"),  # never finished a view
+    ("timm:augmix-m5-w100000000", "w100000000 is not a count"),
+    ("timm:none,re=1,recount=1000000000", "recount='1000000000' needs a number from 1 to 16"),
 ])
 def test_what_timm_would_refuse_is_refused_when_the_recipe_is_parsed(spec, says, tmp_path, capsys):
     code, _, err = run_cli(["precompute", "--dataset", "fake:8", "--teacher", "cnn", "--augment", spec, "--out",
@@ -189,3 +195,19 @@ def test_extra_views_of_a_timm_cache_train_under_drift_when_allowed(tmp_path, mo
     with pytest.warns(UserWarning):
         code, _, err = run_cli([*argv, "--allow-version-drift"], capsys)
     assert code == 0, err
+
+
+def test_an_edited_manifest_entry_is_one_line_not_a_traceback_or_a_silent_guard():
+    """A manifest whose versions were emptied would switch the version check off; options timm cannot build (an
+    edit of both spec and options) fail in one line when a view renders (red-team 2026-12-07)."""
+    from PIL import Image
+
+    entry = timm_recipe.TimmRecipe.parse(["rand-m9"]).hyper()
+    with pytest.raises(InvalidSpec, match=r"records the versions of \[\], not of every package"):
+        timm_recipe.TimmRecipe.from_hyper({**entry, "versions": {}})
+    with pytest.raises(InvalidSpec, match="records the versions of"):
+        timm_recipe.TimmRecipe.from_hyper({**entry, "versions": {k: v for k, v in entry["versions"].items()
+                                                                 if k != "timm"}})
+    op = timm_recipe.TimmRecipe.from_hyper({**entry, "options": "none,interp=bogus"})
+    with pytest.raises(InvalidSpec, match="timm does not build a transform from 'none,interp=bogus'"):
+        op.apply_pil(Image.new("RGB", (32, 32)), {"timm": np.int64(1)}, 24)

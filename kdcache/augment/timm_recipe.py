@@ -53,6 +53,9 @@ _LOCK = threading.Lock()
 #: same on every replay; after RETRIES seeds the recipe is refused.
 RETRIES = 8
 _STEP = 0x9E3779B9
+#: The most ops or boxes a view may ask for (RandAugment's n, AugMix's width and depth, erasing's count), as
+#: kdcache's own RandAugment ops allow.
+MAX_COUNT = 16
 
 
 def installed_versions() -> dict[str, str]:
@@ -83,11 +86,7 @@ class TimmRecipe(Op):
     @classmethod
     def parse(cls, args: list[str]) -> Op:
         options = canonical(":".join(args))
-        try:  # timm checks its arguments when it builds the transform: here, not at the first view
-            _transform(options, 224)
-        except (AssertionError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as exc:
-            raise InvalidSpec(f"timm does not build a transform from {options or 'timm'!r} ({type(exc).__name__}: "
-                              f"{exc}) — use {USAGE}") from None
+        _built(options, 224)  # timm checks its arguments when it builds the transform: here, not at the first view
         return cls(options, tuple(sorted(installed_versions().items())))
 
     @classmethod
@@ -96,6 +95,10 @@ class TimmRecipe(Op):
                 or not isinstance(hyper["versions"], Mapping):
             raise InvalidSpec(f"manifest entry for timm has keys {sorted(hyper)}, expected options and versions — "
                               "rewrite the recipe from its spec")
+        if set(hyper["versions"]) != set(PACKAGES):
+            raise InvalidSpec(f"manifest entry for timm records the versions of {sorted(hyper['versions'])}, not of "
+                              f"every package its pixels depend on ({', '.join(PACKAGES)}) — the manifest was edited; "
+                              "precompute the cache again")
         return cls(canonical(hyper["options"]), tuple(sorted((str(k), str(v)) for k, v in hyper["versions"].items())))
 
     def hyper(self) -> dict[str, Any]:
@@ -124,8 +127,8 @@ class TimmRecipe(Op):
             return
         if not self.drift_ok:
             raise UnsupportedFormat(f"the timm recipe's views were drawn with {changed}; other versions may draw other "
-                                    "pixels — install those versions, or pass --allow-version-drift and check a sample "
-                                    "with `kdcache verify CACHE --recompute N --allow-version-drift`")
+                                    "pixels — install those versions (or, to train or verify anyway, pass --allow-version-drift "
+                                    "and check a sample with `kdcache verify CACHE --recompute N --allow-version-drift`)")
         warnings.warn(f"replaying a timm recipe drawn with {changed}: the views may differ from the teacher's",
                       stacklevel=2)
 
@@ -135,15 +138,16 @@ class TimmRecipe(Op):
         if image.mode != "RGB":
             raise InvalidSpec(f"a timm recipe renders RGB images, this one is {image.mode} — use kdcache's own ops "
                               "(rrc+flip+randaugment...)")
-        transform, mean, std = _transform(self.options, size)
+        transform, mean, std = _built(self.options, size)
         pil = image
         seed = int(np.asarray(row["timm"]))
         for attempt in range(RETRIES):
             try:
                 return _seeded(transform, pil, (seed + attempt * _STEP) % 2**32).mul_(std).add_(mean)  # to [0, 1]
-            except ValueError as exc:
-                if "bits" not in str(exc):  # only what Pillow 13 refuses of timm (posterize to 0 bits) draws again
-                    raise InvalidSpec(f"timm's transform fails on a view ({exc}) — use another recipe") from None
+            except FAILURES as exc:
+                if not isinstance(exc, ValueError) or "bits" not in str(exc):  # Pillow 13's posterize to 0 bits
+                    raise InvalidSpec(f"timm's transform fails on a view ({type(exc).__name__}: {exc}) — use another "
+                                      "recipe") from None
                 failure = exc
         raise InvalidSpec(f"timm's transform fails under seed {seed} and the {RETRIES - 1} seeds after it "
                           f"({failure}) — use another recipe or other timm/Pillow versions")
@@ -181,6 +185,19 @@ _SWAPS = [(name, getattr(_PRIVATE, name)) for name, _ in _ORIGINALS]
 def _checked(op: TimmRecipe) -> bool:
     op.check_versions()
     return True
+
+
+#: What timm's transform raises for arguments it cannot use, when built or when run.
+FAILURES = (ArithmeticError, AssertionError, IndexError, KeyError, RuntimeError, TypeError, ValueError)
+
+
+def _built(options: str, size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """:func:`_transform`, InvalidSpec in one line where timm does not build it."""
+    try:
+        return _transform(options, size)
+    except FAILURES as exc:
+        raise InvalidSpec(f"timm does not build a transform from {options or 'timm'!r} ({type(exc).__name__}: "
+                          f"{exc}) — use {USAGE}") from None
 
 
 @lru_cache(maxsize=16)
@@ -226,12 +243,43 @@ def canonical(text: str) -> str:
             given[key] = OPTIONS[key][1](value)
         except ValueError:
             raise InvalidSpec(f"timm option {key}={value!r} does not parse — use {USAGE}") from None
-        lengths = {"scale": 2, "ratio": 2, "mean": 3, "std": 3}
-        if key in lengths and len(given[key]) != lengths[key] or key == "std" and min(given[key]) <= 0:
-            raise InvalidSpec(f"timm option {key}={value!r} needs {lengths[key]} '/'-separated numbers"
-                              f"{', all positive' if key == 'std' else ''} — use {USAGE}")
+        _check_option(key, value, given[key])
+    _check_counts(aa)
     pairs = [f"{key}={_text(given[key])}" for key in OPTIONS if key in given and given[key] != OPTIONS[key][2]]
     return ",".join([aa or "none", *pairs]) if pairs else aa
+
+
+#: Each numeric option's count of numbers and the closed range they must lie in: probabilities, a colour jitter
+#: strength, crop area fractions and aspect ratios, mean and std of images in [0, 1].
+RANGES = {"re": (1, 0.0, 1.0), "hflip": (1, 0.0, 1.0), "vflip": (1, 0.0, 1.0), "recount": (1, 1, MAX_COUNT),
+          "jitter": (1, 0.0, 10.0), "scale": (2, 1e-6, 1.0), "ratio": (2, 1e-3, 1e3), "mean": (3, 0.0, 1.0),
+          "std": (3, 1e-3, 10.0)}
+
+
+def _check_option(key: str, text: str, value: Any) -> None:
+    """InvalidSpec unless a numeric option holds its count of finite numbers within RANGES (NaN fails too)."""
+    if key not in RANGES:
+        return
+    count, low, high = RANGES[key]
+    values = value if isinstance(value, tuple) else (value,)
+    if len(values) != count or not all(low <= v <= high for v in values) \
+            or key in ("scale", "ratio") and values[0] > values[1]:
+        numbers = f"{count} '/'-separated numbers" if count > 1 else "a number"
+        order = ", low/high" if key in ("scale", "ratio") else ""
+        raise InvalidSpec(f"timm option {key}={text!r} needs {numbers} from {low:g} to {high:g}{order} — use {USAGE}")
+
+
+def _check_counts(aa: str) -> None:
+    """InvalidSpec where the auto-augment asks for more ops per view than MAX_COUNT (RandAugment's ``n``, AugMix's
+    width ``w`` and depth ``d``): each is a loop per view, and a billion of them never ends."""
+    kind = aa.split("-")[0]
+    for token in aa.split("-")[1:]:
+        key = token.rstrip("0123456789.e+-")
+        number = token[len(key):]
+        counted = kind == "rand" and key == "n" or kind == "augmix" and key in ("w", "d")
+        if counted and number and not (number.isdigit() and int(number) <= MAX_COUNT):
+            raise InvalidSpec(f"timm auto-augment {aa!r}: {key}{number} is not a count from 0 to {MAX_COUNT} — use "
+                              f"{USAGE}")
 
 
 def _text(value: Any) -> str:

@@ -14,7 +14,7 @@ from kdcache.data.builtin import SPLIT_SEED
 from kdcache.data.images import GRAY_MEAN, GRAY_MODES, GRAY_STD, RGB_MEAN, RGB_STD, FolderImageSet, Source
 from kdcache.data.spec import DatasetSpec
 from kdcache.data.decode import UNDECODABLE, file_header
-from kdcache.errors import DataCorrupt, MissingData
+from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.locations import guard
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -82,7 +82,20 @@ def _scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
             rel = Path(dirpath).relative_to(split_dir).as_posix()
             found += [(f"{rel}/{f}", label) for f in sorted(filenames)
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    bad = next((rel for rel, _ in found if not rel.isprintable() or _undecodable(rel)), None)
+    if bad is not None:
+        raise InvalidSpec(f"image folder {split_dir}: the file name {bad.encode('utf-8', 'surrogateescape')!r} is not "
+                          "printable UTF-8 text, which caches and manifests record — rename it")
     return found
+
+
+def _undecodable(name: str) -> bool:
+    """Whether ``name`` holds bytes that are not UTF-8 (os.walk gives them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _mode(path: Path) -> str:

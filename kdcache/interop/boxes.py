@@ -46,7 +46,7 @@ def crop_boxes(top: np.ndarray, left: np.ndarray, height: np.ndarray, width: np.
     dataset is not the one the source was made from.
     """
     top, left, height, width = (integers(v, where, "a crop") for v in (top, left, height, width))
-    image_h, image_w = np.asarray(image_h, dtype=np.int64), np.asarray(image_w, dtype=np.int64)
+    image_h, image_w = (np.broadcast_to(np.asarray(v, dtype=np.int64), top.shape) for v in (image_h, image_w))
     outside = (top < 0) | (left < 0) | (height < 1) | (width < 1) | (top + height > image_h) | (left + width > image_w)
     if outside.any():
         at = np.argwhere(outside)[0]

@@ -26,7 +26,7 @@ from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop import pickles
 from kdcache.interop.boxes import crop_boxes
 from kdcache.interop.imported import Import, image_sizes, top_k
-from kdcache.locations import guard
+from kdcache.locations import file_size, guard
 from kdcache.models.preprocess import Preprocess
 from kdcache.textfiles import parse_yaml, read_text
 
@@ -55,8 +55,9 @@ def read_settings(config_path: str | Path | None, notes: list[str]) -> dict[str,
     path = Path(config_path).expanduser()
     guard(path, "FKD source config")
     given = parse_yaml(read_text(path, "FKD source config"), f"FKD source config {path}")
-    if not isinstance(given, Mapping):
-        raise InvalidSpec(f"FKD source config {path} is not a mapping of generate_soft_label.py's arguments")
+    if not isinstance(given, Mapping) or not set(given) & set(DEFAULTS):
+        raise InvalidSpec(f"FKD source config {path} is not a mapping of generate_soft_label.py's arguments (it names "
+                          f"none of {', '.join(DEFAULTS)}) — pass the arguments your run used")
     for key in sorted(set(given) - set(DEFAULTS)):
         notes.append(f"{path}: {key!r} does not decide the views or targets — ignored")
     settings.update({key: value for key, value in given.items() if key in DEFAULTS})
@@ -66,12 +67,15 @@ def read_settings(config_path: str | Path | None, notes: list[str]) -> dict[str,
     for key in ("min_scale_crops", "max_scale_crops", "temp"):
         if not _number(settings[key]) or settings[key] <= 0:
             raise InvalidSpec(f"{path}: {key} {settings[key]!r} is not a positive number")
+    if not settings["min_scale_crops"] <= settings["max_scale_crops"] <= 1:
+        raise InvalidSpec(f"{path}: min_scale_crops {settings['min_scale_crops']!r} and max_scale_crops "
+                          f"{settings['max_scale_crops']!r} are not an area range within (0, 1]")
     for key in ("mean", "std"):
         values = settings[key]
         if not isinstance(values, list) or len(values) != 3 or not all(_number(v) for v in values) \
                 or key == "std" and min(values) <= 0:
             raise InvalidSpec(f"{path}: {key} {values!r} is not a list of 3 numbers{' above 0' if key == 'std' else ''}")
-    if settings["label_type"] not in LABEL_TYPES:
+    if not isinstance(settings["label_type"], str) or settings["label_type"] not in LABEL_TYPES:
         raise InvalidSpec(f"{path}: label_type {settings['label_type']!r} is not one of {', '.join(LABEL_TYPES)}")
     return settings
 
@@ -170,6 +174,8 @@ def pixels(coords: np.ndarray, height: int, width: int, where: str) -> tuple[int
     kind = coords.dtype.type
     out = []
     for value, n in zip(coords.tolist(), (height, width, height, width)):
+        if not 0 <= value <= 1:  # NaN too
+            raise DataCorrupt(f"{where}: the crop fraction {value!r} is not in [0, 1] — the file is damaged")
         guess = int(round(value * n))
         hits = [v for v in (guess - 1, guess, guess + 1) if 0 <= v <= n and kind(np.float32(v / n)) == kind(value)]
         if hits != [guess]:
@@ -194,9 +200,12 @@ class _Reader:
         path = self.files[i]
         coords, flip, labels = _load(path)
         where = str(path)
-        if coords.shape != (self.views, 4) or flip.shape != (self.views,) or coords.dtype.kind != "f":
+        if coords.shape != (self.views, 4) or flip.shape != (self.views,):
             raise DataCorrupt(f"{where} holds crops of shape {coords.shape} and flips {flip.shape}, not the "
                               f"({self.views}, 4) and ({self.views},) of the first file — every file holds as many crops")
+        if coords.dtype.kind != "f":
+            raise DataCorrupt(f"{where}: the crops are {coords.dtype}, not the float fractions FKD stores — the file "
+                              "is damaged")
         if flip.dtype != np.bool_:
             raise DataCorrupt(f"{where}: flip is {flip.dtype}, not bool — the file is damaged")
         h, w = (int(v[0]) for v in image_sizes(self.source, np.array([i])))
@@ -209,6 +218,8 @@ class _Reader:
     def targets(self, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, integer class ids) [views, k] of a file's labels as its ``label_type`` stores them."""
         n, k = self.views, self.k
+        if labels.dtype.kind not in "iuf":
+            raise DataCorrupt(f"{where}: the labels are {labels.dtype}, not numbers — the file is damaged")
         if self.label_type == "hard":
             if labels.shape != (n,):
                 raise DataCorrupt(f"{where}: hard labels of shape {labels.shape}, not ({n},)")
@@ -224,7 +235,7 @@ class _Reader:
         if ids.dtype.kind in "iu":
             return ids.astype(np.int64)
         exact = EXACT_IDS.get(ids.dtype, 0)
-        if self.source.num_classes > exact or not np.array_equal(ids, np.round(ids)):
+        if self.source.num_classes > exact or not np.isfinite(ids).all() or not np.array_equal(ids, np.round(ids)):
             raise DataCorrupt(f"{where}: the class ids are not whole numbers a {ids.dtype} names exactly for "
                               f"{self.source.num_classes} classes — the file is damaged")
         return ids.astype(np.int64)
@@ -236,6 +247,9 @@ def _digest(files: list[Path], progress: bool) -> str:
 
     digest = hashlib.sha256()
     for path in tqdm(files, unit="file", desc="hash FKD files", disable=not progress, leave=False):
+        file_size(path, "FKD label file", pickles.MAX_FILE_BYTES, "MAX_FILE_BYTES")
         digest.update(f"{path.parent.name}/{path.name}\n".encode())
-        digest.update(path.read_bytes())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
     return f"sha256:{digest.hexdigest()}"

@@ -64,6 +64,7 @@ class Import:
     read: Callable[[np.ndarray], dict[str, np.ndarray]] = field(repr=False)
     precision: str = "unknown"
     notes: list[str] = field(default_factory=list)  # what the import ignored as the source's own reader does
+    close: Callable[[], None] = field(default=lambda: None, repr=False)  # frees what ``read`` holds (temporary files)
 
 
 @dataclass

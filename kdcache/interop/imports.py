@@ -34,14 +34,18 @@ def import_cache(fmt: str, src: str, dataset: str, out: str, config: str | None 
         raise InvalidSpec(f"--pillow-order {pillow_order!r} is not one of {', '.join(PILLOW_ORDERS)}")
     passes = PILLOW_ORDERS[pillow_order]
     parsed = data.parse(dataset)
+    checks.output_folder("--out", out)
     checks.outside("--out", out, parsed.local_root(), "the dataset")
     checks.outside("--out", out, src, "the source")
     source = data.open_source(parsed)
     if fmt == "tinyvit":
-        found = tinyvit.plan(src, source, config, passes, progress)
+        found = tinyvit.plan(src, source, config, progress, passes)
     elif fmt == "fkd":
         found = fkd.plan(src, source, config, progress, passes)
     else:
-        found = mldr.plan(src, source, progress, randaugment_on or "pil", passes)
+        found = mldr.plan(src, source, progress, "pil" if randaugment_on is None else randaugment_on, passes)
     found.about["pillow_order"] = pillow_order
-    return write_import(found, source, out, progress, options)
+    try:
+        return write_import(found, source, out, progress, options)
+    finally:
+        found.close()

@@ -109,7 +109,10 @@ def _step(name: str, cfg: Mapping[str, Any], where: str, randaugment_on: str, pa
         if cfg.get("interpolation", 0) not in (0, "nearest") or cfg.get("fill") is not None:
             raise InvalidSpec(f"{where}: rand_augment with an interpolation or fill of its own — kdcache replays "
                               "torchvision's defaults (nearest, no fill)")
-        return RENDERINGS[randaugment_on](int(cfg.get("num_ops", 2)))
+        num_ops = cfg.get("num_ops", 2)
+        if not isinstance(num_ops, int) or isinstance(num_ops, bool):  # ml-dr's own loop (range) needs an int
+            raise InvalidSpec(f"{where}: rand_augment num_ops {num_ops!r} is not a whole number of ops")
+        return RENDERINGS[randaugment_on](num_ops)
     if name == "random_erase":
         return RandomErasing(float(cfg.get("p", 0.5)), *_pair(cfg.get("scale"), (0.02, 0.33)),
                              *_pair(cfg.get("ratio"), (0.3, 3.3)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from kdcache.augment import Recipe
 from kdcache.augment.geometry import HorizontalFlip, PilResizedCrop
 from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment
 from kdcache.data.images import Source
-from kdcache.errors import InvalidSpec, MissingData
+from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop.boxes import crop_boxes
 from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
 from kdcache.interop.tinyvit_draws import HFLIP, RATIO, SCALE, RandAugmentConfig, Stream, crop, erase, randaugment
@@ -57,11 +58,24 @@ MODES = ("const", "rand", "pixel")
 def setting(config: Mapping[str, Any], key: str) -> Any:
     """``config[A][B]`` for ``key`` ``"A.B"``, TinyViT's default where the file leaves it out."""
     node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+    parts = key.split(".")
+    for k, part in enumerate(parts):
+        if not isinstance(node, Mapping):
+            raise InvalidSpec(f"TinyViT config: {'.'.join(parts[:k])} is {node!r}, not a section of settings — pass the "
+                              "config the logits were saved with")
+        if part not in node:
             return DEFAULTS[key]
         node = node[part]
     return node
+
+
+def number(config: Mapping[str, Any], key: str, where: str) -> Any:
+    """:func:`setting` of a numeric key (None allowed: TinyViT's "off"), refused when it is not a number (TinyViT
+    itself fails comparing one)."""
+    value = setting(config, key)
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise InvalidSpec(f"{where}: {key} {value!r} is not a number — pass the config the logits were saved with")
+    return value
 
 
 def teacher_precision(config: Mapping[str, Any]) -> str:
@@ -111,7 +125,7 @@ def check_augmentation(config: Mapping[str, Any], where: str) -> Augmentation:
         raise InvalidSpec(f"{where}: DATA.IMG_SIZE {side} makes TinyViT use a padded RandomCrop on Python's global "
                           "random, which its seeds do not draw")
     interpolation = setting(config, "DATA.INTERPOLATION")
-    if interpolation not in PIL_CODES:
+    if not isinstance(interpolation, str) or interpolation not in PIL_CODES:
         raise InvalidSpec(f"{where}: DATA.INTERPOLATION {interpolation!r} — kdcache replays bilinear, bicubic or "
                           "nearest (TinyViT cannot save logits with a random one)")
     auto = setting(config, "AUG.AUTO_AUGMENT")
@@ -122,10 +136,11 @@ def check_augmentation(config: Mapping[str, Any], where: str) -> Augmentation:
         except ValueError as exc:
             raise InvalidSpec(f"{where}: AUG.AUTO_AUGMENT {auto!r} — {exc}; kdcache replays TinyViT's RandAugment "
                               "(rand-...)") from None
-    elif _positive(setting(config, "AUG.COLOR_JITTER")):
+    elif _positive(number(config, "AUG.COLOR_JITTER", where)):
         raise InvalidSpec(f"{where}: AUG.COLOR_JITTER without RandAugment — TinyViT's save_logits.py fails there "
                           "(its aug_random has no shuffle), so no saved logits have it")
-    p, mode, count = setting(config, "AUG.REPROB"), str(setting(config, "AUG.REMODE")).lower(), setting(config, "AUG.RECOUNT")
+    p, mode, count = number(config, "AUG.REPROB", where), str(setting(config, "AUG.REMODE")).lower(), \
+        setting(config, "AUG.RECOUNT")
     if _positive(p) and (mode not in MODES or not isinstance(count, int) or not 1 <= count <= 64):
         raise InvalidSpec(f"{where}: AUG.REMODE {mode!r} / AUG.RECOUNT {count!r} — TinyViT erases in const, rand "
                           "or pixel mode, 1 to 64 boxes")
@@ -135,10 +150,7 @@ def check_augmentation(config: Mapping[str, Any], where: str) -> Augmentation:
 
 def check_mixing(config: Mapping[str, Any], where: str) -> MixConfig | None:
     """TinyViT's pair2 MixUp/CutMix settings, or None without mixing; InvalidSpec for what is not imported."""
-    mixup, cutmix = setting(config, "AUG.MIXUP"), setting(config, "AUG.CUTMIX")
-    for key, value in (("AUG.MIXUP", mixup), ("AUG.CUTMIX", cutmix)):
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise InvalidSpec(f"{where}: {key} {value!r} is not a number — pass the config the logits were saved with")
+    mixup, cutmix = number(config, "AUG.MIXUP", where), number(config, "AUG.CUTMIX", where)
     if setting(config, "AUG.CUTMIX_MINMAX") is not None:
         raise InvalidSpec(f"{where}: AUG.CUTMIX_MINMAX is set — its min-max boxes are not imported; import logits "
                           "saved with CUTMIX_MINMAX null")
@@ -187,10 +199,10 @@ def draw_view(seed: int, width: int, height: int, aug: Augmentation) -> dict[str
     return out
 
 
-def plan(src: str | Path, source: Source, config_path: str | Path | None, passes: int = 2,
-         progress: bool = True) -> Import:
-    """The import of TinyViT's logits folder ``src`` (saved with the config at ``config_path``; ``passes``: how
-    its Pillow resizes run, kdcache.augment.op.PASSES; ``progress``: a bar over the epochs as they are indexed)."""
+def plan(src: str | Path, source: Source, config_path: str | Path | None, progress: bool = True,
+         passes: int = 2) -> Import:
+    """The import of TinyViT's logits folder ``src`` (saved with the config at ``config_path``; ``progress``: a bar
+    over the epochs as they are indexed; ``passes``: how its Pillow resizes run, kdcache.augment.op.PASSES)."""
     root = Path(src).expanduser()
     if config_path is None:
         raise InvalidSpec("tinyvit import needs --source-config, the config.json TinyViT's save_logits.py wrote — it says "
@@ -199,10 +211,6 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
     config = read_config(config_file)
     aug = check_augmentation(config, str(config_file))
     side, interpolation = aug.side, aug.interpolation
-    k, folders = epochs(root)
-    order = list_order(folders[0], source) if aug.mix is not None and names_keyed(folders[0]) else folder_order(source)
-    resolve = key_resolver(source, order)
-    loaded, spill = _index(folders, k, source, resolve, order, aug.mix is not None, progress)
     norm = str(setting(config, "DATA.MEAN_AND_STD_TYPE"))
     if norm not in NORMS:  # TinyViT itself raises KeyError (build.py)
         raise InvalidSpec(f"{config_file}: DATA.MEAN_AND_STD_TYPE {norm!r} is not one of {', '.join(NORMS)} — "
@@ -212,8 +220,16 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
                      std[: source.channels] if source.channels == 3 else (sum(std) / 3,), side, interpolation,
                      origin=FORMAT)
     recipe = recipe_for(aug, tuple(pre.mean), tuple(pre.std), passes)
+    k, folders = epochs(root)
+    order = list_order(folders[0], source) if aug.mix is not None and names_keyed(folders[0]) else folder_order(source)
+    loaded, spill = _read_epochs(folders, k, source, key_resolver(source, order), order, aug.mix is not None, progress)
     notes: list[str] = []
-    use = substitutions(loaded, notes)
+    try:
+        use = substitutions(loaded, notes)
+        digest = _digest(config_file, folders)
+    except BaseException:
+        spill.close()
+        raise
     reader = _Reader(loaded, spill, source, np.argsort(order), aug, use)
     if aug.erase_p > 0:
         notes.append(f"{config_file}: erasing drew its noise in the space of mean {list(pre.mean)}, std "
@@ -221,22 +237,25 @@ def plan(src: str | Path, source: Source, config_path: str | Path | None, passes
                      "to give the student TinyViT's normalised input")
     about = {"version": VERSION, "source": str(root), "epochs": len(folders), "config": str(config_file),
              "model": str(setting(config, "MODEL.NAME")), "interpolation": interpolation, "img_size": side,
-             "auto_augment": str(setting(config, "AUG.AUTO_AUGMENT")), "reprob": aug.erase_p}
-    precision = teacher_precision(config)
-    about["substituted"] = [[e, int(t), e2] for e, moved in use.items() for t, e2 in moved.items()]
-    return Import(FORMAT, about, recipe, len(folders), k, pre, str(setting(config, "MODEL.NAME")),
-                  _digest(config_file, folders), str(root), reader.read, precision, notes=notes)
+             "auto_augment": str(setting(config, "AUG.AUTO_AUGMENT")), "reprob": aug.erase_p,
+             "substituted": [[e, int(t), e2] for e, moved in use.items() for t, e2 in moved.items()]}
+    return Import(FORMAT, about, recipe, len(folders), k, pre, str(setting(config, "MODEL.NAME")), digest, str(root),
+                  reader.read, teacher_precision(config), notes=notes, close=spill.close)
 
 
-def _index(folders: list[Path], k: int, source: Source, resolve: Callable[[str, str], int], order: np.ndarray,
-           paired: bool, progress: bool) -> tuple[list[Epoch], Spill]:
+def _read_epochs(folders: list[Path], k: int, source: Source, resolve: Callable[[str, str], int],
+                 order: np.ndarray, paired: bool, progress: bool) -> tuple[list[Epoch], Spill]:
     """Each epoch folder read once, its entries spilled (tinyvit_files.Spill), with a bar over the epochs."""
     n = len(source.train)
     loaded, spill = [], Spill(len(folders), n, paired)
-    for e, folder in enumerate(tqdm(folders, unit="epoch", desc="index tinyvit", leave=False,
-                                    disable=not progress)):
-        loaded.append(Epoch(folder, k))
-        spill.entries[e] = loaded[-1].entries(n, resolve, order, paired)
+    try:
+        for e, folder in enumerate(tqdm(folders, unit="epoch", desc="index tinyvit", leave=False,
+                                        disable=not progress)):
+            loaded.append(Epoch(folder, k))
+            spill.entries[e] = loaded[-1].entries(n, resolve, order, paired)
+    except BaseException:
+        spill.close()
+        raise
     return loaded, spill
 
 
@@ -273,7 +292,7 @@ class _Reader:
 
     def gather(self, e: int, block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """View ``e`` of kdcache samples ``block``: (their items, their mates' kdcache indices, the mates' items;
-        the last two empty without mixing)."""
+        without mixing the last two are -1 and unset)."""
         source = self.epoch_of(e, self.index[block])
         paired = self.aug.mix is not None
         items, mate_items = np.empty(len(block), self.loaded[0].item), np.empty(len(block), self.loaded[0].item)
@@ -291,6 +310,10 @@ class _Reader:
         drawn = [self.gather(e, block) for e in range(len(self.loaded))]
         items = np.stack([d[0] for d in drawn], axis=1)  # [n, views]
         where = f"TinyViT samples {int(t.min())}..{int(t.max())}"
+        seeds = [items["seed"]] + ([np.stack([d[2]["seed"] for d in drawn], axis=1)] if self.aug.mix is not None else [])
+        if any((s < 0).any() for s in seeds):
+            raise DataCorrupt(f"{where}: a saved augmentation seed is negative — TinyViT draws them from [0, 2**31); "
+                              "the values file is damaged")
         out = self.views(block, items["seed"], "", where)
         if self.aug.mix is not None:
             mates = np.stack([d[1] for d in drawn], axis=1)
@@ -332,7 +355,8 @@ def _digest(config_file: Path, folders: list[Path]) -> str:
     """sha256 over the config and every keys and values file, in epoch and rank order."""
     digest = hashlib.sha256(config_file.read_bytes())
     for folder in folders:
-        for path in sorted(folder.glob("rank*")):
+        for path in sorted(p for p in folder.glob("rank*") if re.fullmatch(r"rank[0-9]+-(keys\.txt|values\.bin)", p.name)):
+            guard(path, "TinyViT logits file")
             digest.update(f"{folder.name}/{path.name}\n".encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 24), b""):

@@ -14,15 +14,17 @@ import numpy as np
 from kdcache.data.images import Source
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop.tinyvit_pairs import Pairing, pairing, sampler_rows
-from kdcache.locations import guard
+from kdcache.locations import file_size, guard
 
-_EPOCH = re.compile(r"logits_top(\d+)_epoch(\d+)$")
+_EPOCH = re.compile(r"logits_top([0-9]+)_epoch([0-9]+)$")
+#: The most bytes of one rank's keys file: 60 M keys of ImageNet-22k's length, 4x its 14.2 M images.
+MAX_KEYS_BYTES = 1 << 30
 
 
 #: Where an epoch keeps each sample's item, as a position in its rank files laid end to end (uint32: an epoch
 #: holds far fewer than 2**32 items), and with pair2 mixing the sample's mate (a kdcache index) and the mate's item.
-PLAIN = np.dtype([("at", "<u4")])
-PAIRED = np.dtype([("at", "<u4"), ("mate", "<i4"), ("mate_at", "<u4")])
+ENTRY = np.dtype([("at", "<u4")])
+PAIRED_ENTRY = np.dtype([("at", "<u4"), ("mate", "<i4"), ("mate_at", "<u4")])
 
 
 def item_dtype(k: int) -> np.dtype:
@@ -51,7 +53,7 @@ class Epoch:
 
     def entries(self, num_samples: int, resolve: Callable[[str, str], int], order: np.ndarray,
                 paired: bool = False) -> np.ndarray:
-        """Where each kdcache sample's item is (PLAIN or PAIRED, in kdcache order; ``order``: the kdcache index
+        """Where each kdcache sample's item is (ENTRY or PAIRED_ENTRY, in kdcache order; ``order``: the kdcache index
         of each TinyViT sample); MissingData where a sample has none."""
         n = num_samples
         rank, row = np.full(n, -1, np.int32), np.zeros(n, np.int64)
@@ -66,7 +68,7 @@ class Epoch:
         if (rank < 0).any():
             raise MissingData(f"{self.folder} has no logits of sample {int(np.argmax(rank < 0))} — the dataset has "
                               f"{n} samples; pass the --dataset the logits were saved for")
-        out = np.empty(n, PAIRED if paired else PLAIN)
+        out = np.empty(n, PAIRED_ENTRY if paired else ENTRY)
         if paired:
             mate, mate_row = self._pair(indices, n, rank, row)
             out["mate"][order] = order[mate]
@@ -91,6 +93,7 @@ class Epoch:
 
     def _values(self, keys_file: Path, rows: int) -> np.ndarray:
         path = keys_file.with_name(keys_file.name.replace("-keys.txt", "-values.bin"))
+        guard(path, "TinyViT values file")
         size = path.stat().st_size if path.is_file() else -1
         if size != rows * self.item.itemsize:
             raise DataCorrupt(f"{path} holds {max(size, 0)} bytes, but {keys_file.name} lists {rows} keys of "
@@ -110,32 +113,41 @@ class Epoch:
 class Spill:
     """Every epoch's :meth:`Epoch.entries`, in an unlinked temporary file (under ``TMPDIR``) mapped into memory:
     4 B per sample and epoch (12 with pair2 mixing) that the page cache holds or drops, so memory stays flat
-    however many epochs a source has, and nothing is left behind however the import ends."""
+    however many epochs a source has (on a disk; a tmpfs ``TMPDIR`` is memory), and nothing is left behind however
+    the import ends. :meth:`close` gives the room back."""
 
     def __init__(self, epochs: int, num_samples: int, paired: bool) -> None:
-        dtype = PAIRED if paired else PLAIN
+        dtype = PAIRED_ENTRY if paired else ENTRY
+        self._file = None
         if epochs * num_samples == 0:
             self.entries = np.zeros((epochs, num_samples), dtype)
             return
         size = epochs * num_samples * dtype.itemsize
         file = None
         try:
-            file = tempfile.TemporaryFile(prefix="kdcache-tinyvit-")
+            file = tempfile.TemporaryFile(prefix="kdcache-tinyvit-")  # noqa: SIM115 - open until close()
             os.posix_fallocate(file.fileno(), 0, size)  # no room found later would kill the process (SIGBUS)
         except OSError as exc:
             if file is not None:
                 file.close()
-            raise InvalidSpec(f"the index of {epochs} epochs x {num_samples} samples needs {size / 2**20:,.0f} MiB in "
+            raise InvalidSpec(f"the index of {epochs} epochs x {num_samples} samples needs {size / 2**20:,.1f} MiB in "
                               f"{tempfile.gettempdir()}, which refused it ({exc.strerror}) — set TMPDIR to a folder "
                               "with room") from None
         self._file = file
         self.entries = np.memmap(file, dtype=dtype, mode="r+", shape=(epochs, num_samples))
 
+    def close(self) -> None:
+        """Give the file's room back now, not when the garbage collector meets the last reference."""
+        if self._file is not None:
+            self.entries = np.zeros((0, 0), self.entries.dtype)
+            self._file.close()
+            self._file = None
+
 
 def rank_files(folder: Path) -> list[Path]:
     """An epoch folder's ``rank<R>-keys.txt`` in rank order; MissingData where there are none."""
     ranks = sorted((int(m.group(1)), p) for p in folder.glob("rank*-keys.txt")
-                   if (m := re.fullmatch(r"rank(\d+)-keys\.txt", p.name)))
+                   if (m := re.fullmatch(r"rank([0-9]+)-keys\.txt", p.name)))
     if not ranks:
         raise MissingData(f"{folder} has no rank<R>-keys.txt — it is not a TinyViT logits folder")
     return [keys_file for _, keys_file in ranks]
@@ -143,6 +155,7 @@ def rank_files(folder: Path) -> list[Path]:
 
 def _keys(path: Path) -> list[str]:
     """The keys of a ``rank<R>-keys.txt``, one per line; DataCorrupt for a file that is not ASCII text."""
+    file_size(path, "TinyViT keys file", MAX_KEYS_BYTES, "MAX_KEYS_BYTES")
     try:
         return path.read_bytes().decode("ascii").split()
     except UnicodeDecodeError:
@@ -152,16 +165,19 @@ def _keys(path: Path) -> list[str]:
 def epochs(src: Path) -> tuple[int, list[Path]]:
     """(K, the epoch folders in epoch order); InvalidSpec where epochs are missing or K differs."""
     guard(src, "TinyViT logits folder")
-    found = [(m, p) for p in sorted(src.iterdir()) if p.is_dir() and (m := _EPOCH.match(p.name))] if src.is_dir() else []
-    if not found:
+    named = [(m, p) for p in sorted(src.iterdir()) if (m := _EPOCH.match(p.name))] if src.is_dir() else []
+    stray = next((p for _, p in named if not p.is_dir()), None)
+    if stray is not None:
+        raise InvalidSpec(f"{stray} is named like an epoch folder but is not a folder — move it away")
+    if not named:
         raise MissingData(f"{src} holds no logits_top<K>_epoch<E> folders — pass TinyViT's DISTILL.TEACHER_LOGITS_PATH")
-    ks = {int(m.group(1)) for m, _ in found}
+    ks = {int(m.group(1)) for m, _ in named}
     if len(ks) > 1:
         raise InvalidSpec(f"{src} holds logits of top-{sorted(ks)} — import one K at a time from a folder of its own")
-    by_epoch = {int(m.group(2)): p for m, p in found}
-    missing = sorted(set(range(max(by_epoch) + 1)) - set(by_epoch))
-    if missing:
-        raise MissingData(f"{src} lacks epoch {missing[0]} of 0..{max(by_epoch)} — every epoch up to the last is a view")
+    by_epoch = {int(m.group(2)): p for m, p in named}
+    missing = next((e for e, have in enumerate(sorted(by_epoch)) if e != have), None)  # not range(max): 1e11 of them
+    if missing is not None:
+        raise MissingData(f"{src} lacks epoch {missing} of 0..{max(by_epoch)} — every epoch up to the last is a view")
     return ks.pop(), [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -174,7 +190,7 @@ def key_resolver(source: Source, order: np.ndarray) -> Callable[[str, str], int]
 
     def resolve(key: str, where: str) -> int:
         nonlocal stems
-        if key.isdigit():
+        if key.isascii() and key.isdigit():
             if int(key) >= n:
                 raise InvalidSpec(f"{where}: key {key!r} is not a sample index below {n} — pass the --dataset the "
                                   "logits were saved for")
@@ -209,7 +225,7 @@ def image_stems(source: Source, where: str, key: str) -> dict[str, int]:
 def names_keyed(folder: Path) -> bool:
     """Whether an epoch folder's keys name images (ImageNet-22k) rather than give indices."""
     keys = _keys(rank_files(folder)[0])[:1]
-    return bool(keys) and not keys[0].isdigit()
+    return bool(keys) and not (keys[0].isascii() and keys[0].isdigit())
 
 
 def list_order(folder: Path, source: Source) -> np.ndarray:
