@@ -93,10 +93,12 @@ def verify(
     device: Annotated[str, typer.Option(help="--recompute: auto (CUDA if available), cpu or cuda[:N].")] = "auto",
     allow_version_drift: Annotated[bool, typer.Option("--allow-version-drift", help="--recompute: replay a timm: recipe under other package versions than the cache recorded, to check whether its views still give the stored outputs.")] = False,
     repair: Annotated[bool, typer.Option("--repair", help="Mark every shard holding a missing, unreadable or non-finite chunk as unwritten, so that rerunning the precompute command rewrites exactly those shards.")] = False,
+    params: Annotated[bool, typer.Option("--params", help="Also check that every stored augmentation param lies in its op's domain (a shared cache is untrusted; loads the ops, so it imports torch). --recompute does it too.")] = False,
 ) -> None:
     """Check a cache's integrity by reading every chunk; exit 1 naming each bad array and chunk.
 
-    Checks crc32c checksums, missing chunk files, shapes and dtypes, NaN/Inf, labels, shard status.
+    Checks crc32c checksums, missing chunk files, shapes and dtypes, NaN/Inf, labels, shard status;
+    with --params (or --recompute) also that every stored augmentation param is one its op writes.
     With --recompute N --weights W it also replays N seeded views and reruns the teacher: params must
     resample bit for bit and outputs match within the tolerance of docs/format.md.
     Exit code 0: intact; 1: problems found; 2: the cache could not be opened.
@@ -104,7 +106,7 @@ def verify(
     from kdcache.cache.integrity import repair as mend
     from kdcache.cache.integrity import verify as run
 
-    report, reopened = mend(cache) if repair else (run(cache), [])
+    report, reopened = mend(cache) if repair else (run(cache, params=params or recompute > 0), [])
     replayed = None
     if recompute and report.ok:
         from kdcache.audit import recompute as replay  # the teacher's side, torch: only to recompute

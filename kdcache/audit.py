@@ -109,7 +109,11 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
         for lo in range(0, len(rows), batch_size):
             r, v = rows[lo : lo + batch_size], views[lo : lo + batch_size]
             stored = {name: cache.read_views(f"{vset.prefix}aug/{name}", r, v) for name in vset.recipe.fields()}
-            batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
+            keep, problems = _screen(cache, vset, stored, r, v)
+            report.problems += problems
+            if keep.any():
+                r, v, stored = r[keep], v[keep], {name: values[keep] for name, values in stored.items()}
+                batches.append(ViewBatch(vset.samples[r], vset.view_base + v, stored, tag=(r, v)))
         images = source.train.bound(cache.input_checksums(), cache.path)
         renderer = ViewReplay.of(rec).renderer(images, vset.recipe, teacher_pre.mean, teacher_pre.std)
         for out in run_teacher(teacher, renderer, batches, cache.manifest["outputs"], seed=int(rec["seed"]),
@@ -117,6 +121,24 @@ def recompute(path: str, n: int, weights: list[str] | None = None, seed: int = 0
             report.problems += _check_batch(cache, vset, out)
             report.pairs += len(out.inputs)
     return report
+
+
+def _screen(cache: Cache, vset: ViewSet, stored: dict[str, np.ndarray], rows: np.ndarray,
+            views: np.ndarray) -> tuple[np.ndarray, list[Problem]]:
+    """(which pairs to replay, a problem for each other one): stored params that no op writes are reported, not
+    rendered (they would crash, hang or render something else)."""
+    keep = np.ones(len(rows), dtype=bool)
+    if vset.recipe.stored_problem(stored, cache.num_samples) is None:
+        return keep, []
+    problems = []
+    for j in range(len(rows)):
+        why = vset.recipe.stored_problem({name: values[j : j + 1] for name, values in stored.items()},
+                                         cache.num_samples)
+        if why is not None:
+            keep[j] = False
+            problems.append(Problem(f"{vset.prefix}aug", None, f"({int(vset.samples[rows[j]])}, {int(views[j])}): "
+                                    f"{why} — no op writes that; the cache is damaged or forged"))
+    return keep, problems
 
 
 def _check_batch(cache: Cache, vset: ViewSet, out: PassOutput) -> list[Problem]:

@@ -283,3 +283,135 @@ def test_a_shard_rewritten_with_its_size_and_time_restored_is_indexed_again(tmp_
     os.utime(tmp_path / "train-0.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     after = open_source(spec)
     assert after.train.labels.tolist() == [1, 1] and after.fingerprint != before.fingerprint
+
+
+# --- forged params: values no op writes, with their chunk digests recomputed ------------------------------------
+#
+# A shared cache is untrusted. Its chunk digests bind each chunk to its place, but whoever edits the values can
+# recompute them (kdcache.cache.digests.chunk_digests); what the readers check then is that every stored param
+# lies in its op's domain (Recipe.stored_problem). Before, these crashed, hung or trained silently (red-team of
+# 2026-12-07, /work/upstream/REDTEAM_caches.md).
+
+def _forge(path: str, field: str, edit) -> None:
+    import zarr
+
+    from kdcache.cache.digests import chunk_digests, digest_name
+
+    name = f"aug/{field}"
+    array = zarr.open_array(str(Path(path) / name), mode="r+")
+    values = array[...]
+    edit(values)
+    array[...] = values
+    digests = zarr.open_array(str(Path(path) / digest_name(name)), mode="r+")
+    digests[...] = chunk_digests(np.asarray(values, array.dtype), array.chunks[0])
+
+
+def _train32(path: str, tmp_path: Path, capsys) -> tuple[int, str, str]:
+    return run_cli(["train", "--dataset", "fake:32", "--model", "cnn", "--cache", path, "--out", str(tmp_path / "run"),
+                    "--epochs", "2", "--quiet", "--device", "cpu"], capsys)
+
+
+@pytest.fixture(scope="module")
+def mixing(tmp_path_factory, teacher_weights) -> str:
+    cfg = precompute_config(tmp_path_factory.mktemp("mixing"), teacher_weights, views=2, dataset="fake:32",
+                            augment="rrc+flip+erase:1+mixup:1:0.5+cutmix:1:0.5", logits="topk:3")
+    return precompute(cfg).path
+
+
+@pytest.mark.parametrize("field, edit, says", [
+    ("cutmix_partner", lambda v: v.__setitem__((0, 0), 10**12), r"aug/cutmix_partner holds 1000000000000, outside"),
+    ("mixup_partner", lambda v: v.__setitem__((0, 0), -5), r"aug/mixup_partner holds -5, outside \[-1, 31\]"),
+    ("mixup_lam", lambda v: v.__setitem__((0, 0), np.nan), "aug/mixup_lam holds nan, not a finite number"),
+    ("cutmix_lam", lambda v: v.__setitem__((0, 0), -3), r"aug/cutmix_lam holds -3.0, outside \[0, 1\]"),
+    ("cutmix_box", lambda v: v.__setitem__((0, 0), (0, 0, 1e9, 1e9)), "aug/cutmix_box holds 1000000000.0, outside"),
+    ("erase", lambda v: v.__setitem__((0, 0), (0.5, 0.5, 0.9, 0.1)), r"aug/erase \(x0 \+ w, y0 \+ h\) holds 1.39"),
+    ("flip", lambda v: v.__setitem__((0, 0), 7), r"aug/flip holds 7, outside \[0, 1\]"),
+])
+def test_forged_params_are_refused_by_every_reader_in_one_line(mixing, tmp_path, capsys, field, edit, says):
+    import re
+
+    from kdcache.student.reader import loader
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(mixing).parent, root)
+    path = str(root / Path(mixing).name)
+    _forge(path, field, edit)
+    code, _, err = _train32(path, tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1 and re.search(says, err) and "no op writes that" in err, err
+    with pytest.raises(CacheCorrupt, match=says):
+        for _ in loader(path, dataset="fake:32", batch_size=8, workers=0):
+            pass
+    report = verify(path, params=True)
+    assert any(p.array == "aug" and re.search(says, p.what) or p.array == f"aug/{field}" and "NaN" in p.what
+               for p in report.problems), report.problems
+    if field != "flip":
+        return
+    code, out, err = run_cli(["verify", path, "--params"], capsys)
+    assert code == 1 and "no op writes that" in out + err
+    assert run_cli(["verify", path], capsys)[0] == 0  # without --params: the chunks alone, intact
+
+
+def test_a_chain_naming_two_partners_is_refused(mixing, tmp_path):
+    from kdcache.augment import Recipe
+
+    cache = open_cache(mixing)
+    recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
+    params = cache.aug_params(np.arange(8), np.zeros(8, np.int64))
+    both = (params["mixup_partner"] >= 0) & (params["cutmix_partner"] >= 0)
+    assert both.any() and recipe.stored_problem(params, cache.num_samples) is None
+    params["cutmix_partner"] = np.where(both, (params["mixup_partner"] + 1) % 32, params["cutmix_partner"])
+    assert "name different partners" in recipe.stored_problem(params, cache.num_samples)
+    params = cache.aug_params(np.arange(8), np.zeros(8, np.int64))
+    params["cutmix_partner"] = params["cutmix_partner"].astype(np.float64)
+    assert "aug/cutmix_partner is stored as float64 [], its op writes int64 []" in \
+        recipe.stored_problem(params, cache.num_samples)
+
+
+def test_extend_refuses_params_its_recipe_does_not_draw(mixing, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(Path(mixing).parent, root)
+    path = str(root / Path(mixing).name)
+    _forge(path, "flip", lambda v: v.__setitem__((0, 0), 1 - v[0, 0]))  # in range, but not what the seed drew
+    code, _, err = run_cli(["extend", path, "--views", "3", "--quiet"], capsys)
+    assert code == 2 and "holds params its recipe (" in err and "do not draw" in err and err.count("\n") == 1, err
+
+
+def test_verify_recompute_reports_forged_params_without_rendering_them(mixing, tmp_path, capsys, teacher_weights):
+    root = tmp_path / "root"
+    shutil.copytree(Path(mixing).parent, root)
+    path = str(root / Path(mixing).name)
+    _forge(path, "cutmix_partner", lambda v: v.__setitem__(slice(None), 10**12))
+    code, out, err = run_cli(["verify", path, "--recompute", "4", "--weights", teacher_weights], capsys)
+    assert code == 1 and "aug/cutmix_partner holds 1000000000000" in out + err and "Traceback" not in err, out + err
+
+
+def test_a_manifest_asking_for_huge_views_is_refused_before_any_is_rendered(mixing, tmp_path, capsys):
+    import json
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(mixing).parent, root)
+    path = root / Path(mixing).name
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["kdcache"]["recipe"]["input_size"] = 100_000  # rendered 24 GB before the kernel killed it
+    (path / "zarr.json").write_text(json.dumps(meta))
+    code, _, err = _train32(str(path), tmp_path, capsys)
+    assert code == 2 and "recipe.input_size" in err and err.count("\n") == 1, err
+
+
+def test_export_refuses_edited_chunks_and_forged_params(mixing, tmp_path):
+    import zarr
+
+    from kdcache.interop.mldr_export import export
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(mixing).parent, root)
+    path = str(root / Path(mixing).name)
+    lam = zarr.open_array(str(Path(path) / "aug/mixup_lam"), mode="r+")
+    values = lam[...]
+    values[0, 0] = 0.25
+    lam[...] = values  # digests not recomputed: exported with exit 0 before
+    with pytest.raises(CacheCorrupt, match="holds values that are not the ones written there"):
+        export(path, str(tmp_path / "out1"), progress=False)
+    _forge(path, "mixup_lam", lambda v: v.__setitem__((0, 0), np.nan))  # written into ml-dr's files before
+    with pytest.raises(CacheCorrupt, match="aug/mixup_lam holds nan, not a finite number"):
+        export(path, str(tmp_path / "out2"), progress=False)

@@ -257,3 +257,14 @@ def test_a_config_that_is_empty_or_not_numbers_is_refused(folder, imported, tmp_
     with pytest.raises(InvalidSpec, match=says):
         import_cache("tinyvit", str(root / "logits"), spec(folder), str(tmp_path / "out"),
                      config=str(tmp_path / "config.json"), progress=False)
+
+
+def test_an_honest_import_is_intact_to_verify_its_zero_probabilities_too(imported):
+    """A top-k probability of 0 is stored as log 0 = -inf; verify counted it as damage before (red-team of
+    2026-12-07), so its exit code could not tell an honest TinyViT import from a forged one."""
+    from kdcache.cache.integrity import verify
+
+    _, _, path = imported
+    assert np.isneginf(open_cache(path).read_array("topk/values")).any()
+    report = verify(path, params=True)
+    assert report.ok, report.problems

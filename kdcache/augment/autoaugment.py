@@ -19,7 +19,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from kdcache.augment.op import Fields, Op, check_range
+from kdcache.augment.op import Fields, Op, check_range, outside
 from kdcache.augment.rng import Draws
 
 NUM_BINS = 31
@@ -109,6 +109,9 @@ class TrivialAugment(Op):
     def fields(self) -> Fields:
         return {"trivial": ((3,), "uint8")}
 
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return _steps(prefix + "trivial", params[prefix + "trivial"])
+
     def sample(self, draws: Draws) -> dict[str, np.ndarray]:
         u = draws.uniform(3)
         op = np.floor(u[:, 0] * len(OPS)).astype(np.int64)
@@ -137,6 +140,9 @@ class RandAugment(Op):
     def fields(self) -> Fields:
         return {"randaugment": ((self.num_ops, 3), "uint8")}
 
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return _steps(prefix + "randaugment", params[prefix + "randaugment"])
+
     def sample(self, draws: Draws) -> dict[str, np.ndarray]:
         u = draws.uniform(2 * self.num_ops).reshape(-1, self.num_ops, 2)
         op = np.floor(u[..., 0] * len(OPS)).astype(np.int64)
@@ -146,3 +152,10 @@ class RandAugment(Op):
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         return _replay(image, row["randaugment"], wide=False)
+
+
+def _steps(name: str, rows: np.ndarray) -> str | None:
+    """Stored (op, magnitude bin, negate) rows [..., 3] outside OPS, the bins or a flag, as a reason, or None."""
+    rows = np.asarray(rows)
+    return outside(name + " op", rows[..., 0], 0, len(OPS) - 1) or outside(name + " bin", rows[..., 1], 0, NUM_BINS - 1) \
+        or outside(name + " negate", rows[..., 2], 0, 1)

@@ -26,10 +26,12 @@ from kdcache.augment.op import (
     box_row,
     check_range,
     from_pil,
+    outside,
     pil_resize,
     pixel_span,
     quantise_box,
     to_pil,
+    unit_boxes,
 )
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec
@@ -165,6 +167,9 @@ class HorizontalFlip(Op):
     def fields(self) -> Fields:
         return {"flip": ((), "uint8")}
 
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return outside(prefix + "flip", params[prefix + "flip"], 0, 1)
+
     def sample(self, draws: Draws) -> dict[str, np.ndarray]:
         return {"flip": (draws.uniform(1)[:, 0] < self.p).astype(np.uint8)}
 
@@ -198,6 +203,9 @@ class RandomErasing(Op):
 
     def fields(self) -> Fields:
         return {"erase": ((4,), "float32")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return unit_boxes(prefix + "erase", params[prefix + "erase"])
 
     def sample(self, draws: Draws) -> dict[str, np.ndarray]:
         u = draws.uniform(2 * TRIES + 3)

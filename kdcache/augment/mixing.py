@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from kdcache.augment.op import MIX, Fields, Op, box_row, check_range, format_number
+from kdcache.augment.op import MIX, Fields, Op, box_row, check_range, format_number, outside, unit_boxes
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec
 
@@ -42,6 +42,11 @@ class MixOp(Op):
 
     def fields(self) -> Fields:
         return {self.partner_field: ((), "int64"), self.lam_field: ((), "float32")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return super().check_stored(params, num_samples) \
+            or outside(self.partner_field, params[self.partner_field], -1, num_samples - 1) \
+            or outside(self.lam_field, params[self.lam_field], 0.0, 1.0)
 
     def draw(self, draws: Draws, indices: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mixed flag, candidate partner, lambda ~ Beta(alpha, alpha)) per element."""
@@ -132,6 +137,9 @@ class CutMix(MixOp):
 
     def fields(self) -> Fields:
         return {**super().fields(), "cutmix_box": ((4,), "float32")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return super().check_stored(params, num_samples) or unit_boxes("cutmix_box", params["cutmix_box"])
 
     def sample_mix(self, draws: Draws, indices: np.ndarray, num_samples: int,
                    partner: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -103,6 +103,16 @@ class Op:
         """Params of a batch of views, field -> [B, *tail] in the stored dtype."""
         raise NotImplementedError
 
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        """Why a batch of stored rows of this op's fields (``params[prefix + field]``, [B, *tail]) holds values
+        this op never writes, or None: a shared cache is untrusted, and a value outside an op's domain crashes,
+        hangs or silently changes a replay. Here: every float is finite; each op adds its own domain."""
+        for name, (_, dtype) in self.fields().items():
+            values = np.asarray(params[prefix + name])
+            if np.dtype(dtype).kind == "f" and not np.isfinite(values).all():
+                return f"aug/{prefix}{name} holds {values[~np.isfinite(values)].flat[0].item()!r}, not a finite number"
+        return None
+
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         """Replay this op's stored params (one view's row) on a uint8 [C,H,W] image."""
         if self.pil:
@@ -168,6 +178,29 @@ def check_range(
         bracket = "(" if open_low else "["
         allowed = f"{bracket}{format_number(low)}, {format_number(high)}{')' if math.isinf(high) else ']'}"
         raise InvalidSpec(f"{op} {key} must be in {allowed}, got {format_number(value)} — use {usage}")
+
+
+#: The largest view side, and image side after sizing, a recorded box or offset may lie in.
+MAX_SIDE = 8192
+
+
+def outside(name: str, values: np.ndarray, low: float, high: float) -> str | None:
+    """A stored array's first value outside [low, high] (NaN too), as a reason, or None."""
+    values = np.asarray(values)
+    bad = ~((values >= low) & (values <= high))
+    return f"aug/{name} holds {values[bad].flat[0].item()!r}, outside [{_bound(low)}, {_bound(high)}]" \
+        if bad.any() else None
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"
+
+
+def unit_boxes(name: str, boxes: np.ndarray) -> str | None:
+    """Stored (x0, y0, w, h) fractions [..., 4] that do not lie in the unit square, as a reason, or None."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    return outside(name, boxes, 0.0, 1.0) or outside(name + " (x0 + w, y0 + h)", boxes[..., :2] + boxes[..., 2:],
+                                                      0.0, 1.0 + 1e-6)
 
 
 def quantise_box(x0: np.ndarray, y0: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:

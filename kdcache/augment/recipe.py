@@ -170,6 +170,30 @@ class Recipe:
             out.update({PARTNER + k: v for op in self._view_ops for k, v in op.fields().items()})
         return out
 
+    def stored_problem(self, params: Mapping[str, np.ndarray], num_samples: int) -> str | None:
+        """Why stored params (field -> [B, *tail], as :meth:`fields` names them) hold values no op of this recipe
+        writes, or None: each field's dtype and shape, each op's domain (Op.check_stored), its mixing partner's
+        view too, and one partner for every mixing op of a view."""
+        for name, (tail, dtype) in self.fields().items():
+            values = np.asarray(params[name])
+            if values.dtype != np.dtype(dtype) or values.shape[1:] != tuple(tail):
+                return f"aug/{name} is stored as {values.dtype} {list(values.shape[1:])}, its op writes {dtype} {list(tail)}"
+        for op in self._view_ops:
+            why = op.check_stored(params, num_samples) or (
+                op.check_stored(params, num_samples, PARTNER) if self._mixes else None)
+            if why is not None:
+                return why
+        for mix in self._mixes:
+            why = mix.check_stored(params, num_samples)
+            if why is not None:
+                return why
+        partners = np.stack([np.asarray(params[mix.partner_field]) for mix in self._mixes]) if self._mixes else None
+        if partners is not None and len(partners) > 1:
+            both = (partners >= 0).all(axis=0)
+            if (partners[:, both] != partners[0, both]).any():
+                return "the mixing ops of a view name different partners, where a chain mixes with one"
+        return None
+
     def sample(self, seed: int, indices: np.ndarray, views: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
         """Params of a batch of (index, view) pairs, field -> [B, *tail].
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.mixing import MixOp
-from kdcache.augment.op import ERASE, Fields, Op, check_range
+from kdcache.augment.op import ERASE, MAX_SIDE, Fields, Op, check_range, outside
 from kdcache.errors import InvalidSpec
 
 OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
@@ -30,6 +30,8 @@ OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", 
 ENHANCERS = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast, "brightness": ImageEnhance.Brightness,
              "sharpness": ImageEnhance.Sharpness}
 MODES = ("const", "rand", "pixel")
+#: The largest |argument| a recorded step may hold (degrees, factors, fractions, thresholds: all far below it).
+MAX_ARGUMENT = 1e6
 
 
 def _lut(image: Image.Image, table: list[int]) -> Image.Image:
@@ -95,6 +97,17 @@ class TimmRandAugment(Op):
     def fields(self) -> Fields:
         return {"timmra": ((self.num_ops, 2), "float64")}
 
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        name = prefix + "timmra"
+        rows = np.asarray(params[name], dtype=np.float64)
+        op, arg = rows[..., 0], rows[..., 1]
+        posterize = op == OPS.index("posterize")
+        return super().check_stored(params, num_samples, prefix) or outside(name + " op", op, -1, len(OPS) - 1) \
+            or (f"aug/{name} holds op {op[op != np.round(op)][0].item()!r}, not an op index" if (op != np.round(op)).any()
+                else None) \
+            or outside(name + " argument", arg, -MAX_ARGUMENT, MAX_ARGUMENT) \
+            or outside(name + " posterize bits", np.where(posterize, arg, 0), 0, 8)
+
     def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
         fill = (self.fill_r, self.fill_g, self.fill_b)[: len(image.getbands())]
         for op, arg in np.asarray(row["timmra"], dtype=np.float64).reshape(-1, 2).tolist():
@@ -128,9 +141,23 @@ class NoiseErasing(Op):
     def __post_init__(self) -> None:
         check_range("noiseerase", "boxes", self.boxes, 1, 64, self.usage)
         check_range("noiseerase", "mode", self.mode, 0, len(MODES) - 1, self.usage)
+        for key in ("mean_r", "mean_g", "mean_b"):
+            check_range("noiseerase", key, getattr(self, key), 0.0, 1.0, self.usage)
+        for key in ("std_r", "std_g", "std_b"):
+            check_range("noiseerase", key, getattr(self, key), 1e-3, 10.0, self.usage)
 
     def fields(self) -> Fields:
         return {"noiseerase": ((self.boxes, 5), "int64")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        name = prefix + "noiseerase"
+        box = np.asarray(params[name], dtype=np.int64)
+        top, left, height, width, seed = (box[..., k] for k in range(5))
+        side = self.side or MAX_SIDE
+        on = (height > 0) & (width > 0)
+        return outside(name + " (top, left, height, width)", box[..., :4], 0, side) \
+            or outside(name + " (bottom, right)", np.where(on, np.maximum(top + height, left + width), 0), 0, side) \
+            or outside(name + " seed", seed, 0, 2**32 - 1)
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         check_side(self, size)
@@ -164,6 +191,14 @@ class PairMix(MixOp):
 
     def fields(self) -> Fields:
         return {**super().fields(), "pairmix_weight": ((), "float64"), "pairmix_box": ((4,), "int64")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        box = np.asarray(params["pairmix_box"], dtype=np.int64)
+        return super().check_stored(params, num_samples) \
+            or outside("pairmix_weight", params["pairmix_weight"], 0.0, 1.0) \
+            or outside("pairmix_box", box, 0, self.side or MAX_SIDE) \
+            or outside("pairmix_box (bottom - top, right - left)", np.stack([box[..., 1] - box[..., 0],
+                                                                             box[..., 3] - box[..., 2]]), 0, MAX_SIDE)
 
     def mix(self, own: torch.Tensor, other: torch.Tensor, row: Mapping[str, np.ndarray]) -> torch.Tensor:
         check_side(self, own.shape[-1])

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.augment.op import Fields, Op
+from kdcache.augment.op import Fields, Op, outside
 from kdcache.augment.rng import Draws
 from kdcache.errors import InvalidSpec, UnsupportedFormat
 
@@ -109,6 +109,9 @@ class TimmRecipe(Op):
 
     def fields(self) -> Fields:
         return {"timm": ((), "int64")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return outside(prefix + "timm", params[prefix + "timm"], 0, 2**32 - 1)
 
     def sample(self, draws: Draws) -> dict[str, np.ndarray]:
         return {"timm": draws.words(1)[:, 0].astype(np.int64)}

@@ -22,9 +22,9 @@ from torchvision.transforms import functional as TF
 
 from kdcache.augment.autoaugment import OPS as RA_OPS
 from kdcache.augment.autoaugment import apply_op
-from kdcache.augment.op import PASSES, Fields, Op, check_range, pil_resize
+from kdcache.augment.op import MAX_SIDE, PASSES, Fields, Op, check_range, outside, pil_resize
 from kdcache.augment.rng import Draws
-from kdcache.errors import InvalidSpec
+from kdcache.errors import CacheCorrupt, InvalidSpec
 
 #: PIL's resampling codes, which torchvision's transforms also take, and the modes they name.
 PIL_MODES = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC,
@@ -125,6 +125,9 @@ class PaddedCrop(_Sized):
     def fields(self) -> Fields:
         return {"padcrop": ((2,), "int32")}
 
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        return outside(prefix + "padcrop", params[prefix + "padcrop"], 0, 2 * (MAX_SIDE + self.padding))
+
     def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
         top, left = (int(v) for v in np.asarray(row["padcrop"]).reshape(2))
         height, width = self.height, self.width or self.height
@@ -136,6 +139,9 @@ class PaddedCrop(_Sized):
             pil = TF.pad(pil, [width - pil.size[0], 0], self.fill, mode)
         if self.pad_if_needed and pil.size[1] < height:
             pil = TF.pad(pil, [0, height - pil.size[1]], self.fill, mode)
+        if not (0 <= top <= pil.size[1] - height and 0 <= left <= pil.size[0] - width):
+            raise CacheCorrupt(f"padcrop offset ({top}, {left}) of a {height}x{width} crop lies outside the "
+                               f"{pil.size[1]}x{pil.size[0]} padded image — the cache is damaged; import it again")
         return TF.crop(pil, top, left, height, width)
 
 
@@ -161,6 +167,17 @@ class TensorRandAugment(Op):
 
     def fields(self) -> Fields:
         return {self.name: ((self.num_ops, 2), "float64")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        why = super().check_stored(params, num_samples, prefix)
+        if why is not None:
+            return why
+        for op, magnitude in np.unique(np.asarray(params[prefix + self.name], dtype=np.float64).reshape(-1, 2),
+                                       axis=0).tolist():
+            why = check_randaugment_step(op, magnitude)
+            if why is not None:
+                return f"aug/{prefix}{self.name}: {why}"
+        return None
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         if self.on_pil:
@@ -191,11 +208,11 @@ class PilRandAugment(TensorRandAugment):
 def check_randaugment_step(op: int, magnitude: float) -> str | None:
     """Why a recorded RandAugment step cannot be replayed (None when it can): an op id outside torchvision's
     14, a magnitude that is not finite, a negative enhance factor or a posterize of other than 0-8 bits."""
-    if op != NO_OP and not 0 <= op < len(RA_OPS):
+    if op != NO_OP and not (0 <= op < len(RA_OPS) and float(op).is_integer()):
         return f"op id {op} is not one of RandAugment's {len(RA_OPS)}"
     if not np.isfinite(magnitude) or abs(magnitude) > 1e6:
         return f"magnitude {magnitude!r} is not a finite number of a sensible size"
-    name = RA_OPS[op] if op != NO_OP else None
+    name = RA_OPS[int(op)] if op != NO_OP else None
     if name in ("brightness", "color", "contrast", "sharpness") and 1.0 + magnitude < 0:
         return f"{name} factor 1 + {magnitude} is negative"
     if name == "posterize" and not (float(magnitude).is_integer() and 0 <= magnitude <= 8):

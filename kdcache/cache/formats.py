@@ -105,6 +105,11 @@ def check_keys(manifest: Mapping[str, Any], version: int, where: str) -> None:
                            "damaged; rebuild the cache with precompute --rebuild")
 
 
+#: The largest view side a manifest may ask for (the ops' own bound): a forged one would render views of
+#: 100,000 px, tens of GB each.
+MAX_INPUT_SIZE = 8192
+
+
 def check_shape(manifest: Mapping[str, Any], where: str) -> None:
     """CacheCorrupt unless the values every reader relies on have the types and ranges a writer gives them."""
     from kdcache.errors import CacheCorrupt
@@ -113,7 +118,8 @@ def check_shape(manifest: Mapping[str, Any], where: str) -> None:
         node: Any = manifest
         for part in path:
             node = node.get(part) if isinstance(node, Mapping) else None
-        return isinstance(node, int) and not isinstance(node, bool) and node >= 1
+        most = MAX_INPUT_SIZE if path == ("recipe", "input_size") else float("inf")
+        return isinstance(node, int) and not isinstance(node, bool) and 1 <= node <= most
 
     wanted = [("dataset", "num_samples"), ("dataset", "num_classes"), ("recipe", "views"), ("recipe", "input_size"),
               ("layout", "chunk_samples"), ("layout", "shard_samples"), ("layout", "num_shards")]

@@ -98,7 +98,10 @@ def _value_problems(cache: Cache, name: str, values: np.ndarray, start: int, log
         bad = (values < 0) | (values >= cache.num_classes)
         what = f"labels outside 0..{cache.num_classes - 1}"
     elif logical in FLOAT_DTYPES:
-        bad = ~np.isfinite(decode_logits(values, logical) if logical == "bfloat16" else values)
+        values = decode_logits(values, logical) if logical == "bfloat16" else values
+        bad = ~np.isfinite(values)
+        if name.endswith("topk/values"):  # log-probabilities: -inf is a class of probability 0 (an import's)
+            bad &= ~np.isneginf(values)
         what = "NaN/Inf values"
     else:
         return []
@@ -112,9 +115,10 @@ def _value_problems(cache: Cache, name: str, values: np.ndarray, start: int, log
             for (a, v), c in zip(chunks, counts)]
 
 
-def verify(path: str) -> Verification:
+def verify(path: str, params: bool = False) -> Verification:
     """Read every chunk of the cache at ``path``: checksums (crc32c), missing chunk files, shapes and
-    dtypes against the manifest, NaN/Inf in float arrays, label range, and the per-shard status."""
+    dtypes against the manifest, NaN/Inf in float arrays, label range, and the per-shard status; with
+    ``params``, also that every stored augmentation param lies in its op's domain (this loads the ops: torch)."""
     cache = open_cache(path, allow_incomplete=True)
     every_chunk = cache.check_chunks  # caches written before 0.2 may lack chunks equal to the fill value
     cache.check_chunks = False  # missing chunk objects are reported below, once each, not raised
@@ -151,7 +155,35 @@ def verify(path: str) -> Verification:
     if cache.manifest.get("he"):
         _verify_extra_views(cache, report)
     report.problems += _inputs_problems(cache)
+    if params and not any(p.array.startswith("aug/") for p in report.problems):
+        report.problems += _param_problems(cache, done)
     return report
+
+
+def _param_problems(cache: Cache, done: np.ndarray) -> list[Problem]:
+    """Stored params of the regular views that no op of the recipe writes (Recipe.stored_problem: out of an
+    op's domain, partners outside the dataset, chains naming two partners): one problem per shard and view."""
+    from kdcache.augment import Recipe
+    from kdcache.errors import KdcacheError
+
+    try:
+        recipe = Recipe.from_manifest(cache.manifest["recipe"]["augment"])
+    except KdcacheError:
+        return []  # an unreadable recipe is reported where the cache is used
+    fields = list(recipe.fields())
+    problems = []
+    for shard in np.flatnonzero(done).tolist():
+        start, stop = cache.shard_range(shard)
+        try:
+            block = {name: cache.read_samples(f"aug/{name}", start, stop) for name in fields}
+        except Exception:  # noqa: BLE001 - an unreadable chunk is reported by the checks above
+            continue
+        for v in range(cache.views):
+            why = recipe.stored_problem({name: values[:, v] for name, values in block.items()}, cache.num_samples)
+            if why is not None:
+                problems.append(Problem("aug", None, f"samples {start}..{stop - 1}, view {v}: {why} — no op writes "
+                                        "that; the cache is damaged or forged"))
+    return problems
 
 
 def _digest_problems(cache: Cache, name: str, values: np.ndarray, start: int) -> list[Problem]:

@@ -274,10 +274,17 @@ class CacheReader:
         self._present(name, slice(0, arr.shape[0]))
         return self._decoded(name, "", lambda: arr[...])
 
-    def read_samples(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Array ``name[start:stop]`` with every view."""
+    def read_samples(self, name: str, start: int, stop: int, bound: bool = False) -> np.ndarray:
+        """Array ``name[start:stop]`` with every view; ``bound``: CacheCorrupt where a whole chunk read is not the
+        one written at its place (as :meth:`read_blocks` checks; ``verify`` reports them instead)."""
         self._present(name, slice(start, stop))
-        return self._decoded(name, f"samples {start}..{stop - 1}", lambda: self._array(name)[start:stop])
+        values = self._decoded(name, f"samples {start}..{stop - 1}", lambda: self._array(name)[start:stop])
+        if bound and values.ndim >= 2:
+            chunk, rows = self._array(name).chunks[0], self._array(name).shape[0]
+            blocks = [(a, min(a + chunk, rows), v) for a in range(-(-start // chunk) * chunk, stop, chunk)
+                      if min(a + chunk, rows) <= stop for v in range(values.shape[1])]
+            self._check_digests([name], blocks, [{name: values[a - start : b - start, v]} for a, b, v in blocks])
+        return values
 
     def read_views(self, name: str, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Array ``name`` at arbitrary (sample, view) pairs; slower than :meth:`read_block`."""

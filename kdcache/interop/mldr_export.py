@@ -28,7 +28,7 @@ from kdcache.augment.mixing import CutMix, MixUp
 from kdcache.augment.op import BOX_SCALE
 from kdcache.cache.logits import decode_logits
 from kdcache.cache.store import Cache, open_cache
-from kdcache.errors import CacheMismatch, InvalidSpec
+from kdcache.errors import CacheCorrupt, CacheMismatch, InvalidSpec
 from kdcache.interop.boxes import spans
 from kdcache.interop.imported import folder_order, image_sizes
 from kdcache.interop.mldr import CONFIG, VERSION
@@ -72,7 +72,12 @@ def export(cache_path: str, out: str, dataset: str | None = None, progress: bool
             if all((target / f"{int(index[i])}.pth.tar").is_file() for i in range(start, stop)):
                 bar.update(stop - start)  # written whole by the run this one finishes
                 continue
-            block = {name: cache.read_samples(name, start, stop) for name in names}
+            block = {name: cache.read_samples(name, start, stop, bound=True) for name in names}
+            stored = {name[4:]: v.reshape(-1, *v.shape[2:]) for name, v in block.items() if name.startswith("aug/")}
+            why = recipe.stored_problem(stored, cache.num_samples)
+            if why is not None:
+                raise CacheCorrupt(f"cache {cache.path}: samples {start}..{stop - 1}: {why} — no op writes that; the "
+                                   "cache is damaged or forged, so the export stops unfinished")
             for i in range(start, stop):
                 rows = _views(cache, recipe, source, i, {name: values[i - start] for name, values in block.items()},
                               side, index)

@@ -24,6 +24,7 @@ from kdcache import data, distributed
 from kdcache.models import preprocess
 from kdcache.augment import Recipe
 from kdcache.cache.store import Cache, open_cache
+from kdcache.errors import CacheCorrupt
 from kdcache.student.targets import CacheTargets
 from kdcache.views import Renderer, ViewReplay, row
 
@@ -223,10 +224,20 @@ class TrainViews(IterableDataset):
             else:
                 params = {name.removeprefix("aug/"): got[self.prefix + name] for name in aug}
                 teacher = {name: got[self.prefix + name] for name in self.teacher_arrays}
+                self._check_params(recipe, params, block)
             partner, lam = recipe.mixing(params) if params else (np.full(len(indices), -1), np.ones(len(indices)))
             parts.append(Window(indices, np.full(len(indices), self.view_base + block.view, dtype=np.int64), params,
                                 teacher, np.asarray(partner, dtype=np.int64), np.asarray(lam, dtype=np.float32)))
         return Window.concat(parts)
+
+    def _check_params(self, recipe: Recipe, params: dict[str, np.ndarray], block: Block) -> None:
+        """CacheCorrupt where a block's stored params hold values no op writes (a shared cache is untrusted:
+        they would crash, hang or silently change the replay)."""
+        why = recipe.stored_problem(params, len(self.labels))
+        if why is not None:
+            raise CacheCorrupt(f"cache {self.cache_path}: samples {block.start}..{block.stop - 1}, view {block.view}: "
+                               f"{why} — no op writes that; the cache is damaged or forged, precompute or import it "
+                               "again")
 
     def windows(self) -> Iterator[Window]:
         """This process's views of the epoch as shuffled windows: the reading path without rendering."""

@@ -34,7 +34,7 @@ from kdcache.cache.logits import decode_logits, storage_dtype
 from kdcache.cache.manifest import record_change, refuse_imported
 from kdcache.cache.roots import publish_aliases
 from kdcache.cache.store import CacheWriter, open_writer
-from kdcache.errors import InvalidSpec
+from kdcache.errors import CacheCorrupt, InvalidSpec
 from kdcache.models.preprocess import Preprocess
 from kdcache.runtime import loader_workers, pick_device
 from kdcache.teacher.config import ExtendConfig
@@ -91,6 +91,7 @@ def extend(
         raise InvalidSpec("nothing to extend — give --views K2 (more than the cache's) or --features LAYER[:MODE]")
     if batch_size <= 0:
         raise InvalidSpec(f"--batch-size must be at least 1, got {batch_size}")
+    _check_params(cache, Recipe.from_manifest(old["recipe"]["augment"]), np.arange(k), int(old["recipe"]["seed"]))
     net = load_recorded(old, weights, teacher)
     size = int(old["recipe"]["input_size"])
     spec = "+".join(m["spec"] for m in old["teacher"]["members"])
@@ -166,6 +167,8 @@ def add_members(
                           "is recomputed from the stored members) — precompute the larger ensemble instead")
     if batch_size <= 0:
         raise InvalidSpec(f"--batch-size must be at least 1, got {batch_size}")
+    _check_params(cache, Recipe.from_manifest(old["recipe"]["augment"]), np.arange(cache.views),
+                  int(old["recipe"]["seed"]))
     nets, entries = [], []
     for spec, file in member_pairs(teacher, weights):
         mapped = old["teacher"].get("class_map")
@@ -214,6 +217,21 @@ def _run(cache: CacheWriter, teacher: torch.nn.Module, source: data.Source, mani
                       desc="extend", on_batch=on_batch)
 
 
+def _check_params(cache: CacheWriter, recipe: Recipe, views: np.ndarray, seed: int) -> None:
+    """CacheCorrupt unless the stored params of ``views`` are the ones the recipe draws from the seed: extend
+    renders fresh draws, so outputs added beside edited params would describe other views than theirs."""
+    for start in range(0, cache.num_samples, cache.chunk_samples):
+        stop = min(start + cache.chunk_samples, cache.num_samples)
+        samples = np.repeat(np.arange(start, stop, dtype=np.int64), len(views))
+        fresh = recipe.sample(seed, samples, np.tile(views, stop - start), cache.num_samples)
+        for name, values in fresh.items():
+            stored = cache.read_samples(f"aug/{name}", start, stop, bound=True)[:, views]
+            if not np.array_equal(stored.reshape(values.shape), values):
+                raise CacheCorrupt(f"cache {cache.path}: aug/{name} of samples {start}..{stop - 1} holds params its "
+                                   f"recipe ({recipe.spec}) and seed do not draw — the cache was edited; extend adds "
+                                   "nothing to it (`kdcache verify --recompute` names the views)")
+
+
 def _recombine(cache: CacheWriter, nets: list[torch.nn.Module], source: data.Source, manifest: dict[str, Any],
                batch_size: int, device: torch.device, progress: bool, on_batch: OnBatch | None,
                lock: WriterLock) -> int:
@@ -229,7 +247,7 @@ def _recombine(cache: CacheWriter, nets: list[torch.nn.Module], source: data.Sou
         if held["shard"] != shard.key:  # read each shard once, not once per batch
             start, stop = shard.first, shard.first + len(shard.samples)
             held["shard"], held["logits"] = shard.key, [
-                torch.from_numpy(decode_logits(cache.read_samples(name, start, stop), kept["dtype"]))
+                torch.from_numpy(decode_logits(cache.read_samples(name, start, stop, bound=True), kept["dtype"]))
                 .reshape(shard.size, -1) for name in stored]
         old = [z[lo : lo + len(inputs)].to(device) for z in held["logits"]]
         new = [net(inputs).float() for net in nets]
