@@ -28,7 +28,7 @@ def _rows(op, **fields):
     (TimmRandAugment(2), {"timmra": [[2.5, 0], [-1, 0]]}, "holds op 2.5, not an op index"),
     (TimmRandAugment(2), {"timmra": [[3, np.nan], [-1, 0]]}, "holds nan, not a finite number"),
     (TimmRandAugment(2), {"timmra": [[4, -1e9], [-1, 0]]}, "timmra argument holds -1000000000.0"),  # hung before
-    (TimmRandAugment(2), {"timmra": [[4, -3], [-1, 0]]}, r"posterize bits holds -3.0, outside \[0, 8\]"),
+    (TimmRandAugment(2), {"timmra": [[4, 9], [-1, 0]]}, r"posterize bits holds 9.0, outside \[-1000, 8\]"),
     (NoiseErasing(1, side=40), {"noiseerase": [[0, 0, 10**9, 10**9, 1]]}, "outside \\[0, 40\\]"),
     (NoiseErasing(1, side=40), {"noiseerase": [[30, 30, 20, 20, 1]]}, r"\(bottom, right\) holds 50"),
     (NoiseErasing(1, side=40), {"noiseerase": [[-3, 0, 5, 5, 1]]}, "holds -3"),
@@ -46,6 +46,16 @@ def test_each_op_rejects_rows_it_never_writes(op, fields, says):
     assert op.check_stored(_rows(op), N) is None
     why = op.check_stored(_rows(op, **fields), N)
     assert why is not None and __import__("re").search(says, why), why
+
+
+def test_what_imports_write_passes():
+    """TinyViT's const-mode erasing stores seed -1 (it draws no noise); its increasing posterize with mmax above 10
+    stores negative bits (all cleared, as Pillow up to 12.2 gave them)."""
+    const = NoiseErasing(1, mode=0, side=40)
+    assert const.check_stored(_rows(const, noiseerase=[[1, 2, 5, 5, -1]]), N) is None
+    assert NoiseErasing(1, side=40).check_stored(_rows(NoiseErasing(1), noiseerase=[[1, 2, 5, 5, -1]]), N)
+    ra = TimmRandAugment(2)
+    assert ra.check_stored(_rows(ra, timmra=[[4, -4], [4, 0]]), N) is None
 
 
 def test_a_view_ops_partner_rows_are_checked_too_and_draws_pass():

@@ -32,6 +32,9 @@ ENHANCERS = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast, "br
 MODES = ("const", "rand", "pixel")
 #: The largest |argument| a recorded step may hold (degrees, factors, fractions, thresholds: all far below it).
 MAX_ARGUMENT = 1e6
+#: The fewest posterize bits a step may hold: RandAugment's increasing posterize goes below 0 with ``mmax`` above
+#: 10 (all bits cleared, as at 0); its mask of 2**(8 - bits) costs nothing at this bound, and hangs at -1e9.
+MAX_BITS = 1000
 
 
 def _lut(image: Image.Image, table: list[int]) -> Image.Image:
@@ -106,7 +109,7 @@ class TimmRandAugment(Op):
             or (f"aug/{name} holds op {op[op != np.round(op)][0].item()!r}, not an op index" if (op != np.round(op)).any()
                 else None) \
             or outside(name + " argument", arg, -MAX_ARGUMENT, MAX_ARGUMENT) \
-            or outside(name + " posterize bits", np.where(posterize, arg, 0), 0, 8)
+            or outside(name + " posterize bits", np.where(posterize, arg, 0), -MAX_BITS, 8)
 
     def apply_pil(self, image: Image.Image, row: Mapping[str, np.ndarray], size: int) -> Image.Image:
         fill = (self.fill_r, self.fill_g, self.fill_b)[: len(image.getbands())]
@@ -157,7 +160,7 @@ class NoiseErasing(Op):
         on = (height > 0) & (width > 0)
         return outside(name + " (top, left, height, width)", box[..., :4], 0, side) \
             or outside(name + " (bottom, right)", np.where(on, np.maximum(top + height, left + width), 0), 0, side) \
-            or outside(name + " seed", seed, 0, 2**32 - 1)
+            or outside(name + " seed", seed, -1 if self.mode == 0 else 0, 2**32 - 1)  # const mode draws none: -1
 
     def apply(self, image: torch.Tensor, row: Mapping[str, np.ndarray], size: int) -> torch.Tensor:
         check_side(self, size)
