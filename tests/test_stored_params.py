@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kdcache.augment import Recipe
+from kdcache.augment.geometry import PilResizedCrop
 from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment
 from kdcache.augment.torchvision_ops import PaddedCrop, PilRandAugment
 from kdcache.errors import CacheCorrupt, InvalidSpec
@@ -16,8 +17,11 @@ N = 10  # samples of the dataset the rows belong to
 
 
 def _rows(op, **fields):
-    """One row of every field of ``op``: zeros (a step or box that did nothing) unless given."""
+    """One row of every field of ``op``: zeros (a step or box that did nothing; the whole image for a crop) unless
+    given."""
     out = {name: np.zeros((1, *tail), dtype) for name, (tail, dtype) in op.fields().items()}
+    if "rrc" in out:
+        out["rrc"][:] = (0, 0, 65535, 65535)
     for name, value in fields.items():
         out[name] = np.asarray([value], out[name].dtype)
     return out
@@ -41,6 +45,8 @@ def _rows(op, **fields):
     (PilRandAugment(2), {"pilra": [[-7, 0], [-1, 0]]}, "op id -7.0 is not one of"),
     (PilRandAugment(2), {"pilra": [[1, 1e308], [-1, 0]]}, "not a finite number of a sensible size"),
     (PaddedCrop(height=16, padding=4), {"padcrop": [10**9, 0]}, r"padcrop holds 1000000000, outside \[0, 16392\]"),
+    (PilResizedCrop(), {"rrc": [0, 0, 0, 65535]}, r"rrc \(w, h\) holds 0, outside \[1, 65535\]"),
+    (PilResizedCrop(), {"rrc": [65000, 0, 1000, 65535]}, r"rrc \(x0 \+ w, y0 \+ h\) holds 66000"),
 ])
 def test_each_op_rejects_rows_it_never_writes(op, fields, says):
     assert op.check_stored(_rows(op), N) is None
@@ -56,6 +62,14 @@ def test_what_imports_write_passes():
     assert NoiseErasing(1, side=40).check_stored(_rows(NoiseErasing(1), noiseerase=[[1, 2, 5, 5, -1]]), N)
     ra = TimmRandAugment(2)
     assert ra.check_stored(_rows(ra, timmra=[[4, -4], [4, 0]]), N) is None
+
+
+def test_a_view_not_mixed_stores_zeros_for_its_partner_and_passes():
+    recipe = Recipe.parse("rrc+flip+mixup:1:0.5")
+    params = recipe.sample(0, np.arange(N), np.zeros(N, np.int64), N)
+    unmixed = params["mixup_partner"] < 0
+    assert unmixed.any() and (params["partner_rrc"][unmixed] == 0).all()  # an empty box, which rrc never writes
+    assert recipe.stored_problem(params, N) is None
 
 
 def test_a_view_ops_partner_rows_are_checked_too_and_draws_pass():
@@ -85,3 +99,11 @@ def test_a_padded_crop_outside_its_image_is_damage_at_replay():
 
     with pytest.raises(CacheCorrupt, match=r"padcrop offset \(30, 0\) of a 16x16 crop lies outside the 24x24"):
         PaddedCrop(height=16, padding=4).apply_pil(Image.new("RGB", (16, 16)), {"padcrop": np.array([30, 0], np.int32)}, 16)
+
+
+def test_a_tinyvit_magnitude_whose_draws_no_op_stores_is_refused_at_import():
+    from kdcache.interop.tinyvit_draws import RandAugmentConfig
+
+    assert RandAugmentConfig.parse("rand-m30-mmax1000-inc1").max == 1000  # real configs: m at most 30
+    with pytest.raises(ValueError, match="max 40000 is above 1000"):
+        RandAugmentConfig.parse("rand-m9-mmax40000-inc1")

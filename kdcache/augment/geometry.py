@@ -19,6 +19,7 @@ from torchvision.transforms import functional as pil_functional
 from torchvision.transforms.v2 import functional as F
 
 from kdcache.augment.op import (
+    BOX_SCALE,
     ERASE,
     PASSES,
     Fields,
@@ -82,6 +83,11 @@ class RandomResizedCrop(Op):
 
     def fields(self) -> Fields:
         return {"rrc": ((4,), "uint16")}
+
+    def check_stored(self, params: Mapping[str, np.ndarray], num_samples: int, prefix: str = "") -> str | None:
+        box = np.asarray(params[prefix + "rrc"], dtype=np.int64)
+        return outside(prefix + "rrc (w, h)", box[..., 2:], 1, BOX_SCALE) \
+            or outside(prefix + "rrc (x0 + w, y0 + h)", box[..., :2] + box[..., 2:], 1, BOX_SCALE)
 
     def sample(self, draws: Draws) -> dict[str, np.ndarray]:
         u = draws.uniform(2 * TRIES + 2)

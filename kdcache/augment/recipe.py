@@ -178,19 +178,22 @@ class Recipe:
             values = np.asarray(params[name])
             if values.dtype != np.dtype(dtype) or values.shape[1:] != tuple(tail):
                 return f"aug/{name} is stored as {values.dtype} {list(values.shape[1:])}, its op writes {dtype} {list(tail)}"
-        for op in self._view_ops:
-            why = op.check_stored(params, num_samples) or (
-                op.check_stored(params, num_samples, PARTNER) if self._mixes else None)
-            if why is not None:
-                return why
         for mix in self._mixes:
             why = mix.check_stored(params, num_samples)
             if why is not None:
                 return why
-        partners = np.stack([np.asarray(params[mix.partner_field]) for mix in self._mixes]) if self._mixes else None
-        if partners is not None and len(partners) > 1:
-            both = (partners >= 0).all(axis=0)
-            if (partners[:, both] != partners[0, both]).any():
+        mixed = self.mixing(params)[0] >= 0 if self._mixes else None  # a view not mixed stores zeros for its partner
+        partners = {key: np.asarray(value)[mixed] for key, value in params.items() if key.startswith(PARTNER)} \
+            if mixed is not None else {}
+        for op in self._view_ops:
+            why = op.check_stored(params, num_samples) or (
+                op.check_stored(partners, num_samples, PARTNER) if mixed is not None and mixed.any() else None)
+            if why is not None:
+                return why
+        named = np.stack([np.asarray(params[mix.partner_field]) for mix in self._mixes]) if self._mixes else None
+        if named is not None and len(named) > 1:
+            both = (named >= 0).all(axis=0)
+            if (named[:, both] != named[0, both]).any():
                 return "the mixing ops of a view name different partners, where a chain mixes with one"
         return None
 

@@ -31,6 +31,11 @@ WEIGHTS_0 = (0.025, 0.005, 0, 0.3, 0, 0.005, 0.005, 0.025, 0.005, 0.005, 0.025, 
 REF = 224  # RandomErasing's reference frame (REF_H, REF_W)
 
 
+#: The largest RandAugment magnitude (m, mmax) imported: its arguments then stay inside what ``timmra`` stores
+#: (timm_ops.MAX_ARGUMENT, MAX_BITS).
+MAX_LEVEL = 1000
+
+
 @dataclasses.dataclass(frozen=True)
 class RandAugmentConfig:
     """``rand_augment_transform``'s reading of an ``AUG.AUTO_AUGMENT`` string such as ``rand-m9-mstd0.5-inc1``."""
@@ -71,6 +76,9 @@ class RandAugmentConfig:
                 values["weights"] = True
             else:
                 raise ValueError(f"RandAugment section {section!r} is not one TinyViT knows")
+        too_big = [f"{key} {values[key]:g}" for key in ("magnitude", "max") if values.get(key, 0) > MAX_LEVEL]
+        if too_big:  # real configs use at most 30; far above, the drawn arguments leave timmra's stored domain
+            raise ValueError(f"RandAugment {' and '.join(too_big)} is above {MAX_LEVEL}")
         return cls(**values)
 
 
