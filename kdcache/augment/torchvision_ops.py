@@ -45,8 +45,8 @@ class _Sized(Op):
     width: int = 0
 
     def __post_init__(self) -> None:
-        check_range(self.name, "height", self.height, 1, 8192, self.usage)
-        check_range(self.name, "width", self.width, 0, 8192, self.usage)
+        check_range(self.name, "height", self.height, 1, MAX_SIDE, self.usage)
+        check_range(self.name, "width", self.width, 0, MAX_SIDE, self.usage)
 
     def fields(self) -> Fields:
         return {}
@@ -117,7 +117,7 @@ class PaddedCrop(_Sized):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("padcrop", "padding", self.padding, 0, 8192, self.usage)
+        check_range("padcrop", "padding", self.padding, 0, MAX_SIDE, self.usage)
         check_range("padcrop", "fill", self.fill, 0, 255, self.usage)
         check_range("padcrop", "padding_mode", self.padding_mode, 0, len(PADDING_MODES) - 1, self.usage)
         check_range("padcrop", "pad_if_needed", self.pad_if_needed, 0, 1, self.usage)

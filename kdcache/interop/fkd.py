@@ -12,8 +12,7 @@ arguments: ``--source-config`` gives them (generate_soft_label.py's defaults oth
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from kdcache.data.images import Source
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop import pickles
 from kdcache.interop.boxes import crop_boxes
-from kdcache.interop.imported import Import, image_sizes, top_k
+from kdcache.interop.imported import Import, files_digest, image_sizes, top_k
 from kdcache.locations import file_size, guard
 from kdcache.models.preprocess import Preprocess
 from kdcache.textfiles import parse_yaml, read_text
@@ -245,11 +244,9 @@ def _digest(files: list[Path], progress: bool) -> str:
     """sha256 over every label file, in the dataset's order: the identity of the outputs."""
     from tqdm import tqdm
 
-    digest = hashlib.sha256()
-    for path in tqdm(files, unit="file", desc="hash FKD files", disable=not progress, leave=False):
-        file_size(path, "FKD label file", pickles.MAX_FILE_BYTES, "MAX_FILE_BYTES")
-        digest.update(f"{path.parent.name}/{path.name}\n".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    def checked() -> Iterator[tuple[str, Path]]:
+        for path in tqdm(files, unit="file", desc="hash FKD files", disable=not progress, leave=False):
+            file_size(path, "FKD label file", pickles.MAX_FILE_BYTES, "MAX_FILE_BYTES")
+            yield f"{path.parent.name}/{path.name}", path
+
+    return files_digest(checked())

@@ -8,8 +8,10 @@ owns everything else: the manifest, the layout, the writer lock, reuse of a comp
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +133,18 @@ def write_import(found: Import, source: Source, out: str, progress: bool = True,
                 bar.update((stop - start) * found.views)
         cache.finish()
     return ImportResult(cache.path, cache.id, False, views, time.perf_counter() - began, held.alias, found.notes)
+
+
+def files_digest(files: Iterable[tuple[str, Path]], start: bytes = b"") -> str:
+    """``sha256:<hex>`` over ``start`` and, per (label, file), the label's line and the file's bytes (streamed): a
+    source's identity in its cache id."""
+    digest = hashlib.sha256(start)
+    for label, path in files:
+        digest.update(f"{label}\n".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def top_k(probs: np.ndarray, ids: np.ndarray, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ sample's position in torchvision's ``ImageFolder`` order. ``params`` is a dict, 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from kdcache.data.images import Source
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop import pickles
 from kdcache.interop.boxes import crop_boxes, view_boxes
-from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
+from kdcache.interop.imported import Import, files_digest, folder_order, image_sizes, top_k
 from kdcache.interop.mldr_recipe import (
     NO_PARAM,
     RENDERINGS,
@@ -310,8 +309,5 @@ def _digest(root: Path, files: list[Path], progress: bool) -> str:
     """sha256 over the configuration and every sample file, in index order: the identity of the outputs."""
     from tqdm import tqdm
 
-    digest = hashlib.sha256()
-    for path in tqdm([root / CONFIG, *files], unit="file", desc="hash ml-dr files", disable=not progress, leave=False):
-        digest.update(f"{path.name}\n".encode())
-        digest.update(path.read_bytes())
-    return f"sha256:{digest.hexdigest()}"
+    paths = tqdm([root / CONFIG, *files], unit="file", desc="hash ml-dr files", disable=not progress, leave=False)
+    return files_digest((path.name, path) for path in paths)

@@ -16,7 +16,6 @@ list order (tinyvit_files.list_order).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,7 +30,7 @@ from kdcache.augment.timm_ops import NoiseErasing, PairMix, TimmRandAugment
 from kdcache.data.images import Source
 from kdcache.errors import DataCorrupt, InvalidSpec, MissingData
 from kdcache.interop.boxes import crop_boxes
-from kdcache.interop.imported import Import, folder_order, image_sizes, top_k
+from kdcache.interop.imported import Import, files_digest, folder_order, image_sizes, top_k
 from kdcache.interop.tinyvit_draws import HFLIP, RATIO, SCALE, RandAugmentConfig, Stream, crop, erase, randaugment
 from kdcache.interop.tinyvit_files import Epoch, Spill, epochs, key_resolver, list_order, names_keyed
 from kdcache.interop.tinyvit_pairs import MixConfig, pair_params
@@ -310,16 +309,15 @@ class _Reader:
         drawn = [self.gather(e, block) for e in range(len(self.loaded))]
         items = np.stack([d[0] for d in drawn], axis=1)  # [n, views]
         where = f"TinyViT samples {int(t.min())}..{int(t.max())}"
-        seeds = [items["seed"]] + ([np.stack([d[2]["seed"] for d in drawn], axis=1)] if self.aug.mix is not None else [])
-        if any((s < 0).any() for s in seeds):
+        mate_seeds = np.stack([d[2]["seed"] for d in drawn], axis=1) if self.aug.mix is not None else items["seed"]
+        if (items["seed"] < 0).any() or (mate_seeds < 0).any():
             raise DataCorrupt(f"{where}: a saved augmentation seed is negative — TinyViT draws them from [0, 2**31); "
                               "the values file is damaged")
         out = self.views(block, items["seed"], "", where)
         if self.aug.mix is not None:
             mates = np.stack([d[1] for d in drawn], axis=1)
-            seeds = np.stack([d[2]["seed"] for d in drawn], axis=1)
-            out |= self.views(mates, seeds, "partner_", where)
-            out |= self.mixing(items["seed"], seeds, mates)
+            out |= self.views(mates, mate_seeds, "partner_", where)
+            out |= self.mixing(items["seed"], mate_seeds, mates)
         out["topk/values"], out["topk/indices"] = top_k(items["probs"], items["ids"], self.source.num_classes, where)
         return out
 
@@ -353,12 +351,8 @@ class _Reader:
 
 def _digest(config_file: Path, folders: list[Path]) -> str:
     """sha256 over the config and every keys and values file, in epoch and rank order."""
-    digest = hashlib.sha256(config_file.read_bytes())
-    for folder in folders:
-        for path in sorted(p for p in folder.glob("rank*") if re.fullmatch(r"rank[0-9]+-(keys\.txt|values\.bin)", p.name)):
-            guard(path, "TinyViT logits file")
-            digest.update(f"{folder.name}/{path.name}\n".encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    files = [p for folder in folders for p in sorted(folder.glob("rank*"))
+             if re.fullmatch(r"rank[0-9]+-(keys\.txt|values\.bin)", p.name)]
+    for path in files:
+        guard(path, "TinyViT logits file")
+    return files_digest(((f"{p.parent.name}/{p.name}", p) for p in files), start=config_file.read_bytes())
